@@ -7,8 +7,10 @@ Two protocols (``../shared/PAPER_NOTES.md`` §6):
             ``window - 1`` tokens; the first has no context.
 ``sliding`` windows of ``window`` tokens whose starts move by ``stride``;
             each window scores only the tokens no earlier window scored
-            (the Hugging Face perplexity guide), so every token after the first
-            is scored exactly once, with up to ``window - stride`` tokens of context.
+            (the Hugging Face perplexity guide), so with ``stride < window``
+            every token after the first is scored exactly once, with at least
+            ``window - stride`` tokens of context. (``stride == window`` leaves
+            each window's first token unscored, as ``chunks`` does.)
 
 ``ppl = exp(sum of token NLLs / tokens scored)``, NLLs in float32 whatever the
 model's dtype. Windows of equal length are batched.
@@ -95,7 +97,9 @@ def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
         prev_end = 0
         for begin in range(0, n_tokens, settings.stride):
             end = min(begin + w, n_tokens)
-            out.append(Span(begin, end, max(prev_end, begin + 1)))
+            span = Span(begin, end, max(prev_end, begin + 1))
+            if span.n_scored > 0:  # a 1-token tail window has nothing to score
+                out.append(span)
             prev_end = end
             if end == n_tokens:
                 break

@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny BPE tokenizer and seeded tiny models built in-process.
+
+Nothing here touches a network. The cache is a per-session temp folder unless
+OUTLIERS_CACHE is already set (set it locally to keep SmolLM2's converted
+weights between runs).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+import torch  # noqa: E402
+
+ARCHS = ("llama", "gpt2", "opt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    if not os.environ.get("OUTLIERS_CACHE"):
+        os.environ["OUTLIERS_CACHE"] = str(tmp_path_factory.mktemp("outliers-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    from outliers.corpus import load_corpus
+
+    return load_corpus("builtin").text[:60_000]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sample_text):
+    """A 384-token byte-level BPE trained on part of the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([sample_text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int = 2):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, architectures=["LlamaForCausalLM"])
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
+                          n_positions=256, architectures=["GPT2LMHeadModel"])
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
+                         word_embed_proj_dim=hidden, architectures=["OPTForCausalLM"])
+    raise ValueError(f"unknown test architecture {arch!r}")
+
+
+def make_model(arch: str, seed: int = 0, **kw) -> torch.nn.Module:
+    """A tiny causal LM with seeded random weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch, **kw))
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """Return a function arch -> folder holding a saved tiny model and the tokenizer."""
+    made: dict[str, Path] = {}
+
+    def build(arch: str) -> Path:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            make_model(arch).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[arch] = folder
+        return made[arch]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, sample_text) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "sample.txt"
+    path.write_text(sample_text, encoding="utf-8")
+    return path

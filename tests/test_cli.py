@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from outliers import encode_corpus, load_corpus, load_model, perplexity
+from outliers.cli import main
+
+
+def run_cli(*args, timeout=60):
+    """The installed entry point in a fresh process, as a user would call it."""
+    return subprocess.run([sys.executable, "-m", "outliers.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+
+
+def test_models_lists_builtins(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "gemma3-270m", "minilm-l6"):
+        assert name in out
+
+
+def test_eval_prints_and_writes_json(model_dir, text_file, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    folder = str(model_dir("gpt2"))
+    code = main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "64",
+                 "--max-windows", "3", "--json", str(out_json), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    for key in ("ppl", "tokens_per_s", "n_tokens", "seconds", "protocol", "window", "max_windows",
+                "batch_size", "model", "corpus", "dtype", "method", "model_info", "corpus_sha256"):
+        assert key in record
+    assert record["n_windows"] == 3 and record["window"] == 64 and record["model_info"]["architecture"] == "gpt2"
+    assert f"{record['ppl']:.4f}" in printed
+    model, tok, _ = load_model(folder, progress=False)
+    ids = encode_corpus(tok, load_corpus(str(text_file)))
+    assert record["ppl"] == pytest.approx(perplexity(model, ids, window=64, max_windows=3, progress=False).ppl)
+
+
+def test_no_such_model_exits_2_fast_with_one_line():
+    start = time.monotonic()
+    r = run_cli("eval", "--model", "no-such-model")
+    assert time.monotonic() - start < 10
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("outliers: error: unknown model 'no-such-model'")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "1"], "window must be an integer >= 2"),
+    (["--protocol", "sliding", "--window", "8", "--stride", "9"], "stride must be <= window"),
+    (["--json", "/no/such/dir/out.json"], "folder /no/such/dir does not exist"),
+    (["--model", "/no/such/model.gguf"], "does not exist"),
+    (["--corpus", "/no/such/corpus.txt"], "corpus file /no/such/corpus.txt does not exist"),
+], ids=["window", "stride", "json", "model-path", "corpus-path"])
+def test_bad_input_exits_2_with_one_line(args, message, capsys):
+    assert main(["eval", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_json_folder_and_readonly(tmp_path, capsys):
+    assert main(["eval", "--json", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere; the check is moot there
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert main(["eval", "--json", str(ro / "x.json"), "--quiet"]) == 2
+
+
+def test_empty_and_short_corpus(tmp_path, model_dir, capsys):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("\n")
+    short.write_text("just a few words")
+    folder = str(model_dir("llama"))
+    assert main(["eval", "--model", folder, "--corpus", str(empty), "--quiet"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["eval", "--model", folder, "--corpus", str(short), "--window", "64", "--quiet"]) == 2
+    assert "fewer than one window of 64" in capsys.readouterr().err
+
+
+def test_corrupt_gguf_from_cli(tmp_path, capsys):
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 20)
+    assert main(["eval", "--model", str(bad), "--quiet"]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_encoder_refused_for_perplexity(tmp_path, tokenizer, text_file, capsys):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, architectures=["BertModel"])).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["eval", "--model", str(tmp_path), "--corpus", str(text_file), "--quiet"]) == 2
+    assert "is an encoder (bert)" in capsys.readouterr().err

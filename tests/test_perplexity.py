@@ -1,0 +1,159 @@
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import make_model
+from outliers import CorpusError, InvalidArgumentError, perplexity
+from outliers.perplexity import PerplexitySettings, spans
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer, sample_text) -> torch.Tensor:
+    return torch.tensor(tokenizer(sample_text[:8000])["input_ids"])
+
+
+def plain_chunks_ppl(model, ids, window, n):
+    """The GPTQ loop: mean of model(ids, labels=ids).loss over equal chunks."""
+    with torch.inference_mode():
+        losses = [model(ids[None, i * window:(i + 1) * window],
+                        labels=ids[None, i * window:(i + 1) * window]).loss.item() for i in range(n)]
+    return math.exp(sum(losses) / n)
+
+
+def hf_guide_sliding_nll_sum(model, ids, window, stride):
+    """The HF perplexity guide with labels=-100 masks, summing exact token NLLs."""
+    total, count, prev_end = 0.0, 0, 0
+    with torch.inference_mode():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            trg_len = end - prev_end
+            x = ids[None, begin:end]
+            labels = x.clone()
+            labels[:, :-trg_len] = -100
+            n_valid = int((labels[:, 1:] != -100).sum())
+            total += model(x, labels=labels).loss.item() * n_valid
+            count += n_valid
+            prev_end = end
+            if end == len(ids):
+                break
+    return total, count
+
+
+def test_chunks_equal_plain_loss_loop(arch, ids):
+    model = make_model(arch)
+    r = perplexity(model, ids, window=64, max_windows=5, batch_size=2, progress=False)
+    assert r.n_windows == 5 and r.n_tokens == 5 * 63
+    assert r.ppl == pytest.approx(plain_chunks_ppl(model, ids, 64, 5), rel=1e-5)
+
+
+def test_sliding_equals_hf_guide(arch, ids):
+    model = make_model(arch)
+    ids = ids[:300]
+    r = perplexity(model, ids, protocol="sliding", window=64, stride=24, batch_size=3, progress=False)
+    total, count = hf_guide_sliding_nll_sum(model, ids, 64, 24)
+    assert r.n_tokens == count == len(ids) - 1  # every token after the first, once
+    assert r.nll == pytest.approx(total / count, rel=1e-5)
+
+
+def test_sliding_with_stride_window_equals_chunks(ids):
+    model = make_model("llama")
+    x = ids[: 4 * 50]
+    a = perplexity(model, x, window=50, progress=False)
+    b = perplexity(model, x, protocol="sliding", window=50, stride=50, progress=False)
+    assert (a.n_tokens, a.n_windows) == (b.n_tokens, b.n_windows)
+    assert a.ppl == pytest.approx(b.ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["chunks", "sliding"])
+def test_batch_size_does_not_change_the_number(protocol, ids):
+    model = make_model("gpt2")
+    runs = [perplexity(model, ids[:400], protocol=protocol, window=48, batch_size=b, progress=False).ppl
+            for b in (1, 3, 8)]
+    assert runs == pytest.approx([runs[0]] * 3, rel=1e-5)
+
+
+def test_logits_to_keep_shortcut_matches_full_logits(ids):
+    model = make_model("llama")
+
+    class NoShortcut(torch.nn.Module):  # a forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids)
+
+    a = perplexity(model, ids[:300], protocol="sliding", window=64, stride=16, progress=False)
+    b = perplexity(NoShortcut(model), ids[:300], protocol="sliding", window=64, stride=16, progress=False)
+    assert a.nll == pytest.approx(b.nll, rel=1e-6)
+
+
+def test_result_records_settings_and_is_json_ready(ids):
+    model = make_model("opt")
+    r = perplexity(model, ids, window=32, max_windows=3, batch_size=2, progress=False,
+                   model_name="tiny-opt", corpus_name="sample")
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["protocol"] == "chunks" and d["window"] == 32 and d["max_windows"] == 3
+    assert d["batch_size"] == 2 and d["model"] == "tiny-opt" and d["corpus"] == "sample"
+    assert d["method"] == "fp32" and d["dtype"] == "fp32" and d["corpus_tokens"] == len(ids)
+    assert d["tokens_per_s"] > 0 and d["seconds"] > 0
+    assert math.exp(d["nll"]) == pytest.approx(d["ppl"])
+
+
+@given(n=st.integers(2, 400), window=st.integers(2, 64), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_sliding_scores_every_token_once(n, window, data):
+    stride = data.draw(st.integers(1, window))
+    if n < window:
+        with pytest.raises(CorpusError):
+            spans(n, PerplexitySettings("sliding", window, stride))
+        return
+    scored = []
+    for s in spans(n, PerplexitySettings("sliding", window, stride)):
+        assert s.begin < s.score_from < s.end and s.end - s.begin <= window
+        scored.extend(range(s.score_from, s.end))
+    if stride < window:
+        assert scored == list(range(1, n))
+    else:  # like chunks: each window's first token has no context
+        assert scored == [t for t in range(1, n) if t % window]
+
+
+@given(n=st.integers(2, 400), window=st.integers(2, 64), max_windows=st.none() | st.integers(1, 5))
+@settings(max_examples=100, deadline=None)
+def test_chunks_are_disjoint_full_windows(n, window, max_windows):
+    if n < window:
+        return
+    got = spans(n, PerplexitySettings("chunks", window, max_windows=max_windows))
+    expect = n // window if max_windows is None else min(n // window, max_windows)
+    assert len(got) == expect
+    assert all(s.end - s.begin == window and s.score_from == s.begin + 1 for s in got)
+    assert all(a.end == b.begin for a, b in zip(got, got[1:]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(window=1), "window must be an integer >= 2, got 1"),
+    (dict(protocol="sliding", window=8, stride=9), "stride must be <= window"),
+    (dict(protocol="sliding", window=8, stride=0), "stride must be an integer >= 1"),
+    (dict(window=8, stride=4), "stride applies to the sliding protocol"),
+    (dict(window=8, max_windows=0), "max_windows must be"),
+    (dict(window=8, batch_size=0), "batch_size must be"),
+    (dict(protocol="rolling"), "protocol must be one of"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_settings_name_the_argument(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        perplexity(make_model("llama"), torch.arange(100), progress=False, **kwargs)
+
+
+def test_corpus_shorter_than_a_window():
+    with pytest.raises(CorpusError, match="corpus has 10 tokens, fewer than one window of 16"):
+        perplexity(make_model("llama"), torch.arange(10), window=16, progress=False)
+
+
+def test_ids_must_be_1d_integers():
+    with pytest.raises(InvalidArgumentError, match="1-D integer tensor"):
+        perplexity(make_model("llama"), torch.zeros(2, 50, dtype=torch.long), window=8, progress=False)
+    with pytest.raises(InvalidArgumentError, match="1-D integer tensor"):
+        perplexity(make_model("llama"), torch.zeros(50), window=8, progress=False)
