@@ -225,7 +225,7 @@ def _convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
         clean = type(gguf_model)(config)
     clean.load_state_dict(gguf_model.state_dict(), assign=True)
     clean.tie_weights()
-    with atomic_dir(target) as scratch:
+    with atomic_dir(target) as scratch, _maybe_quiet(progress):
         clean.save_pretrained(scratch)
         tok.save_pretrained(scratch)
         (scratch / "outliers_source.json").write_text(
@@ -279,7 +279,10 @@ def _is_causal(config: Any) -> bool:
 
 
 class _maybe_quiet:
-    """Silence transformers' progress bars and info logs unless progress is wanted."""
+    """Silence transformers' progress bars and info logs unless progress is wanted.
+
+    Its GGUF converter uses a plain tqdm, reachable only through TQDM_DISABLE.
+    """
 
     def __init__(self, progress: bool):
         self.progress = progress
@@ -288,17 +291,23 @@ class _maybe_quiet:
         if not self.progress:
             from transformers.utils import logging as tlog
 
-            self._was = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
+            self._was = tlog.is_progress_bar_enabled(), tlog.get_verbosity(), os.environ.get("TQDM_DISABLE")
             tlog.disable_progress_bar()
             tlog.set_verbosity_error()
+            os.environ["TQDM_DISABLE"] = "1"
 
     def __exit__(self, *exc):
         if not self.progress:
             from transformers.utils import logging as tlog
 
-            if self._was[0]:
+            bars, verbosity, tqdm_env = self._was
+            if bars:
                 tlog.enable_progress_bar()
-            tlog.set_verbosity(self._was[1])
+            tlog.set_verbosity(verbosity)
+            if tqdm_env is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_env
 
 
 def load_model(
