@@ -51,14 +51,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import copy
+
     from .corpus import encode_corpus, load_corpus
     from .errors import InvalidArgumentError
+    from .int8 import check_threshold
     from .models import load_model
+    from .nn import METHODS, get_method
     from .perplexity import PerplexitySettings, perplexity
+    from .qmodel import quantize_model
 
     json_path = _check_writable(args.json) if args.json else None
-    # Validate settings before spending seconds loading a model.
+    # Validate everything before spending seconds loading a model.
     settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size)
+    methods = ["fp32", *METHODS] if args.method == "all" else [args.method]
+    for m in methods:
+        if m != "fp32":
+            get_method(m)
+    check_threshold(args.threshold)
     progress = not args.quiet
     corpus = load_corpus(args.corpus)  # cheap: its errors come before a model load
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
@@ -66,30 +76,59 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
-    result = perplexity(model, ids, protocol=settings.protocol, window=settings.window,
-                        stride=settings.stride, max_windows=settings.max_windows,
-                        batch_size=settings.batch_size, progress=progress,
-                        model_name=args.model, corpus_name=corpus.name)
-    _print_table([
+    results, reports = [], []
+    for m in methods:
+        target, report = model, None
+        if m != "fp32":
+            # One float model loaded, one copy per method: quantize_model works in place.
+            target = copy.deepcopy(model) if len(methods) > 1 else model
+            report = quantize_model(target, m, args.threshold, outlier_weights=args.outlier_weights)
+        result = perplexity(target, ids, protocol=settings.protocol, window=settings.window,
+                            stride=settings.stride, max_windows=settings.max_windows,
+                            batch_size=settings.batch_size, progress=progress,
+                            model_name=args.model, corpus_name=corpus.name,
+                            method=m if m != "fp32" else None)
+        if report is not None:
+            result.extra.update(threshold=report.threshold, outlier_weights=report.outlier_weights,
+                                replaced=len(report.replaced), skipped=report.skipped,
+                                weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after)
+        results.append(result)
+        del target
+    head = [
         ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params, {info.dtype})"),
         ("corpus", f"{corpus.name} ({len(ids)} tokens)"),
-        ("protocol", f"{result.protocol}, window {result.window}"
-                     + (f", stride {result.stride}" if result.protocol == "sliding" else "")
-                     + f", {result.n_windows} windows"),
-        ("method", result.method),
-        ("perplexity", result.ppl),
-        ("mean NLL", result.nll),
-        ("tokens scored", result.n_tokens),
-        ("seconds", result.seconds),
-        ("tokens/s", result.tokens_per_s),
-    ])
+        ("protocol", f"{results[0].protocol}, window {results[0].window}"
+                     + (f", stride {results[0].stride}" if results[0].protocol == "sliding" else "")
+                     + f", {results[0].n_windows} windows, {results[0].n_tokens} tokens scored"),
+    ]
+    if len(results) == 1:
+        r = results[0]
+        method = r.method + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
+        _print_table(head + [("method", method), ("perplexity", r.ppl), ("mean NLL", r.nll),
+                             ("tokens scored", r.n_tokens), ("seconds", r.seconds), ("tokens/s", r.tokens_per_s)])
+    else:
+        _print_table(head)
+        print(_method_table(results, args.model, args.threshold))
     if json_path:
-        record = result.to_dict() | {"model_info": info.to_dict(), "corpus_sha256": corpus.sha256}
+        payload = [r.to_dict() | {"model_info": info.to_dict(), "corpus_sha256": corpus.sha256} for r in results]
         try:
-            json_path.write_text(json.dumps(record, indent=2) + "\n")
+            json_path.write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2) + "\n")
         except OSError as e:  # the numbers are printed above: nothing is lost
             raise OutputPathError(f"could not write --json {json_path}: {e}") from e
     return 0
+
+
+def _method_table(results: list, model: str, threshold: float) -> str:
+    """The paper's Table-1 layout: one row per method, one perplexity column per model."""
+    names = {"fp32": "32-bit float"}
+    width = max(len(names.get(r.method, r.method)) for r in results)
+    lines = [f"\n| {'method':<{width}} | {model} | tokens/s |", f"|{'-' * (width + 2)}|{'-' * (len(model) + 2)}|---|"]
+    for r in results:
+        label = names.get(r.method, r.method)
+        lines.append(f"| {label:<{width}} | {r.ppl:>{len(model)}.3f} | {r.tokens_per_s:.0f} |")
+    lines.append(f"\nDecomposition threshold {threshold}; lm_head kept in float; {results[0].protocol} "
+                 f"windows of {results[0].window}.")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (float16 only on CUDA)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--method", default="fp32",
+                   help="fp32 (no quantization), one of the Table-1 methods (absmax, zeropoint, absmax-row, "
+                        "absmax-vector, zeropoint-vector, absmax-row+decomp, llm.int8, zeropoint-llm.int8), "
+                        "or 'all' for the Table-1 layout (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=6.0,
+                   help="LLM.int8() decomposition threshold (default: %(default)s; 0 = no decomposition)")
+    p.add_argument("--outlier-weights", choices=("int8", "fp"), default="int8",
+                   help="outlier columns' weights: dequantized int8 (bitsandbytes) or the float "
+                        "originals (the paper) (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)

@@ -57,7 +57,8 @@ def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int 
                            max_position_embeddings=256, architectures=["LlamaForCausalLM"])
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
-                          n_positions=256, architectures=["GPT2LMHeadModel"])
+                          n_positions=256, bos_token_id=0, eos_token_id=0,
+                          architectures=["GPT2LMHeadModel"])
     if arch == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,

@@ -1,0 +1,237 @@
+"""``Int8Linear``: a drop-in for ``nn.Linear`` and GPT-2's ``Conv1D`` on real int8 arithmetic.
+
+Methods are the rows of the paper's Table 1 (``../shared/PAPER_NOTES.md`` §4):
+
+==================== ========== ========== ========= =============
+method               quantizer  X          W         decomposition
+==================== ========== ========== ========= =============
+absmax               absmax     tensor     tensor    no
+zeropoint            zeropoint  tensor     tensor    no
+absmax-row           absmax     row        tensor    no
+absmax-vector        absmax     row        channel   no
+zeropoint-vector     zeropoint  row        channel   no
+absmax-row+decomp    absmax     row        tensor    yes
+llm.int8             absmax     row        channel   yes
+zeropoint-llm.int8   zeropoint  row        channel   yes
+==================== ========== ========== ========= =============
+
+Weights are stored as int8 codes plus float32 statistics (the memory saving
+is real). With decomposition, columns of X holding any ``|x| >= threshold`` go
+through a float matmul against weight columns dequantized from int8
+(``outlier_weights="int8"``, bitsandbytes) or the original float weight
+(``"fp"``, the paper; keeps a float copy of the weight). On CPU everything is
+computed in float32 (fp16 matmul on CPU is ~100x slower) and ``llm.int8`` /
+``absmax-vector`` use fused one-pass kernels; results are cast back to the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+from .int8 import check_threshold, int8_mm_dequant, int8_vectorwise_quant
+from .quant import (
+    absmax_matmul_dequant,
+    dequantize_absmax,
+    dequantize_zeropoint,
+    int8_matmul,
+    quantize_absmax,
+    quantize_zeropoint,
+    zeropoint_matmul_dequant,
+)
+
+__all__ = ["Method", "METHODS", "Int8Linear", "NonFiniteInputError"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    quantizer: str  # "absmax" | "zeropoint"
+    x_dim: int | None  # None: tensor-wise; -1: per row (token)
+    w_dim: int | None  # None: tensor-wise; -1: per output channel
+    decomposition: bool
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("absmax", "absmax", None, None, False),
+    Method("zeropoint", "zeropoint", None, None, False),
+    Method("absmax-row", "absmax", -1, None, False),
+    Method("absmax-vector", "absmax", -1, -1, False),
+    Method("zeropoint-vector", "zeropoint", -1, -1, False),
+    Method("absmax-row+decomp", "absmax", -1, None, True),
+    Method("llm.int8", "absmax", -1, -1, True),
+    Method("zeropoint-llm.int8", "zeropoint", -1, -1, True),
+]}
+
+OUTLIER_WEIGHTS = ("int8", "fp")
+
+
+class NonFiniteInputError(InvalidArgumentError):
+    """NaN or inf reached an Int8Linear (absmax would silently turn the row into zeros)."""
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """Return the weight as ``(out, in)``: nn.Linear's layout; GPT-2's Conv1D stores ``(in, out)``."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().t()
+    raise InvalidArgumentError(f"expected nn.Linear or transformers' Conv1D, got {type(module).__name__}")
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored in int8; see the module docstring for methods."""
+
+    def __init__(self, in_features: int, out_features: int, method: str = "llm.int8",
+                 threshold: float = 6.0, bias: bool = True, outlier_weights: str = "int8",
+                 name: str = ""):
+        super().__init__()
+        self.spec = get_method(method)
+        if outlier_weights not in OUTLIER_WEIGHTS:
+            raise InvalidArgumentError(f"outlier_weights must be one of {OUTLIER_WEIGHTS}, got {outlier_weights!r}")
+        t = check_threshold(threshold)
+        self.in_features, self.out_features = in_features, out_features
+        self.method = method
+        self.threshold = t if self.spec.decomposition else 0.0
+        self.outlier_weights = outlier_weights
+        self.name = name  # the module's path in its model, for error messages
+        n_stats = out_features if self.spec.w_dim is not None else 1
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(n_stats, dtype=torch.float32))
+        if self.spec.quantizer == "zeropoint":
+            self.register_buffer("weight_zero", torch.zeros(n_stats, dtype=torch.int32))
+        else:
+            self.weight_zero = None
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        needs_fp = self.spec.decomposition and outlier_weights == "fp"
+        self.register_buffer("weight_fp", torch.zeros(out_features, in_features) if needs_fp else None)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
+                    outlier_weights: str = "int8", name: str = "") -> "Int8Linear":
+        """Return an Int8Linear quantized from an ``nn.Linear`` or ``Conv1D``."""
+        w = _weight_of(module)
+        out_f, in_f = w.shape
+        bias = getattr(module, "bias", None)
+        q = cls(in_f, out_f, method, threshold, bias is not None, outlier_weights, name).to(w.device)
+        spec = q.spec
+        if spec.quantizer == "absmax":
+            if spec.w_dim is None:
+                codes, stats = quantize_absmax(w)
+            else:  # per output channel, as bitsandbytes' int8_vectorwise_quant(W)
+                codes, stats, _ = int8_vectorwise_quant(w, 0.0)
+            q.weight_q.copy_(codes)
+            q.weight_scale.copy_(stats.reshape(-1))
+        else:
+            codes, scale, zero = quantize_zeropoint(w, spec.w_dim)
+            q.weight_q.copy_(codes)
+            q.weight_scale.copy_(scale.reshape(-1))
+            q.weight_zero.copy_(zero.reshape(-1))
+        if bias is not None:
+            q.bias = bias.detach().clone()
+        if q.weight_fp is not None:
+            q.weight_fp = w.clone()
+        return q
+
+    # ---------------------------------------------------------------- forward
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Return the float32 weight ``(out, in)`` that the int8 codes stand for."""
+        dim = self.spec.w_dim
+        scale = self.weight_scale if dim is not None else self.weight_scale[0]
+        if self.spec.quantizer == "absmax":
+            return dequantize_absmax(self.weight_q, scale, dim)
+        zero = self.weight_zero if dim is not None else self.weight_zero[0]
+        return dequantize_zeropoint(self.weight_q, scale, zero, dim)
+
+    def _check_finite(self, stats: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> None:
+        # NaN propagates into the row statistics; inf passes |x| >= t and lands in
+        # an outlier column, so checking those two small tensors covers every case.
+        if not bool(torch.isfinite(stats).all()) or (cols.numel() and not bool(torch.isfinite(x[:, cols]).all())):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteInputError(
+                f"{bad} NaN/inf value(s) in the input of {self.name or 'Int8Linear'} "
+                f"({self.method}); int8 quantization would hide them")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InvalidArgumentError(f"{self.name or 'Int8Linear'} expects inputs with {self.in_features} "
+                                       f"features, got shape {tuple(x.shape)}")
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" or x2.dtype == torch.float64:
+            x2 = x2.float()  # never fp16 compute on CPU
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = self._forward_2d(x2)
+        return out.to(dtype).reshape(*lead, self.out_features)
+
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        spec, t = self.spec, self.threshold
+        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        bias = None if self.bias is None else self.bias.float()
+        if spec.quantizer == "absmax" and spec.x_dim == -1 and spec.w_dim == -1:
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                from ._cpu_kernels import dequantize_into, quantize_rows
+
+                codes, stats, cols = quantize_rows(x, t)
+                self._check_finite(stats, x, cols)
+                out = dequantize_into(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
+            else:
+                codes, stats, cols = int8_vectorwise_quant(x, t)
+                cols = empty if cols is None else cols
+                self._check_finite(stats, x, cols)
+                out = int8_mm_dequant(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
+        else:
+            out, cols = self._forward_generic(x, bias)
+        if cols.numel():
+            w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
+            out.addmm_(x[:, cols], w_cols.to(x.dtype).t())
+        return out
+
+    def _dequantized_cols(self, cols: torch.Tensor) -> torch.Tensor:
+        dim, q = self.spec.w_dim, self.weight_q[:, cols]
+        scale = self.weight_scale if dim is not None else self.weight_scale[0]
+        if self.spec.quantizer == "absmax":
+            return dequantize_absmax(q, scale, dim)
+        zero = self.weight_zero if dim is not None else self.weight_zero[0]
+        return dequantize_zeropoint(q, scale, zero, dim)
+
+    def _forward_generic(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        spec, t = self.spec, self.threshold
+        cols = torch.empty(0, dtype=torch.long, device=x.device)
+        xs = x
+        if spec.decomposition and t > 0:
+            mask = x.abs() >= t
+            cols = torch.nonzero(mask.any(0)).view(-1)
+            xs = x.masked_fill(mask, 0)  # statistics without the outlier elements
+            if cols.numel():
+                xs[:, cols] = 0  # their columns go through the float path only
+        w_scale = self.weight_scale if spec.w_dim is not None else self.weight_scale[0]
+        if spec.quantizer == "absmax":
+            codes, stats = quantize_absmax(xs, spec.x_dim)
+            self._check_finite(stats, x, cols)
+            out = absmax_matmul_dequant(int8_matmul(codes, self.weight_q), stats, w_scale, bias)
+        else:
+            codes, scale, zero = quantize_zeropoint(xs, spec.x_dim)
+            self._check_finite(scale, x, cols)
+            w_zero = self.weight_zero if spec.w_dim is not None else self.weight_zero[0]
+            out = zeropoint_matmul_dequant(codes, scale, zero, self.weight_q, w_scale, w_zero, bias)
+        return out, cols
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, method={self.method!r}"
+        if self.spec.decomposition:
+            s += f", threshold={self.threshold}, outlier_weights={self.outlier_weights!r}"
+        return s + f", bias={self.bias is not None}"

@@ -1,0 +1,164 @@
+"""Quantize a whole Hugging Face model, and save/load it without re-quantizing.
+
+``quantize_model`` swaps every ``nn.Linear`` / ``Conv1D`` (except those named
+in ``skip``; ``lm_head`` by default, as transformers' bitsandbytes integration
+does) for an ``Int8Linear``, in place, and reports what it did. The files are
+safetensors with the settings in their metadata; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, ModelFileError
+from .nn import Int8Linear, get_method
+
+__all__ = ["QuantReport", "quantize_model", "save_quantized", "load_quantized", "FORMAT"]
+
+FORMAT = "outliers.int8/1"
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What ``quantize_model`` replaced and skipped, and the weight memory before and after."""
+
+    method: str
+    threshold: float
+    outlier_weights: str
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_before: int = 0  # weights of the replaced modules, as they were
+    bytes_after: int = 0  # their int8 codes, statistics (and float copies for outlier_weights="fp")
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1 - self.bytes_after / self.bytes_before if self.bytes_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"saved_fraction": self.saved_fraction}
+
+    def __str__(self) -> str:
+        return (f"{self.method} (threshold {self.threshold}): replaced {len(self.replaced)} linear layers, "
+                f"skipped {len(self.skipped)} ({', '.join(self.skipped) or 'none'}); weights "
+                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(s == name or s in parts or name.endswith("." + s) for s in skip)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _existing(model: nn.Module) -> list[Int8Linear]:
+    return [m for m in model.modules() if isinstance(m, Int8Linear)]
+
+
+def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
+                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8") -> QuantReport:
+    """Replace the model's linear layers by ``Int8Linear`` in place; return a report.
+
+    Raises:
+        InvalidArgumentError: unknown method, bad threshold, or a model that is
+            already quantized (quantize a fresh float copy instead).
+    """
+    get_method(method)
+    if done := _existing(model):
+        raise InvalidArgumentError(
+            f"model is already quantized ({len(done)} Int8Linear modules, method {done[0].method!r}); "
+            "quantize a fresh float copy instead")
+    replaced, skipped, before, after = [], [], 0, 0
+    targets = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
+    for name, module in targets:
+        if _skipped(name, skip):
+            skipped.append(name)
+            continue
+        q = Int8Linear.from_linear(module, method, threshold, outlier_weights, name=name)
+        before += _nbytes(module.weight) + _nbytes(module.bias)
+        after += sum(_nbytes(b) for b in q.buffers())
+        _set_module(model, name, q)
+        replaced.append(name)
+    t = threshold if get_method(method).decomposition else 0.0
+    return QuantReport(method, float(t), outlier_weights, replaced, skipped, before, after)
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> Path:
+    """Write the quantized model's tensors and settings to one safetensors file."""
+    from safetensors.torch import save_model
+
+    layers = _existing(model)
+    if not layers:
+        raise InvalidArgumentError("model has no Int8Linear modules; call quantize_model first")
+    names = {m: n for n, m in model.named_modules()}
+    modules = [{"name": names[m], "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                "method": m.method, "threshold": m.threshold, "outlier_weights": m.outlier_weights}
+               for m in layers]
+    from . import __version__
+
+    meta = {"format": FORMAT, "method": layers[0].method, "threshold": str(layers[0].threshold),
+            "outlier_weights": layers[0].outlier_weights, "modules": json.dumps(modules),
+            "outliers_version": __version__}
+    path = Path(path)
+    save_model(model, str(path), metadata=meta)
+    return path
+
+
+def load_quantized(model: nn.Module, path: str | Path, method: str | None = None) -> nn.Module:
+    """Load a file written by ``save_quantized`` into a float model of the same architecture.
+
+    The listed layers become ``Int8Linear`` shells filled from the file: no
+    re-quantization, so outputs are bit-identical to the saved model's.
+
+    Raises:
+        ModelFileError: missing file, no or foreign metadata, a method other
+            than ``method`` (when given), or modules that do not fit the model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"quantized model file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ModelFileError(f"{path} is not a safetensors file: {e}") from e
+    if meta.get("format") != FORMAT or "modules" not in meta:
+        raise ModelFileError(f"{path} has no '{FORMAT}' metadata: not written by save_quantized")
+    if method is not None and meta["method"] != method:
+        raise ModelFileError(f"{path} holds method {meta['method']!r}, not {method!r}")
+    if _existing(model):
+        raise InvalidArgumentError("load_quantized needs a float model; this one is already quantized")
+    for spec in json.loads(meta["modules"]):
+        try:
+            old = model.get_submodule(spec["name"])
+        except AttributeError:
+            raise ModelFileError(f"{path}: module {spec['name']} is not in this model") from None
+        shell = Int8Linear(spec["in"], spec["out"], spec["method"], spec["threshold"] or 0.0,
+                           spec["bias"], spec["outlier_weights"], name=spec["name"])
+        # Conv1D stores (in, out): nf is out, weight.shape[0] is in
+        shape = (old.nf, old.weight.shape[0]) if hasattr(old, "nf") else tuple(old.weight.shape)
+        if shape != (spec["out"], spec["in"]):
+            raise ModelFileError(f"{path}: {spec['name']} is {spec['out']}x{spec['in']} in the file, "
+                                 f"{shape[0]}x{shape[1]} in the model")
+        _set_module(model, spec["name"], shell.to(old.weight.device))
+    load_model(model, str(path), strict=True)
+    return model
