@@ -23,12 +23,17 @@ def _quantize_rows(x, threshold, codes, row_stats, col_flags):  # pragma: no cov
     c127 = np.float32(127.0)
     for i in prange(rows):
         m = np.float32(0.0)
+        nan = False
         for k in range(cols):
             a = abs(x[i, k])
             if threshold > 0 and a >= threshold:
                 col_flags[k] = 1  # every writer stores the same 1: a benign race
             elif a > m:
                 m = a
+            elif a != a:  # NaN fails every comparison: flag it, as torch's amax would propagate it
+                nan = True
+        if nan:
+            m = np.float32(np.nan)
         row_stats[i] = m
         s = (np.float32(1.0) / m) * c127 if m > 0 else np.float32(0.0)
         for k in range(cols):

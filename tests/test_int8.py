@@ -1,0 +1,110 @@
+"""LLM.int8() against bitsandbytes 0.50 on CPU, and the fused kernels against the reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from outliers import InvalidArgumentError
+from outliers._cpu_kernels import dequantize_into, quantize_rows
+from outliers.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
+from outliers.quant import int8_matmul
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference peer (pip install '.[dev]')")
+import bitsandbytes.functional as BF  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def planted(rows=37, cols=499, outlier_cols=(3, 250, 498), seed=0, scale=9.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g)
+    for c in outlier_cols:
+        x[:: 3, c] = scale * (1 + torch.rand(len(range(0, rows, 3)), generator=g))
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("threshold", [0.0, 3.0, 6.0], ids=lambda t: f"threshold={t}")
+def test_vectorwise_quant_equals_bitsandbytes(dtype, threshold):
+    x = planted().to(dtype)
+    ours = int8_vectorwise_quant(x, threshold)
+    ref = BF.int8_vectorwise_quant(x.clone(), threshold=threshold)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    if threshold == 0:
+        assert ours[2] is None and ref[2] is None
+    else:
+        assert torch.equal(ours[2], ref[2])
+
+
+def test_planted_outlier_columns_are_found():
+    x = planted(outlier_cols=(3, 250, 498))
+    assert outlier_columns(x, 6.0).tolist() == [3, 250, 498]
+    assert outlier_columns(x, 0).numel() == 0
+
+
+def test_zero_and_all_outlier_columns():
+    x = planted()
+    x[:, 10] = 0.0
+    x[:, 20] = 7.0  # every element an outlier
+    codes, stats, cols = int8_vectorwise_quant(x, 6.0)
+    ref = BF.int8_vectorwise_quant(x.clone(), threshold=6.0)
+    assert 20 in cols.tolist() and (codes[:, 20] == 0).all() and (codes[:, 10] == 0).all()
+    assert torch.equal(codes, ref[0]) and torch.equal(stats, ref[1])
+
+
+def test_input_is_not_mutated():
+    x = planted()
+    before = x.clone()
+    int8_vectorwise_quant(x, 6.0)
+    llm_int8_matmul(x, *int8_vectorwise_quant(torch.randn(5, 499), 0)[:2], threshold=6.0)
+    assert torch.equal(x, before)
+
+
+@given(rows=st.integers(1, 33), cols=st.integers(1, 70), seed=st.integers(0, 2**16),
+       threshold=st.sampled_from([0.0, 1.5, 6.0]))
+@settings(max_examples=80, deadline=None)
+def test_fused_cpu_quant_is_bit_identical_to_reference(rows, cols, seed, threshold):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 3
+    codes, stats, oc = quantize_rows(x, threshold)
+    ref = int8_vectorwise_quant(x, threshold)
+    assert torch.equal(codes, ref[0]) and torch.equal(stats, ref[1])
+    assert torch.equal(oc, ref[2] if ref[2] is not None else torch.empty(0, dtype=torch.long))
+
+
+def test_fused_quant_propagates_nan_into_row_stats():
+    x = torch.randn(4, 9)
+    x[2, 5] = float("nan")
+    _, stats, _ = quantize_rows(x, 6.0)
+    assert torch.isnan(stats[2]) and torch.isfinite(stats[[0, 1, 3]]).all()
+    assert torch.isnan(int8_vectorwise_quant(x, 6.0)[1][2])
+
+
+def test_fused_dequant_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    c = torch.randint(-50000, 50000, (33, 23), dtype=torch.int32, generator=g)
+    rs, cs, bias = torch.rand(33, generator=g), torch.rand(23, generator=g), torch.randn(23, generator=g)
+    for b in (bias, None):
+        torch.testing.assert_close(dequantize_into(c, rs, cs, b), int8_mm_dequant(c, rs, cs, b), rtol=1e-6, atol=0)
+
+
+def test_mm_dequant_equals_bitsandbytes():
+    g = torch.Generator().manual_seed(4)
+    c = torch.randint(-2**20, 2**20, (17, 9), dtype=torch.int32, generator=g)
+    rs, cs = torch.rand(17, generator=g) * 5, torch.rand(9, generator=g) * 5
+    ref = torch.ops.bitsandbytes.int8_mm_dequant(c, rs, cs, dtype=torch.float32)  # the public one returns fp16
+    # bitsandbytes multiplies by 6.200124e-05 where 1/127² is 6.2000124e-05: 1.8e-5 relative apart
+    torch.testing.assert_close(int8_mm_dequant(c, rs, cs), ref, rtol=3e-5, atol=0)
+
+
+def test_int8_matmul_equals_bitsandbytes():
+    a = int8_vectorwise_quant(planted(), 6.0)[0]
+    b = int8_vectorwise_quant(torch.randn(31, 499), 0)[0]
+    assert torch.equal(int8_matmul(a, b), BF.int8_linear_matmul(a, b))
+
+
+def test_negative_threshold():
+    with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
+        int8_vectorwise_quant(torch.randn(3, 4), -1.0)
+    with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
+        outlier_columns(torch.randn(3, 4), float("nan"))
