@@ -101,3 +101,29 @@ def test_encoder_refused_for_perplexity(tmp_path, tokenizer, text_file, capsys):
     tokenizer.save_pretrained(tmp_path)
     assert main(["eval", "--model", str(tmp_path), "--corpus", str(text_file), "--quiet"]) == 2
     assert "is an encoder (bert)" in capsys.readouterr().err
+
+
+def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
+    folder = str(model_dir("opt"))
+    out = tmp_path / "all.json"
+    assert main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2",
+                 "--method", "all", "--threshold", "1.5", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["method"] for r in records][:2] == ["fp32", "absmax"] and len(records) == 9
+    assert "| 32-bit float" in printed and "| zeropoint-llm.int8" in printed
+    llm = next(r for r in records if r["method"] == "llm.int8")
+    assert llm["extra"]["threshold"] == 1.5 and llm["extra"]["skipped"] == ["lm_head"]
+    assert llm["extra"]["weight_bytes_after"] < llm["extra"]["weight_bytes_before"] / 3
+    assert main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2",
+                 "--method", "llm.int8", "--round-to", "float16", "--quiet"]) == 0
+    assert "llm.int8 (threshold 6.0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "int4"], "unknown method 'int4'"),
+    (["--method", "llm.int8", "--threshold", "-2"], "threshold must be >= 0"),
+], ids=["method", "threshold"])
+def test_bad_method_arguments(args, message, capsys):
+    assert main(["eval", *args, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
