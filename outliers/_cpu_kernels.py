@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["quantize_rows", "dequantize_into"]
+__all__ = ["quantize_rows", "dequantize_into", "point_stats"]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
@@ -76,3 +76,75 @@ def dequantize_into(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias
     _dequantize_into(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None, out.numpy())
     return out
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _point_stats(x, t, k_rel, hist_scale, n_chunks, absmax, count, pos, sum_out, sum_, sumsq, rel_count,
+                 hist, nonfinite, union, rel_union, row_max, row_arg):  # pragma: no cover - compiled
+    rows, dims = x.shape
+    n_bins = hist.shape[1]
+    per = (rows + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        for i in range(c * per, min(rows, (c + 1) * per)):
+            ss = 0.0
+            n_ok = 0
+            for d in range(dims):
+                v = x[i, d]
+                if np.isfinite(v):
+                    ss += v * v
+                    n_ok += 1
+            rel_t = k_rel * np.sqrt(ss / dims) if n_ok else np.inf
+            best = np.float32(0.0)
+            best_d = 0
+            for d in range(dims):
+                v = x[i, d]
+                if not np.isfinite(v):
+                    nonfinite[c] += 1
+                    continue
+                a = abs(v)
+                if a > absmax[c, d]:
+                    absmax[c, d] = a
+                sum_[c, d] += v
+                sumsq[c, d] += v * v
+                if a >= t:
+                    count[c, d] += 1
+                    if v > 0:
+                        pos[c, d] += 1
+                    sum_out[c, d] += v
+                    union[i, d] = 1
+                if a >= rel_t:
+                    rel_count[c, d] += 1
+                    rel_union[i, d] = 1
+                b = int(a * hist_scale)
+                hist[c, b if b < n_bins else n_bins - 1] += 1
+                if a > best:
+                    best = a
+                    best_d = d
+            row_max[i] = best
+            row_arg[i] = best_d
+
+
+def point_stats(x: torch.Tensor, threshold: float, relative_k: float, hist_scale: float, n_bins: int,
+                union: torch.Tensor, rel_union: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``, in one pass.
+
+    ``union``/``rel_union`` (uint8, tokens x dims) get 1 where ``|x| >= t`` /
+    ``>= k * rms``; ``row_max``/``row_arg`` are each token's largest ``|x|`` and its dim.
+    """
+    rows, dims = x.shape
+    chunks = max(1, min(torch.get_num_threads(), rows))
+    z = lambda dt: torch.zeros((chunks, dims), dtype=dt)  # noqa: E731
+    out = {"absmax": z(torch.float32), "count": z(torch.int64), "pos": z(torch.int64),
+           "sum_out": z(torch.float64), "sum": z(torch.float64), "sumsq": z(torch.float64),
+           "rel_count": z(torch.int64)}
+    hist = torch.zeros((chunks, n_bins), dtype=torch.int64)
+    nonfinite = torch.zeros(chunks, dtype=torch.int64)
+    row_max = torch.empty(rows, dtype=torch.float32)
+    row_arg = torch.empty(rows, dtype=torch.int64)
+    _point_stats(x.numpy(), np.float32(threshold), np.float64(relative_k), np.float32(hist_scale), chunks,
+                 *(out[k].numpy() for k in ("absmax", "count", "pos", "sum_out", "sum", "sumsq", "rel_count")),
+                 hist.numpy(), nonfinite.numpy(), union.numpy(), rel_union.numpy(), row_max.numpy(),
+                 row_arg.numpy())
+    res = {k: (v.amax(0) if k == "absmax" else v.sum(0)) for k, v in out.items()}
+    res.update(hist=hist.sum(0), nonfinite=nonfinite.sum(), row_max=row_max, row_arg=row_arg)
+    return res

@@ -1,0 +1,69 @@
+"""Forward time of a model with and without ``outliers.capture``, interleaved in one run.
+
+    python benchmarks/hooks_overhead.py            # SmolLM2, 4 x 512 tokens, 5 rounds
+    python benchmarks/hooks_overhead.py --profile  # plus the top ops inside one captured forward
+
+Target: capture adds at most 10 % (best of the rounds; shared machines swing 2-5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import outliers
+from outliers.hooks import capture
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+
+    model, tok, info = outliers.load_model(args.model, progress=False)
+    ids = outliers.encode_corpus(tok, outliers.load_corpus("builtin"))
+    x = ids[: args.batch * args.window].view(args.batch, args.window)
+    configs = {"plain forward": None, "capture attn,ffn": "attn,ffn", "capture attn,ffn,residual": "attn,ffn,residual"}
+
+    def run(points):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            if points is None:
+                model(input_ids=x)
+            else:
+                with capture(model, points):
+                    model(input_ids=x)
+            return time.perf_counter() - start
+
+    for points in configs.values():  # warm-up: kernels compile, caches fill
+        run(points)
+    times = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, points in configs.items():
+            times[name].append(run(points))
+    base = min(times["plain forward"])
+    print(f"\n{info.name}, {args.batch} x {args.window} tokens, {torch.get_num_threads()} threads, "
+          f"best and median of {args.rounds} interleaved rounds\n")
+    print("| config | best s | median s | overhead (best) |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        ts = sorted(ts)
+        print(f"| {name} | {ts[0]:.3f} | {ts[len(ts) // 2]:.3f} | {ts[0] / base - 1:+.1%} |")
+    if args.profile:
+        from torch.profiler import profile
+
+        with torch.inference_mode(), profile() as prof, capture(model, "attn,ffn"):
+            model(input_ids=x)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Where to look: the capture points of each architecture.
+
+A capture point is the input of one linear layer (or a block's output, for the
+residual stream), with the block it belongs to and the feature space it
+lives in (``../shared/PAPER_NOTES.md`` §3):
+
+``attn_in``   input of the q/k/v projections (they share it; hooked once, on q)  space "hidden"
+``attn_out``  input of the attention output projection (concatenated heads)     space "heads"
+``ffn_in``    input of the FFN expansion (up/gate, fc1, c_fc, intermediate)      space "hidden"
+``residual``  a block's output, the residual stream                              space "residual"
+
+Dims are pooled only within one space: dim i of the heads space is not dim i
+of the hidden space, even where the sizes agree.
+
+The table maps ``config.model_type`` to a suffix regex per kind, the block
+index as its first group; pass ``patterns={kind: regex}`` to override or to
+support an architecture the table does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+__all__ = ["CapturePoint", "ARCH_PATTERNS", "KINDS", "SPACES", "resolve_points", "parse_kinds"]
+
+KINDS = ("attn_in", "attn_out", "ffn_in", "residual")
+SPACES = {"attn_in": "hidden", "attn_out": "heads", "ffn_in": "hidden", "residual": "residual"}
+SHORTHANDS = {"attn": ("attn_in", "attn_out"), "ffn": ("ffn_in",), "residual": ("residual",),
+              **{k: (k,) for k in KINDS}}
+
+_LLAMA_LIKE = {
+    "attn_in": r"layers\.(\d+)\.self_attn\.q_proj",
+    "attn_out": r"layers\.(\d+)\.self_attn\.o_proj",
+    "ffn_in": r"layers\.(\d+)\.mlp\.up_proj",
+    "residual": r"layers\.(\d+)",
+}
+ARCH_PATTERNS: dict[str, dict[str, str]] = {
+    **{arch: _LLAMA_LIKE for arch in ("llama", "gemma", "gemma2", "gemma3", "gemma3_text", "mistral",
+                                      "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3")},
+    "gpt2": {"attn_in": r"h\.(\d+)\.attn\.c_attn", "attn_out": r"h\.(\d+)\.attn\.c_proj",
+             "ffn_in": r"h\.(\d+)\.mlp\.c_fc", "residual": r"h\.(\d+)"},
+    "opt": {"attn_in": r"layers\.(\d+)\.self_attn\.q_proj", "attn_out": r"layers\.(\d+)\.self_attn\.out_proj",
+            "ffn_in": r"layers\.(\d+)\.fc1", "residual": r"decoder\.layers\.(\d+)"},
+    "bert": {"attn_in": r"layer\.(\d+)\.attention\.self\.query",
+             "attn_out": r"layer\.(\d+)\.attention\.output\.dense",
+             "ffn_in": r"layer\.(\d+)\.intermediate\.dense", "residual": r"encoder\.layer\.(\d+)"},
+}
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    """One place whose hidden states are measured."""
+
+    name: str  # "L03.attn_in": block and kind, sortable
+    module: str  # the hooked module's path in the model
+    layer: int
+    kind: str
+    space: str
+    dims: int
+
+
+def parse_kinds(points: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Return kinds from ``"attn,ffn,residual"`` or a list of kinds/shorthands."""
+    items = points.split(",") if isinstance(points, str) else list(points)
+    kinds: list[str] = []
+    for item in (i.strip() for i in items):
+        if item not in SHORTHANDS:
+            raise InvalidArgumentError(
+                f"unknown capture point {item!r}; choose from {', '.join(SHORTHANDS)}")
+        kinds += [k for k in SHORTHANDS[item] if k not in kinds]
+    if not kinds:
+        raise InvalidArgumentError("no capture points asked for; e.g. --points attn,ffn")
+    return tuple(kinds)
+
+
+def _in_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0]  # Conv1D stores (in, out)
+    return None
+
+
+def _linear_summary(model: nn.Module, limit: int = 12) -> str:
+    names = sorted({re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if _in_features(m)})
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", "attn_out", "ffn_in"),
+                   patterns: dict[str, str] | None = None) -> list[CapturePoint]:
+    """Return the model's capture points of the given kinds, in block order.
+
+    Raises:
+        InvalidArgumentError: an architecture the table does not know (the
+            message lists the linear modules found), a pattern that matches
+            nothing, or an empty selection.
+    """
+    kinds = parse_kinds(kinds) if isinstance(kinds, str) else parse_kinds(tuple(kinds))
+    config = getattr(model, "config", None)
+    arch = getattr(config, "model_type", type(model).__name__)
+    table = dict(ARCH_PATTERNS.get(arch, {}))
+    table.update(patterns or {})
+    missing = [k for k in kinds if k not in table]
+    if missing:
+        raise InvalidArgumentError(
+            f"no capture-point patterns for architecture {arch!r} (kinds {', '.join(missing)}); "
+            f"its linear modules are: {_linear_summary(model)}. Pass patterns={{kind: regex}} "
+            r"with the block index as the first group, e.g. {'attn_in': r'layers\.(\d+)\.attn\.q'}")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    points: list[CapturePoint] = []
+    modules = list(model.named_modules())
+    for kind in kinds:
+        rx = re.compile(r"(?:^|\.)" + table[kind] + "$")
+        found = 0
+        for name, module in modules:
+            m = rx.search(name)
+            if not m:
+                continue
+            dims = hidden if kind == "residual" else _in_features(module)
+            if dims is None:
+                raise InvalidArgumentError(f"capture point {name} ({kind}) is not a linear layer")
+            layer = int(m.group(1))
+            points.append(CapturePoint(f"L{layer:02d}.{kind}", name, layer, kind, SPACES[kind], int(dims)))
+            found += 1
+        if not found:
+            raise InvalidArgumentError(
+                f"pattern {table[kind]!r} for {kind} matches no module of {arch!r}; "
+                f"its linear modules are: {_linear_summary(model)}")
+    return sorted(points, key=lambda p: (p.layer, KINDS.index(p.kind)))

@@ -1,0 +1,56 @@
+"""Scan a model over corpus windows and return its outlier statistics."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CorpusError, InvalidArgumentError
+from .hooks import capture
+from .stats import OutlierStats
+
+__all__ = ["scan"]
+
+
+@torch.inference_mode()
+def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,ffn_in",
+         threshold: float = 6.0, relative_k: float = 6.0, max_tokens: int = 8192, window: int = 512,
+         batch_size: int = 4, top_k: int = 32, patterns: dict[str, str] | None = None,
+         progress: bool = True, stats: OutlierStats | None = None, meta: dict | None = None) -> OutlierStats:
+    """Run non-overlapping windows of ``window`` tokens (up to ``max_tokens``) and return the statistics.
+
+    A corpus shorter than ``max_tokens`` is scanned whole; ``stats.meta``
+    records tokens asked for and scanned, and a warning says so.
+
+    Raises:
+        InvalidArgumentError: bad threshold, window or max_tokens.
+        CorpusError: fewer tokens than one window.
+    """
+    if not threshold > 0:
+        raise InvalidArgumentError(f"threshold must be > 0, got {threshold!r}")
+    if window < 1 or max_tokens < 1:
+        raise InvalidArgumentError(f"window and max_tokens must be >= 1, got {window} and {max_tokens}")
+    n_windows = min(max_tokens, len(ids)) // window
+    if n_windows == 0:
+        raise CorpusError(f"corpus has {len(ids)} tokens, fewer than one window of {window}")
+    scanned = n_windows * window
+    note = ""
+    if len(ids) < max_tokens:
+        note = f"asked for {max_tokens} tokens but the corpus holds {len(ids)}: scanned {scanned}"
+        warnings.warn(note, stacklevel=2)
+    device = next(model.parameters()).device
+    windows = ids[:scanned].view(n_windows, window)
+    with capture(model, points, threshold=threshold, relative_k=relative_k, top_k=top_k,
+                 patterns=patterns, stats=stats) as st:
+        for start in tqdm(range(0, n_windows, batch_size), desc="scan", unit="batch",
+                          disable=not progress, leave=False):
+            model(input_ids=windows[start:start + batch_size].to(device))
+    st.meta.update(meta or {})
+    st.meta.update(tokens_asked=max_tokens, tokens_scanned=st.meta.get("tokens_scanned", 0) + scanned,
+                   window=window, note=note)
+    bad = {k: v for k, v in st.nonfinite.items() if v}
+    if bad:
+        warnings.warn(f"NaN/inf values left out of the statistics: {bad}", stacklevel=2)
+    return st
