@@ -133,6 +133,145 @@ def _method_table(results: list, model: str, threshold: float) -> str:
     return "\n".join(lines)
 
 
+def _top_values(stats, tokenizer):
+    import pandas as pd
+
+    T = stats.tensors
+    rows = []
+    for i in range(len(T["top_abs"])):
+        p = stats.points[int(T["top_point"][i])]
+        tok = int(T["top_token"][i])
+        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T["top_dim"][i]),
+                     "value": float(T["top_value"][i]), "sequence": int(T["top_seq"][i]),
+                     "position": int(T["top_pos"][i]), "token_id": tok, "token": tokenizer.decode([tok])})
+    return pd.DataFrame(rows)
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    import warnings
+
+    import pandas as pd
+
+    from .corpus import encode_corpus, load_corpus
+    from .criteria import Criteria, massive_activations, outlier_features, per_dim, summary
+    from .models import load_model
+    from .points import parse_kinds
+    from .scan import scan
+
+    kinds = parse_kinds(args.points)
+    base = Criteria(args.layers, args.positions, args.layer_unit, args.position_mode)  # validates early
+    if args.threshold <= 0:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"threshold must be > 0, got {args.threshold}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise OutputPathError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise OutputPathError(f"--out {out} is not writable")
+    progress = not args.quiet
+    corpus = load_corpus(args.corpus)
+    model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    ids = encode_corpus(tokenizer, corpus)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = scan(model, ids, points=kinds, threshold=args.threshold, relative_k=args.relative_k,
+                     max_tokens=args.max_tokens, window=args.window, batch_size=args.batch_size,
+                     progress=progress, meta={"model": args.model, "corpus": corpus.name,
+                                              "architecture": info.architecture, "n_params": info.n_params})
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    spaces = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
+    rows = [summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
+            for s in spaces for scale in ("absolute", "relative")]
+    table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions",
+                                        "tokens"])
+    print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params) on {corpus.name}: "
+          f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
+          f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n")
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    feats = {scale: outlier_features(stats, Criteria(**{**base.__dict__, "scale": scale}))
+             for scale in ("absolute", "relative")} if "hidden" in spaces else {}
+    cols = ["dim", "pct_layers", "pct_positions", "max_abs", "median_layer_max", "mean_outlier_value", "one_sided"]
+    for scale, df in feats.items():
+        shown = cols if scale == "absolute" else cols[:5]  # sidedness is measured at the absolute threshold
+        print(f"\noutlier features, hidden space, {scale} criterion ({len(df)}):")
+        print(df[shown].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+              if len(df) else "  none")
+    massive = massive_activations(stats) if "residual" in kinds else None
+    if massive is not None:
+        print(f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
+              f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else ""))
+    if out is not None:
+        from .plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
+
+        stats.save(out)
+        table.to_csv(out / "summary.csv", index=False)
+        for s in spaces:
+            per_dim(stats, Criteria(**{**base.__dict__, "space": s})).to_csv(out / f"per_dim_{s}.csv", index=False)
+        for scale, df in feats.items():
+            df.to_csv(out / f"outlier_features_{scale}.csv", index=False)
+        _top_values(stats, tokenizer).to_csv(out / "top_values.csv", index=False)
+        if massive is not None:
+            massive.to_csv(out / "massive_activations.csv", index=False)
+        for s in stats.spaces:
+            layer_dim_heatmap(stats, s).savefig(out / f"heatmap_{s}.png", dpi=120)
+            magnitude_histogram(stats, s).savefig(out / f"histogram_{s}.png", dpi=120)
+        if "hidden" in spaces:
+            layers_vs_positions(stats, base).savefig(out / "layers_vs_positions.png", dpi=120)
+            layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})).savefig(
+                out / "layers_vs_positions_relative.png", dpi=120)
+        print(f"\nwrote statistics, CSV tables and figures to {out}")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .ablate import ablation_study
+    from .corpus import encode_corpus, load_corpus
+    from .criteria import Criteria, outlier_features
+    from .errors import InvalidArgumentError
+    from .models import load_model
+    from .points import parse_kinds
+    from .scan import scan
+
+    kinds = parse_kinds(args.points)
+    dims: list[int] | None = None
+    if args.dims != "auto":
+        try:
+            dims = [int(d) for d in args.dims.split(",") if d.strip()]
+        except ValueError:
+            raise InvalidArgumentError(f"--dims must be 'auto' or a comma list of integers, got {args.dims!r}") from None
+    json_path = _check_writable(args.json) if args.json else None
+    progress = not args.quiet
+    corpus = load_corpus(args.corpus)
+    model, tokenizer, info = load_model(args.model, progress=progress, attn_implementation="eager")
+    ids = encode_corpus(tokenizer, corpus)
+    stats = None
+    if dims is None or args.mode == "mean":
+        stats = scan(model, ids, points=kinds, threshold=args.threshold, max_tokens=args.scan_tokens,
+                     window=args.window, progress=progress, meta={"model": args.model})
+    if dims is None:
+        dims = outlier_features(stats, Criteria()).dim.tolist()
+        if not dims:
+            raise InvalidArgumentError(f"no outlier features found in {args.model} at threshold {args.threshold}; "
+                                       "pass --dims explicitly")
+        print(f"outlier dims (paper criteria, {stats.meta['tokens_scanned']} tokens scanned): {dims}")
+    df = ablation_study(model, ids, dims, points=list(kinds), mode=args.mode, controls=args.controls,
+                        seed=args.seed, window=args.window, max_windows=args.max_windows, stats=stats,
+                        progress=progress)
+    print(f"{info.name}: {args.mode} dims at {args.points}, {args.max_windows} windows of {args.window}\n")
+    with pd.option_context("display.width", 200):
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if json_path:
+        json_path.write_text(df.to_json(orient="records", indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -170,6 +309,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("scan", help="outlier-feature statistics by forward hooks")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="builtin")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--points", default="attn,ffn",
+                   help="capture points: attn (= attn_in,attn_out), ffn, residual, or kinds (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=6.0, help="magnitude cut-off (default: %(default)s)")
+    p.add_argument("--relative-k", type=float, default=6.0,
+                   help="scale-relative cut-off: |x| >= k x rms(token) (default: %(default)s)")
+    p.add_argument("--layers", type=float, default=0.25, help="fraction of layers (default: %(default)s)")
+    p.add_argument("--positions", type=float, default=0.06, help="fraction of positions (default: %(default)s)")
+    p.add_argument("--layer-unit", choices=("block", "point"), default="block")
+    p.add_argument("--position-mode", choices=("union", "max", "mean"), default="union")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
+    p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_scan)
+
+    p = sub.add_parser("ablate", help="zero or mean-fill feature dims and measure the damage (paper §4)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="builtin")
+    p.add_argument("--dims", default="auto", help="'auto' (outlier features from a scan) or e.g. 247,507")
+    p.add_argument("--mode", choices=("zero", "mean"), default="zero")
+    p.add_argument("--points", default="attn_in", help="where to ablate (default: %(default)s)")
+    p.add_argument("--controls", type=int, default=3, help="random draws of as many dims (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=6.0)
+    p.add_argument("--scan-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=4)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_ablate)
     return parser
 
 

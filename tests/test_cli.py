@@ -127,3 +127,42 @@ def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
 def test_bad_method_arguments(args, message, capsys):
     assert main(["eval", *args, "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scan_writes_tables_and_figures(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--max-tokens", "256",
+                 "--window", "64", "--points", "attn,ffn,residual", "--threshold", "1.5", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "outlier features, hidden space, absolute criterion" in printed and "|x| >= 1.5" in printed
+    for f in ("stats.json", "stats.safetensors", "summary.csv", "per_dim_hidden.csv", "per_dim_heads.csv",
+              "outlier_features_absolute.csv", "top_values.csv", "massive_activations.csv",
+              "heatmap_hidden.png", "histogram_hidden.png", "layers_vs_positions.png"):
+        assert (out / f).stat().st_size > 0, f
+    import pandas as pd
+
+    top = pd.read_csv(out / "top_values.csv")
+    assert {"point", "layer", "dim", "value", "position", "token"} <= set(top.columns) and len(top) == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["scan", "--threshold", "0"], "threshold must be > 0"),
+    (["scan", "--points", "mlp"], "unknown capture point 'mlp'"),
+    (["scan", "--layers", "25"], "layers is a fraction in [0, 1]"),
+    (["ablate", "--dims", "a,b"], "--dims must be 'auto' or a comma list"),
+], ids=["threshold", "points", "layers", "dims"])
+def test_scan_and_ablate_bad_input(args, message, capsys):
+    assert main([*args, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ablate_cli_on_explicit_dims(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ablate.json"
+    assert main(["ablate", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--dims", "3,5",
+                 "--window", "32", "--max-windows", "2", "--controls", "1", "--json", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["condition"] for r in rows] == ["baseline", "selected", "random #1"] and rows[1]["dims"] == [3, 5]
+    assert main(["ablate", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--dims", "99",
+                 "--window", "32", "--max-windows", "1", "--quiet"]) == 2
+    assert "out of range" in capsys.readouterr().err
