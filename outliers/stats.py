@@ -141,9 +141,10 @@ class OutlierStats:
             # (this forward's whole tensor at this point). The median comes from an
             # evenly strided sample of ~8k values: a full sort per point would cost
             # more than the forward pass itself.
-            a = x.abs().nan_to_num(0.0, 0.0, 0.0)
-            flat = a.reshape(-1)
-            med = flat[:: max(1, flat.numel() // 8192)].median()
+            flat = x.reshape(-1)
+            med = flat[:: max(1, flat.numel() // 8192)].abs().nan_to_num(0.0, 0.0, 0.0).median()
+            cand = torch.nonzero(r["row_max"] > 100).view(-1)  # only these rows can hold one
+            a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
             T[key + "massive"] += ((a > 100) & (a > 1000 * med)).sum(0)
         if self.top_k and seq_ids is not None and rows:
             self._update_top(r["row_max"], r["row_arg"], x, point_index, seq_ids, positions, token_ids)
