@@ -179,6 +179,8 @@ class Int8Linear(nn.Module):
                 f"({self.method}); int8 quantization would hide them")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point:
+            raise InvalidArgumentError(f"{self.name or 'Int8Linear'} expects a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise InvalidArgumentError(f"{self.name or 'Int8Linear'} expects inputs with {self.in_features} "
                                        f"features, got shape {tuple(x.shape)}")

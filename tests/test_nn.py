@@ -121,6 +121,8 @@ def test_bad_arguments():
         Int8Linear.from_linear(linear(), "llm.int8", outlier_weights="fp16")
     with pytest.raises(InvalidArgumentError, match="expects inputs with 499 features, got shape"):
         Int8Linear.from_linear(linear(), "llm.int8")(torch.randn(3, 498))
+    with pytest.raises(InvalidArgumentError, match="expects a floating-point input, got torch.int64"):
+        Int8Linear.from_linear(linear(), "llm.int8")(torch.ones(3, 499, dtype=torch.long))
     with pytest.raises(InvalidArgumentError, match="expected nn.Linear or transformers' Conv1D, got Conv2d"):
         Int8Linear.from_linear(nn.Conv2d(1, 1, 1))
 
@@ -185,3 +187,18 @@ def test_load_errors(tmp_path):
         load_quantized(model, path)
     with pytest.raises(InvalidArgumentError, match="no Int8Linear"):
         save_quantized(make_model("llama"), tmp_path / "x.safetensors")
+
+
+def test_quantize_bert_encoder():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64)).eval()
+    ref = copy.deepcopy(model)
+    report = quantize_model(model, "zeropoint-llm.int8", threshold=2.0)
+    assert len(report.replaced) == 2 * 6 + 1 and report.skipped == []  # q,k,v,o,in,out per layer + pooler
+    x = torch.randint(0, 384, (2, 12))
+    with torch.inference_mode():
+        y, y0 = model(x).last_hidden_state, ref(x).last_hidden_state
+    assert ((y - y0).norm() / y0.norm()) < 0.05
