@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     best = {k: max(v) for k, v in speeds.items()}
     print(f"\n{info.name}, {args.windows} windows x {args.window} tokens, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds\n")
-    print(f"| config | tokens/s (best) | tokens/s (median) | x fp32 | x bitsandbytes, same t | perplexity |")
+    print("| config | tokens/s (best) | tokens/s (median) | x fp32 | x bitsandbytes, same t | perplexity |")
     print("|---|---|---|---|---|---|")
     for name in configs:
         peer = "bitsandbytes t=6" if "t=6" in name else "bitsandbytes t=0"

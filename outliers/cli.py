@@ -76,7 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
-    results, reports = [], []
+    results = []
     for m in methods:
         target, report = model, None
         if m != "fp32":

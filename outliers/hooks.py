@@ -7,12 +7,15 @@ in a ``finally``, on every exit path, exceptions included.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .stats import OutlierStats
 
 __all__ = ["pre_hooks", "record_inputs", "capture"]
 

@@ -75,6 +75,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 OUTLIER_WEIGHTS = ("int8", "fp")
+BACKENDS = ("auto", "torch", "numba")
 ROUND_TO = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -103,11 +104,14 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, method: str = "llm.int8",
                  threshold: float = 6.0, bias: bool = True, outlier_weights: str = "int8",
-                 name: str = "", round_to: str | None = None):
+                 name: str = "", round_to: str | None = None, backend: str = "auto"):
         super().__init__()
         self.spec = get_method(method)
         if outlier_weights not in OUTLIER_WEIGHTS:
             raise InvalidArgumentError(f"outlier_weights must be one of {OUTLIER_WEIGHTS}, got {outlier_weights!r}")
+        if backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         if round_to not in ROUND_TO:
             raise InvalidArgumentError(f"round_to must be one of {list(ROUND_TO)}, got {round_to!r}")
         t = check_threshold(threshold)
@@ -130,12 +134,14 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, module: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
-                    outlier_weights: str = "int8", name: str = "", round_to: str | None = None) -> "Int8Linear":
+                    outlier_weights: str = "int8", name: str = "", round_to: str | None = None,
+                    backend: str = "auto") -> "Int8Linear":
         """Return an Int8Linear quantized from an ``nn.Linear`` or ``Conv1D``."""
         w = _weight_of(module)
         out_f, in_f = w.shape
         bias = getattr(module, "bias", None)
-        q = cls(in_f, out_f, method, threshold, bias is not None, outlier_weights, name, round_to).to(w.device)
+        q = cls(in_f, out_f, method, threshold, bias is not None, outlier_weights, name, round_to,
+                backend).to(w.device)
         spec = q.spec
         w_fp = w
         if round_to:
@@ -200,6 +206,13 @@ class Int8Linear(nn.Module):
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         bias = None if self.bias is None else self.bias.float()
         if spec.quantizer == "absmax" and spec.x_dim == -1 and spec.w_dim == -1:
+            if self._numba(x):
+                from cuda_kernels.launch import llm_int8_linear
+
+                out, cols, stats = llm_int8_linear(xq, self.weight_q, self.weight_scale, bias, t, x_float=x,
+                                                   outlier_weight=self.weight_fp)
+                self._check_finite(stats, x, cols)
+                return out  # the kernel's epilogue already added the outlier product
             if x.device.type == "cpu" and x.dtype == torch.float32:
                 from ._cpu_kernels import dequantize_into, quantize_rows
 
@@ -217,6 +230,20 @@ class Int8Linear(nn.Module):
             w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
             out.addmm_(x[:, cols], w_cols.to(x.dtype).t())
         return out
+
+    def _numba(self, x: torch.Tensor) -> bool:
+        """Whether this call runs on the Numba CUDA kernels (llm.int8 and absmax-vector only)."""
+        if self.backend == "torch":
+            return False
+        from cuda_kernels.launch import available, simulated
+
+        if self.backend == "numba":
+            if not (x.is_cuda or simulated()):
+                raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: backend='numba' needs CUDA tensors "
+                                           "(or NUMBA_ENABLE_CUDASIM=1 to simulate); got a tensor on "
+                                           f"{x.device}. Use backend='torch' or 'auto' on CPU")
+            return True
+        return x.is_cuda and available()
 
     def _dequantized_cols(self, cols: torch.Tensor) -> torch.Tensor:
         dim, q = self.spec.w_dim, self.weight_q[:, cols]
@@ -254,4 +281,6 @@ class Int8Linear(nn.Module):
             s += f", threshold={self.threshold}, outlier_weights={self.outlier_weights!r}"
         if self.round_to:
             s += f", round_to={self.round_to!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
         return s + f", bias={self.bias is not None}"

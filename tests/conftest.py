@@ -16,6 +16,11 @@ import pytest
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 import torch  # noqa: E402
 
+# Without a GPU the Numba CUDA kernels run in Numba's simulator; it must be chosen
+# before numba is first imported (it only affects the CUDA target, not @njit).
+if not torch.cuda.is_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 ARCHS = ("llama", "gpt2", "opt")
 
 

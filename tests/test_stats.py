@@ -1,5 +1,3 @@
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,7 +6,7 @@ from conftest import make_model
 from outliers import CorpusError, InvalidArgumentError, ModelFileError
 from outliers.criteria import Criteria, massive_activations, outlier_features, per_dim, summary
 from outliers.hooks import capture
-from outliers.points import CapturePoint, resolve_points
+from outliers.points import resolve_points
 from outliers.scan import scan
 from outliers.stats import OutlierStats, _point_stats_torch
 from outliers._cpu_kernels import point_stats

@@ -1,0 +1,209 @@
+"""Launchers: check torch tensors, wrap them without copies, do the grid math, return tensors.
+
+Tensors are handed to Numba through ``__cuda_array_interface__`` and kernels
+run on torch's current CUDA stream. Under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, how the tests run without a GPU) CPU tensors are
+accepted instead and passed as NumPy views.
+
+Inputs are never copied silently: a non-contiguous tensor is refused with a
+message saying to call ``.contiguous()``. bfloat16 is the exception, converted
+to float32 first because Numba has no bfloat16 type (the docstring of each
+launcher says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import torch
+from numba import cuda
+
+from outliers.errors import InvalidArgumentError
+
+from .kernels import (
+    TILE,
+    TPB,
+    gather_columns_kernel,
+    int8_gemm_dequant_kernel,
+    outlier_columns_kernel,
+    quantize_rows_kernel,
+)
+
+__all__ = ["simulated", "available", "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul",
+           "int8_matmul_dequant", "llm_int8_linear"]
+
+FLOATS = (torch.float32, torch.float16)
+
+
+def simulated() -> bool:
+    """True under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1 before numba was imported)."""
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+def available() -> bool:
+    """True where these kernels can run on a real GPU."""
+    return not simulated() and torch.cuda.is_available() and cuda.is_available()
+
+
+def _check(t: torch.Tensor, name: str, dtypes: tuple, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if not simulated() and not t.is_cuda:
+        raise InvalidArgumentError(f"{name} must be a CUDA tensor, got one on {t.device}")
+    if t.dtype not in dtypes:
+        raise InvalidArgumentError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise InvalidArgumentError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise InvalidArgumentError(f"{name} is not contiguous; call .contiguous() (no silent copies here)")
+
+
+def _view(t: torch.Tensor):
+    t = t.detach()
+    return t.numpy() if simulated() else cuda.as_cuda_array(t)
+
+
+def _launch(kernel, grid, block, *args) -> None:
+    if simulated():
+        kernel[grid, block](*args)
+    else:
+        stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        kernel[grid, block, stream](*args)
+
+
+def _threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not t >= 0 or math.isinf(t):
+        raise InvalidArgumentError(f"threshold must be >= 0 and finite, got {threshold!r}")
+    return t
+
+
+def _floats(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype == torch.bfloat16:  # Numba has no bfloat16: one conversion pass
+        x = x.float()
+    _check(x, name, FLOATS, 2)
+    return x
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Return int64 indices of the columns of ``x (tokens, features)`` with any ``|x| >= threshold``."""
+    t = _threshold(threshold)
+    x = _floats(x, "x")
+    flags = torch.zeros(x.shape[1], dtype=torch.uint8, device=x.device)
+    if t > 0 and x.numel():
+        block = (16, 16)
+        grid = (math.ceil(x.shape[0] / 16), math.ceil(x.shape[1] / 16))
+        _launch(outlier_columns_kernel, grid, block, _view(x), t, _view(flags))
+    return torch.nonzero(flags).view(-1)
+
+
+def quantize_rows(x: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(codes int8, row_stats float32, outlier_cols)`` like ``outliers.int8.int8_vectorwise_quant``.
+
+    ``x``: float32 or float16 ``(rows, features)`` (bfloat16 is converted to float32).
+    Also quantizes a weight per output channel with ``threshold=0``.
+    """
+    t = _threshold(threshold)
+    x = _floats(x, "x")
+    rows, cols = x.shape
+    flags = torch.zeros(cols, dtype=torch.uint8, device=x.device)
+    if t > 0 and x.numel():
+        _launch(outlier_columns_kernel, (math.ceil(rows / 16), math.ceil(cols / 16)), (16, 16),
+                _view(x), t, _view(flags))
+    codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+    row_stats = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _launch(quantize_rows_kernel, rows, TPB, _view(x), t, _view(flags), _view(codes), _view(row_stats))
+    return codes, row_stats, torch.nonzero(flags).view(-1)
+
+
+def gather_columns(src: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Return float32 ``src[:, cols]`` (times ``scale[:, None] / 127`` when given: dequantized int8 rows)."""
+    if src.dtype == torch.bfloat16:
+        src = src.float()
+    _check(src, "src", (torch.float32, torch.float16, torch.int8), 2)
+    _check(cols, "cols", (torch.int64,), 1)
+    out = torch.empty((src.shape[0], cols.numel()), dtype=torch.float32, device=src.device)
+    if out.numel():
+        sc = scale if scale is not None else torch.empty(1, dtype=torch.float32, device=src.device)
+        _check(sc, "scale", (torch.float32,), 1)
+        _launch(gather_columns_kernel, (math.ceil(out.shape[0] / 16), math.ceil(out.shape[1] / 16)), (16, 16),
+                _view(src), _view(cols), _view(sc), scale is not None, _view(out))
+    return out
+
+
+def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw):
+    _check(a, "a", (torch.int8,), 2)
+    _check(b, "b", (torch.int8,), 2)
+    if a.shape[1] != b.shape[1]:
+        raise InvalidArgumentError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} "
+                                   "(b is the weight, stored (out, in))")
+    m, n = a.shape[0], b.shape[0]
+    dev = a.device
+    empty = torch.empty((0,), dtype=torch.float32, device=dev)
+    if not raw:
+        _check(row_stats, "row_stats", (torch.float32,), 1)
+        _check(col_stats, "col_stats", (torch.float32,), 1)
+        if row_stats.shape[0] != m or col_stats.shape[0] != n:
+            raise InvalidArgumentError(f"row_stats {tuple(row_stats.shape)} / col_stats {tuple(col_stats.shape)} "
+                                       f"do not fit a ({m} rows) and b ({n} rows)")
+    if bias is not None:
+        _check(bias, "bias", (torch.float32,), 1)
+    xo = xo if xo is not None else torch.empty((m, 0), dtype=torch.float32, device=dev)
+    wo = wo if wo is not None else torch.empty((n, 0), dtype=torch.float32, device=dev)
+    _check(xo, "xo", (torch.float32,), 2)
+    _check(wo, "wo", (torch.float32,), 2)
+    if xo.shape[1] != wo.shape[1] or xo.shape[0] != m or wo.shape[0] != n:
+        raise InvalidArgumentError(f"outlier parts xo {tuple(xo.shape)} and wo {tuple(wo.shape)} do not fit ({m}, {n})")
+    out = torch.empty((m, n) if not raw else (0, 0), dtype=torch.float32, device=dev)
+    out_i32 = torch.empty((m, n) if raw else (0, 0), dtype=torch.int32, device=dev)
+    if m and n:
+        grid = (math.ceil(n / TILE), math.ceil(m / TILE))
+        _launch(int8_gemm_dequant_kernel, grid, (TILE, TILE), _view(a), _view(b),
+                _view(row_stats if row_stats is not None else empty), _view(col_stats if col_stats is not None else empty),
+                _view(bias if bias is not None else empty), bias is not None, _view(xo), _view(wo), raw,
+                _view(out), _view(out_i32))
+    return out_i32 if raw else out
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the int32 ``a @ b.T`` of int8 ``a (m, k)`` and ``b (n, k)`` (the tiled kernel, no epilogue)."""
+    return _gemm(a, b, None, None, None, None, None, True)
+
+
+def int8_matmul_dequant(a: torch.Tensor, b: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+                        bias: torch.Tensor | None = None, xo: torch.Tensor | None = None,
+                        wo: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return ``(a @ b.T) * row_stats ⊗ col_stats / 127² + bias + xo @ wo.T`` in one kernel.
+
+    The kernel writes float32; another ``out_dtype`` costs one cast.
+    """
+    out = _gemm(a, b, row_stats, col_stats, bias, xo, wo, False)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                    threshold: float, x_float: torch.Tensor | None = None,
+                    outlier_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(out float32, outlier_cols, row_stats)``: LLM.int8() of ``x @ W.T`` on the kernels.
+
+    ``row_stats`` (X's per-row absmax without outliers) is NaN for rows holding NaN.
+
+    Args:
+        x: ``(tokens, in)`` float32/float16 (bfloat16 converted), the values quantized.
+        cb, scb: int8 weight ``(out, in)`` and its per-channel absmax.
+        bias: float32 ``(out,)`` or None.
+        threshold: decomposition threshold (0: none).
+        x_float: the values for the float outlier product (default ``x``).
+        outlier_weight: float weight ``(out, in)`` for the outlier columns;
+            None dequantizes them from ``cb`` (bitsandbytes).
+    """
+    codes, row_stats, cols = quantize_rows(x, threshold)
+    xo = wo = None
+    if cols.numel():
+        xo = gather_columns(x_float if x_float is not None else x, cols)
+        wo = (gather_columns(outlier_weight.contiguous(), cols) if outlier_weight is not None
+              else gather_columns(cb, cols, scb))
+    return int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo), cols, row_stats

@@ -1,0 +1,125 @@
+"""The Numba CUDA kernels against the CPU reference (``outliers.int8``).
+
+Without a GPU they run in Numba's CUDA simulator (conftest sets
+NUMBA_ENABLE_CUDASIM=1): shapes stay tiny and are not tile multiples
+(TILE=16). On a GPU the same tests run unsimulated on CUDA tensors.
+"""
+
+import pytest
+import torch
+
+from cuda_kernels import launch as L
+from outliers import InvalidArgumentError
+from outliers.int8 import int8_vectorwise_quant, llm_int8_matmul, outlier_columns
+from outliers.nn import Int8Linear, NonFiniteInputError
+from outliers.quant import int8_matmul
+
+DEV = "cuda" if L.available() else "cpu"
+if DEV == "cpu" and not L.simulated():
+    pytest.skip("no GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
+
+
+def planted(rows, cols, outlier_cols=(), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 2).clamp_(-5.5, 5.5)  # outliers only where planted
+    for c in outlier_cols:
+        x[::2, c] = 7.5 + torch.rand(len(range(0, rows, 2)), generator=g)
+    return x.to(dtype).to(DEV)
+
+
+def weight(n, k, seed=1):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    cb, scb, _ = int8_vectorwise_quant(w, 0.0)
+    return cb.to(DEV), scb.to(DEV)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33], ids=lambda r: f"rows={r}")
+def test_quantize_rows_is_bit_exact(rows):
+    x = planted(rows, 23, outlier_cols=(5, 22))
+    got = L.quantize_rows(x, 6.0)
+    ref = int8_vectorwise_quant(x.cpu(), 6.0)
+    assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+    assert torch.equal(got[2].cpu(), ref[2]) and got[2].tolist() == [5, 22]
+
+
+@pytest.mark.parametrize("case", ["fp16", "no-outliers", "threshold=0", "all-columns-outliers"])
+def test_quantize_rows_edge_cases(case):
+    if case == "all-columns-outliers":
+        x = (torch.full((4, 6), 8.0) * torch.tensor([1.0, -1, 1, -1, 1, 1])).to(DEV)
+    else:
+        x = planted(5, 23, outlier_cols=() if case == "no-outliers" else (3,),
+                    dtype=torch.float16 if case == "fp16" else torch.float32)
+    t = 0.0 if case == "threshold=0" else 6.0
+    got = L.quantize_rows(x, t)
+    ref = int8_vectorwise_quant(x.cpu(), t)
+    assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+    assert got[2].tolist() == ([] if ref[2] is None else ref[2].tolist())
+    assert torch.equal(L.outlier_columns(x, t).cpu(), outlier_columns(x.cpu(), t))
+
+
+@pytest.mark.parametrize("m, k, n", [(5, 23, 7), (33, 23, 7), (1, 23, 7), (17, 40, 19)],
+                         ids=lambda v: str(v))
+def test_int8_gemm_accumulators_are_exact(m, k, n):
+    g = torch.Generator().manual_seed(m * k * n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV)).cpu(), int8_matmul(a, b))
+
+
+def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
+    x = planted(9, 23)
+    codes, rs, _ = int8_vectorwise_quant(x.cpu(), 0.0)
+    cb, scb = weight(7, 23)
+    bias = torch.randn(7)
+    xo, wo = torch.randn(9, 2), torch.randn(7, 2)
+    got = L.int8_matmul_dequant(codes.to(DEV), cb, rs.to(DEV), scb, bias.to(DEV), xo.to(DEV), wo.to(DEV))
+    ref = int8_matmul(codes, cb.cpu()) * (rs[:, None] / 127 ** 2) * scb.cpu() + bias + xo @ wo.t()
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("outliers", [(), (3, 20)], ids=["no-outliers", "two-outlier-cols"])
+def test_llm_int8_linear_equals_reference(outliers):
+    x = planted(6, 23, outlier_cols=outliers)
+    cb, scb = weight(7, 23)
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(3))
+    out, cols, _ = L.llm_int8_linear(x, cb, scb, bias.to(DEV), 6.0)
+    ref, ref_cols = llm_int8_matmul(x.cpu(), cb.cpu(), scb.cpu(), 6.0, bias)
+    assert torch.equal(cols.cpu(), ref_cols)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8linear_numba_backend_equals_torch_backend():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(23, 7)
+    x = planted(8, 23, outlier_cols=(4,)).reshape(2, 4, 23)
+    a = Int8Linear.from_linear(lin, "llm.int8", backend="torch")(x.cpu())
+    q = Int8Linear.from_linear(lin, "llm.int8", backend="numba").to(DEV)
+    assert "backend='numba'" in repr(q)
+    b = q(x)
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    bad = x.clone()
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(NonFiniteInputError):
+        q(bad)
+
+
+def test_launchers_refuse_bad_input(monkeypatch):
+    cb, scb = weight(7, 23)
+    x = planted(3, 23)
+    with pytest.raises(InvalidArgumentError, match="a must be torch.int8, got torch.float32"):
+        L.int8_matmul(x, cb)
+    with pytest.raises(InvalidArgumentError, match="inner dimensions differ"):
+        L.int8_matmul(cb[:, :20].contiguous(), cb)
+    with pytest.raises(InvalidArgumentError, match="x is not contiguous"):
+        L.quantize_rows(planted(23, 3).t(), 6.0)
+    with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
+        L.quantize_rows(x, -1.0)
+    with pytest.raises(InvalidArgumentError, match="x must be torch.float32 or torch.float16, got torch.int8"):
+        L.quantize_rows(cb, 0.0)
+    monkeypatch.setattr(L, "simulated", lambda: False)
+    with pytest.raises(InvalidArgumentError, match="must be a CUDA tensor, got one on cpu"):
+        L.quantize_rows(torch.randn(2, 3), 0.0)
+    with pytest.raises(InvalidArgumentError, match="backend='numba' needs CUDA tensors"):
+        Int8Linear(3, 2, backend="numba")(torch.randn(2, 3))
+    with pytest.raises(InvalidArgumentError, match="backend must be one of"):
+        Int8Linear(3, 2, backend="triton")
