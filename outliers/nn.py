@@ -233,8 +233,8 @@ class Int8Linear(nn.Module):
 
     def _numba(self, x: torch.Tensor) -> bool:
         """Whether this call runs on the Numba CUDA kernels (llm.int8 and absmax-vector only)."""
-        if self.backend == "torch":
-            return False
+        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
+            return False  # decided without importing numba.cuda: the CPU hot path stays lean
         from cuda_kernels.launch import available, simulated
 
         if self.backend == "numba":
