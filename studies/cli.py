@@ -1,0 +1,99 @@
+"""``studies`` command line: run, list, status and report studies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from outliers.errors import OutliersError
+
+__all__ = ["main"]
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def _resolve(config: str) -> Path:
+    path = Path(config)
+    if not path.exists() and (CONFIGS / f"{config}.toml").exists():
+        return CONFIGS / f"{config}.toml"  # a built-in name, e.g. threshold_ablation
+    return path
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .runner import run_study
+
+    path = _resolve(args.config)
+    cfg = load_config(path)
+    out = Path(args.out or Path("studies_out") / cfg.name)
+    counts = run_study(cfg, out, progress=not args.quiet)
+    print(f"{cfg.name}: {counts['done']} cells done, {counts['failed']} failed, {counts['skipped']} already done "
+          f"(results in {out / 'results.sqlite'})")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_list(args) -> int:
+    from .config import load_config
+
+    for path in sorted(CONFIGS.glob("*.toml")):
+        cfg = load_config(path)
+        print(f"{path.stem:<20} {cfg.description}  [{cfg.expected_runtime}]")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from .report import status
+
+    if not (Path(args.dir) / "study.json").exists():
+        raise OutliersError(f"{args.dir} is not a study folder (no study.json)")
+    df = status(args.dir)
+    counts = df.status.value_counts()
+    print(f"done {counts.get('done', 0)}, failed {counts.get('failed', 0)}, pending {counts.get('pending', 0)}")
+    if args.verbose:
+        print(df.to_string(index=False))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    if not (Path(args.dir) / "study.json").exists():
+        raise OutliersError(f"{args.dir} is not a study folder (no study.json)")
+    print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studies", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run (or resume) a study")
+    p.add_argument("config", help="a TOML file or a built-in name (see 'studies list')")
+    p.add_argument("--out", help="output folder (default: studies_out/NAME)")
+    p.add_argument("--backend", choices=("local",), default="local")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("list", help="the built-in study configs")
+    p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("status", help="done / failed / pending cells of a study folder")
+    p.add_argument("dir")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("report", help="tables, figures and report.md for a study folder")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OutliersError as e:
+        print(f"studies: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

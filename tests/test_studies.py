@@ -1,0 +1,112 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from outliers import InvalidArgumentError
+from studies.cli import main
+from studies.config import load_config
+from studies.report import status, write_report
+from studies.runner import cells, run_study
+from studies.store import Store
+
+
+def write_config(tmp_path, model, corpus, **extra):
+    lines = ["[study]", 'name = "tiny"', f'models = ["{model}"]', f'corpora = ["{corpus}"]']
+    defaults = {"methods": '["llm.int8", "absmax"]', "thresholds": "[0, 2, 6]", "window": "32",
+                "max_windows": "2", "batch_size": "2"}
+    defaults.update(extra)
+    lines += [f"{k} = {v}" for k, v in defaults.items()]
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_builtin_configs_parse():
+    cfg = load_config("studies/configs/threshold_ablation.toml")
+    assert cfg.models == ("smollm2-135m",) and cfg.thresholds[-1] == 16.0
+    assert len(cells(cfg)) == 1 + 2 * 10
+
+
+@pytest.mark.parametrize("line, message", [
+    ("colour = 3", "unknown key 'colour' in [study]"),
+    ("window = \"512\"", "[study] window must be int, got str"),
+    ("methods = [\"int4\"]", "unknown method 'int4'"),
+    ("thresholds = [\"six\"]", "thresholds must be a list of int or float"),
+    ("window = 1", "window must be an integer >= 2"),
+], ids=["unknown-key", "type", "method", "item-type", "range"])
+def test_bad_configs_name_key_and_file(tmp_path, line, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[study]\nname = "x"\nmodels = ["m"]\n{line}\n')
+    with pytest.raises(InvalidArgumentError, match=str(path)) as e:
+        load_config(path)
+    assert message in str(e.value)
+
+
+def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
+    cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, measure='["perplexity", "outliers"]'))
+    out = tmp_path / "out"
+    first = run_study(cfg, out, progress=False)
+    assert first == {"done": 1 + 3 + 1 + 1, "failed": 0, "skipped": 0}  # fp32, llm.int8 x3, absmax, scan
+    again = run_study(cfg, out, progress=False)
+    assert again == {"done": 0, "failed": 0, "skipped": 6}
+    st = status(out)
+    assert (st.status == "done").all() and len(st) == 6
+    report = write_report(out)
+    text = report.read_text()
+    assert "32-bit float" in text and "absmax LLM.int8()" in text and (out / "threshold_curves.png").exists()
+    assert (out / "table1.csv").exists() and "## Settings" in text
+
+
+def test_failed_cells_are_recorded_and_the_study_goes_on(tmp_path, model_dir, text_file):
+    cfg = load_config(write_config(tmp_path, "no-such-model", text_file, methods='["absmax"]', thresholds="[6]"))
+    counts = run_study(cfg, tmp_path / "out", progress=False)
+    assert counts == {"done": 0, "failed": 2, "skipped": 0}
+    df = Store(tmp_path / "out").frame()
+    assert (df.status == "failed").all() and df.error.str.contains("unknown model 'no-such-model'").all()
+
+
+def test_a_killed_study_keeps_its_rows_and_resumes(tmp_path, model_dir, text_file):
+    """SIGKILL a study in a child process after its first stored cell, then finish it."""
+    cfg_path = write_config(tmp_path, model_dir("gpt2"), text_file, thresholds="[0, 1, 2, 3, 4, 6]",
+                            max_windows="4")
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    child = subprocess.Popen([sys.executable, "-m", "studies.cli", "run", str(cfg_path), "--out", str(out),
+                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "results.sqlite"
+    deadline = time.monotonic() + 60
+    n_before = 0
+    while time.monotonic() < deadline and child.poll() is None:
+        if db.exists():
+            try:
+                n_before = sqlite3.connect(db).execute("SELECT count(*) FROM cells").fetchone()[0]
+            except sqlite3.OperationalError:
+                n_before = 0
+            if n_before >= 2:
+                break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    total = len(cells(load_config(cfg_path)))
+    rows = Store(out).frame()
+    assert 2 <= len(rows) < total, "the child was killed mid-study"
+    kept = dict(zip(rows.key, rows.finished_at))
+    counts = run_study(load_config(cfg_path), out, progress=False)
+    assert counts["skipped"] == len(kept) and counts["done"] == total - len(kept)
+    after = Store(out).frame()
+    assert len(after) == total and (after.status == "done").all()
+    assert all(after.set_index("key").finished_at[k] == t for k, t in kept.items())  # not recomputed
+
+
+def test_cli_list_status_and_errors(tmp_path, capsys):
+    assert main(["list"]) == 0
+    assert "threshold_ablation" in capsys.readouterr().out
+    assert main(["status", str(tmp_path)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read study config" in capsys.readouterr().err
