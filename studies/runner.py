@@ -24,7 +24,7 @@ from outliers.nn import METHODS
 from .config import StudyConfig
 from .store import Store
 
-__all__ = ["cells", "cell_key", "run_study"]
+__all__ = ["cells", "cell_key", "run_study", "expand_models"]
 
 
 def _version() -> str:
@@ -33,10 +33,22 @@ def _version() -> str:
     return __version__
 
 
+def expand_models(models: tuple[str, ...]) -> list[str]:
+    """Replace ``"installed"`` by the installed built-in causal models, smallest first."""
+    from outliers.models import list_models
+
+    out: list[str] = []
+    for m in models:
+        names = [r["name"] for r in list_models() if r["installed"] and r["kind"] == "causal"] \
+            if m == "installed" else [m]
+        out += [n for n in names if n not in out]
+    return out
+
+
 def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
     """Return the grid, in the order it runs (grouped by model, then corpus)."""
     out = []
-    for model in cfg.models:
+    for model in expand_models(cfg.models):
         for corpus in cfg.corpora:
             base = {"study": cfg.name, "model": model, "corpus": corpus}
             if "perplexity" in cfg.measure:

