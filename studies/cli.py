@@ -28,7 +28,7 @@ def _cmd_run(args) -> int:
     path = _resolve(args.config)
     cfg = load_config(path)
     out = Path(args.out or Path("studies_out") / cfg.name)
-    counts = run_study(cfg, out, progress=not args.quiet)
+    counts = run_study(cfg, out, progress=not args.quiet, backend=args.backend, address=args.address)
     print(f"{cfg.name}: {counts['done']} cells done, {counts['failed']} failed, {counts['skipped']} already done "
           f"(results in {out / 'results.sqlite'})")
     return 0 if counts["failed"] == 0 else 1
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run (or resume) a study")
     p.add_argument("config", help="a TOML file or a built-in name (see 'studies list')")
     p.add_argument("--out", help="output folder (default: studies_out/NAME)")
-    p.add_argument("--backend", choices=("local",), default="local")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="ray: one actor per model on a local cluster started on demand, or --address")
+    p.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("list", help="the built-in study configs")

@@ -104,52 +104,102 @@ def _outliers_cell(cfg: StudyConfig, cell, model, ids, info) -> dict[str, Any]:
             "absolute": rows["absolute"], "relative": rows["relative"]}
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True,
-              on_cell: Callable[[dict, str], None] | None = None) -> dict[str, int]:
+class _Worker:
+    """Holds one model (and its corpora's token ids) and computes cells of that model."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.loaded: dict[str, Any] = {}
+        self.tokens: dict[tuple[str, str], Any] = {}
+
+    def run(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
+        """Return ``(status, result, error)``; any exception becomes a failed cell."""
+        from outliers.corpus import encode_corpus, load_corpus
+        from outliers.models import load_model
+
+        try:
+            if cell["model"] not in self.loaded:
+                self.loaded.clear()  # one model in memory at a time
+                self.tokens.clear()
+                self.loaded[cell["model"]] = load_model(cell["model"], progress=False)
+            model, tok, info = self.loaded[cell["model"]]
+            tkey = (cell["model"], cell["corpus"])
+            if tkey not in self.tokens:
+                self.tokens[tkey] = encode_corpus(tok, load_corpus(cell["corpus"]))
+            if cell["kind"] == "perplexity":
+                result = _perplexity_cell(self.cfg, cell, model, self.tokens[tkey])
+            else:
+                result = _outliers_cell(self.cfg, cell, model, self.tokens[tkey], info)
+            result["n_params"] = info.n_params
+            return "done", result, None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is recorded and the study goes on
+            return "failed", None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+
+
+def _ray_results(cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | None):
+    """Yield ``(cell, key, (status, result, error))`` as Ray actors (one per model) finish cells."""
+    import os
+
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token files
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        worker_cls = ray.remote(num_cpus=1)(_Worker)
+        groups: dict[str, list] = {}
+        for cell, key in todo:
+            groups.setdefault(cell["model"], []).append((cell, key))
+        pending = {}
+        for model, group in groups.items():
+            actor = worker_cls.remote(cfg)
+            for cell, key in group:  # an actor runs its calls in order: the model loads once
+                pending[actor.run.remote(cell)] = (cell, key, actor)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell, key, _actor = pending.pop(ready[0])
+            yield cell, key, ray.get(ready[0])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backend: str = "local",
+              address: str | None = None, on_cell: Callable[[dict, str], None] | None = None) -> dict[str, int]:
     """Run every cell not yet done; return counts of ``done``, ``failed`` and ``skipped`` cells.
 
+    ``backend="local"`` runs in this process; ``"ray"`` runs one Ray actor per
+    model (on a local cluster started on demand, or the one at ``address``);
+    either way only this process writes to SQLite, one transaction per cell.
     A cell that raises (a model that will not load, NaN perplexity, out of
     memory) is stored as ``failed`` with its error, and the study goes on.
     """
-    from outliers.corpus import encode_corpus, load_corpus
-    from outliers.models import load_model
+    if backend not in ("local", "ray"):
+        from outliers.errors import InvalidArgumentError
 
+        raise InvalidArgumentError(f"backend must be 'local' or 'ray', got {backend!r}")
     store = Store(out)
     (Path(out) / "study.json").write_text(json.dumps(asdict(cfg), indent=1))
-    grid = cells(cfg)
     done = store.done_keys()
-    todo = [(c, cell_key(c, cfg)) for c in grid]
+    todo = [(c, cell_key(c, cfg)) for c in cells(cfg)]
     counts = {"done": 0, "failed": 0, "skipped": sum(k in done for _, k in todo)}
     todo = [(c, k) for c, k in todo if k not in done]
     bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
-    loaded: dict[str, Any] = {}
-    tokens: dict[tuple[str, str], Any] = {}
     version = _version()
+    if backend == "local":
+        worker = _Worker(cfg)
+        results = ((cell, key, worker.run(cell)) for cell, key in todo)
+    else:
+        results = _ray_results(cfg, todo, address)
     try:
-        for cell, key in todo:
-            try:
-                if cell["model"] not in loaded:
-                    loaded.clear()  # one model in memory at a time
-                    loaded[cell["model"]] = load_model(cell["model"], progress=False)
-                model, tok, info = loaded[cell["model"]]
-                tkey = (cell["model"], cell["corpus"])
-                if tkey not in tokens:
-                    tokens[tkey] = encode_corpus(tok, load_corpus(cell["corpus"]))
-                if cell["kind"] == "perplexity":
-                    result = _perplexity_cell(cfg, cell, model, tokens[tkey])
-                else:
-                    result = _outliers_cell(cfg, cell, model, tokens[tkey], info)
-                result["n_params"] = info.n_params
-                store.record(key, cell, "done", result, version=version)
-                counts["done"] += 1
-                status = "done"
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure is recorded and the study goes on
-                store.record(key, cell, "failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}",
-                             version=version)
-                counts["failed"] += 1
-                status = "failed"
+        for cell, key, (status, result, error) in results:
+            store.record(key, cell, status, result, error=error, version=version)
+            counts[status] += 1
             if on_cell:
                 on_cell(cell, status)
             bar.update(1)

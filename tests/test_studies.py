@@ -123,3 +123,26 @@ def test_cli_list_status_and_errors(tmp_path, capsys):
     assert "not a study folder" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read study config" in capsys.readouterr().err
+
+
+def test_ray_backend_matches_local(tmp_path, model_dir, text_file, monkeypatch):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    path = write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]', thresholds="[2, 6]")
+    text = path.read_text().replace(f'models = ["{model_dir("llama")}"]',
+                                    f'models = ["{model_dir("llama")}", "{model_dir("opt")}"]')
+    path.write_text(text)
+    cfg = load_config(path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        counts = run_study(cfg, tmp_path / "ray", progress=False, backend="ray")
+    finally:
+        ray.shutdown()
+    assert counts == {"done": 6, "failed": 0, "skipped": 0}
+    run_study(cfg, tmp_path / "local", progress=False)
+    a = Store(tmp_path / "ray").frame().set_index("key").ppl.sort_index()
+    b = Store(tmp_path / "local").frame().set_index("key").ppl.sort_index()
+    assert list(a.index) == list(b.index)
+    assert (abs(a - b) / b < 1e-5).all()  # same numbers, computed in other processes
