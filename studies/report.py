@@ -104,6 +104,7 @@ def emergence(table: pd.DataFrame) -> Figure:
         for _, r in table.iterrows():
             ax.annotate(r["model"], (r[x], r["outlier dims"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xscale=scale, ylabel="outlier feature dims", title=f"emergence vs {x}")
+        ax.set_yscale("symlog", linthresh=1)  # absolute counts run from 1 to the whole hidden size
     ax2.invert_xaxis()  # lower perplexity (better models) to the right, as in the paper
     return fig
 
