@@ -71,7 +71,7 @@ def cell_key(cell: dict[str, Any], cfg: StudyConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _perplexity_cell(cfg: StudyConfig, cell, model, ids) -> dict[str, Any]:
+def _perplexity_cell(cfg: StudyConfig, cell, model, ids, progress: bool = False) -> dict[str, Any]:
     from outliers.perplexity import perplexity
     from outliers.qmodel import quantize_model
 
@@ -81,7 +81,7 @@ def _perplexity_cell(cfg: StudyConfig, cell, model, ids) -> dict[str, Any]:
         report = quantize_model(target, cell["method"], cell["threshold"], outlier_weights=cfg.outlier_weights,
                                 round_to=cfg.round_to)
     r = perplexity(target, ids, protocol=cfg.protocol, window=cfg.window, stride=cfg.stride,
-                   max_windows=cfg.max_windows, batch_size=cfg.batch_size, progress=False,
+                   max_windows=cfg.max_windows, batch_size=cfg.batch_size, progress=progress,
                    model_name=cell["model"], corpus_name=cell["corpus"],
                    method=None if cell["method"] == "fp32" else cell["method"])
     if not math.isfinite(r.ppl):
@@ -107,8 +107,9 @@ def _outliers_cell(cfg: StudyConfig, cell, model, ids, info) -> dict[str, Any]:
 class _Worker:
     """Holds one model (and its corpora's token ids) and computes cells of that model."""
 
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, progress: bool = False):
         self.cfg = cfg
+        self.progress = progress  # a bar over each cell's windows (local runs)
         self.loaded: dict[str, Any] = {}
         self.tokens: dict[tuple[str, str], Any] = {}
 
@@ -127,7 +128,7 @@ class _Worker:
             if tkey not in self.tokens:
                 self.tokens[tkey] = encode_corpus(tok, load_corpus(cell["corpus"]))
             if cell["kind"] == "perplexity":
-                result = _perplexity_cell(self.cfg, cell, model, self.tokens[tkey])
+                result = _perplexity_cell(self.cfg, cell, model, self.tokens[tkey], self.progress)
             else:
                 result = _outliers_cell(self.cfg, cell, model, self.tokens[tkey], info)
             result["n_params"] = info.n_params
@@ -192,7 +193,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backe
     bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
     version = _version()
     if backend == "local":
-        worker = _Worker(cfg)
+        worker = _Worker(cfg, progress)
         results = ((cell, key, worker.run(cell)) for cell, key in todo)
     else:
         results = _ray_results(cfg, todo, address)
