@@ -133,27 +133,13 @@ def _method_table(results: list, model: str, threshold: float) -> str:
     return "\n".join(lines)
 
 
-def _top_values(stats, tokenizer):
-    import pandas as pd
-
-    T = stats.tensors
-    rows = []
-    for i in range(len(T["top_abs"])):
-        p = stats.points[int(T["top_point"][i])]
-        tok = int(T["top_token"][i])
-        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T["top_dim"][i]),
-                     "value": float(T["top_value"][i]), "sequence": int(T["top_seq"][i]),
-                     "position": int(T["top_pos"][i]), "token_id": tok, "token": tokenizer.decode([tok])})
-    return pd.DataFrame(rows)
-
-
 def _cmd_scan(args: argparse.Namespace) -> int:
     import warnings
 
     import pandas as pd
 
     from .corpus import encode_corpus, load_corpus
-    from .criteria import Criteria, massive_activations, outlier_features, per_dim, summary
+    from .criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
     from .models import load_model
     from .points import parse_kinds
     from .scan import scan
@@ -214,7 +200,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             per_dim(stats, Criteria(**{**base.__dict__, "space": s})).to_csv(out / f"per_dim_{s}.csv", index=False)
         for scale, df in feats.items():
             df.to_csv(out / f"outlier_features_{scale}.csv", index=False)
-        _top_values(stats, tokenizer).to_csv(out / "top_values.csv", index=False)
+        top_values(stats, tokenizer).to_csv(out / "top_values.csv", index=False)
         if massive is not None:
             massive.to_csv(out / "massive_activations.csv", index=False)
         for s in stats.spaces:

@@ -30,7 +30,7 @@ import torch
 from .errors import InvalidArgumentError
 from .stats import OutlierStats
 
-__all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations"]
+__all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "top_values"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,18 @@ def massive_activations(stats: OutlierStats) -> pd.DataFrame:
         for d in torch.nonzero(massive).view(-1).tolist():
             rows.append({"layer": p.layer, "dim": d, "count": int(massive[d]), "max_abs": float(absmax[d])})
     return pd.DataFrame(rows, columns=["layer", "dim", "count", "max_abs"])
+
+
+def top_values(stats: OutlierStats, tokenizer=None) -> pd.DataFrame:
+    """Return the largest |x| seen (one per token and point), where it fired and, with a tokenizer, the token."""
+    T = stats.tensors
+    rows = []
+    for i in range(len(T["top_abs"])):
+        p = stats.points[int(T["top_point"][i])]
+        tok = int(T["top_token"][i])
+        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T["top_dim"][i]),
+                     "value": float(T["top_value"][i]), "sequence": int(T["top_seq"][i]),
+                     "position": int(T["top_pos"][i]), "token_id": tok,
+                     "token": tokenizer.decode([tok]) if tokenizer is not None else ""})
+    return pd.DataFrame(rows, columns=["point", "layer", "kind", "dim", "value", "sequence", "position",
+                                       "token_id", "token"])
