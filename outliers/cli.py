@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .errors import OutliersError, OutputPathError
 
-__all__ = ["main"]
+__all__ = ["main", "dispatch"]
 
 
 def _check_writable(path: str) -> Path:
@@ -336,13 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Run the chosen subcommand; the toolkit's own errors become one line and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except OutliersError as e:
-        print(f"outliers: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":
