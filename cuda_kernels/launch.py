@@ -90,12 +90,16 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Return int64 indices of the columns of ``x (tokens, features)`` with any ``|x| >= threshold``."""
     t = _threshold(threshold)
     x = _floats(x, "x")
+    return torch.nonzero(_outlier_flags(x, t)).view(-1)
+
+
+def _outlier_flags(x: torch.Tensor, t: float) -> torch.Tensor:
+    """uint8 flag per column of a checked ``x``: 1 where any ``|x| >= t`` (all 0 for t == 0)."""
     flags = torch.zeros(x.shape[1], dtype=torch.uint8, device=x.device)
     if t > 0 and x.numel():
-        block = (16, 16)
         grid = (math.ceil(x.shape[0] / 16), math.ceil(x.shape[1] / 16))
-        _launch(outlier_columns_kernel, grid, block, _view(x), t, _view(flags))
-    return torch.nonzero(flags).view(-1)
+        _launch(outlier_columns_kernel, grid, (16, 16), _view(x), t, _view(flags))
+    return flags
 
 
 def quantize_rows(x: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,10 +111,7 @@ def quantize_rows(x: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor
     t = _threshold(threshold)
     x = _floats(x, "x")
     rows, cols = x.shape
-    flags = torch.zeros(cols, dtype=torch.uint8, device=x.device)
-    if t > 0 and x.numel():
-        _launch(outlier_columns_kernel, (math.ceil(rows / 16), math.ceil(cols / 16)), (16, 16),
-                _view(x), t, _view(flags))
+    flags = _outlier_flags(x, t)
     codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:

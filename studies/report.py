@@ -53,8 +53,11 @@ def status(folder: str | Path) -> pd.DataFrame:
 def perplexity_table(df: pd.DataFrame, threshold: float = 6.0) -> pd.DataFrame:
     """The paper's Table-1 layout: one row per method (fp32 first), one column per model."""
     ppl = df[(df.kind == "perplexity") & (df.status == "done")]
-    ppl = ppl[(ppl.method == "fp32") | (ppl.threshold == threshold) | (ppl.threshold == 0.0)]
-    ppl = ppl[~((ppl.method.isin(["llm.int8", "zeropoint-llm.int8", "absmax-row+decomp"])) & (ppl.threshold != threshold))]
+    from outliers.nn import METHODS
+
+    # decomposition methods at the table's threshold; the others have one cell each (threshold 0)
+    decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
+    ppl = ppl[(ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.threshold == 0.0))]
     table = ppl.pivot_table(index="method", columns="model", values="ppl", aggfunc="last")
     order = [m for m in METHOD_LABELS if m in table.index]
     table = table.loc[order]
