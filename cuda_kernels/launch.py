@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 import torch
 from numba import cuda
 
 from outliers.errors import InvalidArgumentError
+from outliers.int8 import check_threshold
 
 from .kernels import (
     TILE,
@@ -72,11 +74,10 @@ def _launch(kernel, grid, block, *args) -> None:
         kernel[grid, block, stream](*args)
 
 
-def _threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not t >= 0 or math.isinf(t):
-        raise InvalidArgumentError(f"threshold must be >= 0 and finite, got {threshold!r}")
-    return t
+def _threshold(threshold: float) -> np.float32:
+    # float32, as torch compares float32 tensors with a Python scalar (and as the CPU kernels do):
+    # with a float64 threshold like 0.7, an x of float32(0.7) would not count as an outlier.
+    return np.float32(check_threshold(threshold))
 
 
 def _floats(x: torch.Tensor, name: str) -> torch.Tensor:

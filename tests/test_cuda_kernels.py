@@ -5,6 +5,7 @@ NUMBA_ENABLE_CUDASIM=1): shapes stay tiny and are not tile multiples
 (TILE=16). On a GPU the same tests run unsimulated on CUDA tensors.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,22 @@ def test_quantize_rows_edge_cases(case):
     assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
     assert got[2].tolist() == ([] if ref[2] is None else ref[2].tolist())
     assert torch.equal(L.outlier_columns(x, t).cpu(), outlier_columns(x.cpu(), t))
+
+
+def test_threshold_compares_in_float32_like_torch(monkeypatch):
+    # float32(0.7) < 0.7: a float64 comparison on the GPU would miss this outlier; torch and the
+    # CPU path count it. The simulator compares NumPy scalars in float32 either way, so the
+    # argument type is checked too.
+    x = torch.zeros(3, 5)
+    x[1, 2] = 0.7
+    x = x.to(DEV)
+    launched = []
+    real = L._launch
+    monkeypatch.setattr(L, "_launch", lambda kernel, grid, block, *args: (launched.append(args[1]),
+                                                                          real(kernel, grid, block, *args)))
+    assert L.outlier_columns(x, 0.7).tolist() == outlier_columns(x.cpu(), 0.7).tolist() == [2]
+    assert L.quantize_rows(x, 0.7)[2].tolist() == [2]
+    assert launched and all(type(t) is np.float32 for t in launched)
 
 
 @pytest.mark.parametrize("m, k, n", [(5, 23, 7), (33, 23, 7), (1, 23, 7), (17, 40, 19)],
