@@ -1,10 +1,11 @@
 """GPU benchmark of the Numba LLM.int8() kernels at LLM shapes (needs a CUDA GPU and numba-cuda).
 
-Compares, in one run and per shape: the Numba int8 GEMM + fused dequant,
-``torch._int_mm`` + dequant, fp16 ``nn.Linear`` (cuBLAS), the full Numba
+Compares, in one run and per shape: the Numba int8 GEMMs + fused dequant (SIMT tiles
+and int8 tensor cores through ``mma``), ``torch._int_mm`` + dequant, fp16 ``nn.Linear`` (cuBLAS), the full Numba
 LLM.int8() linear at threshold 6 with real outlier columns, and bitsandbytes'
-``Linear8bitLt`` when it is importable. Prints a Markdown table with the device
-name; ``--save`` also writes it under ``benchmarks/results/``.
+``Linear8bitLt`` when it is importable. Checks first that both Numba GEMMs give
+``torch._int_mm``'s int32 products at every shape. Prints a Markdown table with the
+device name; ``--save`` also writes it under ``benchmarks/results/``.
 
     python benchmarks/gpu_kernels.py --save
 """
@@ -72,8 +73,14 @@ def main(argv=None) -> int:
             row = {"tokens": t, "in": k, "out": n}
             with torch.inference_mode():
                 row["fp16 nn.Linear"] = timed(lambda: lin(x))
-                row["numba gemm+dequant"] = timed(lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias))
+                for gemm in ("simt", "mma"):
+                    row[f"numba {gemm}+dequant"] = timed(
+                        lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias, gemm=gemm))
                 if t > 16:  # cuBLASLt's int8 path wants m > 16
+                    exact = torch._int_mm(codes, cb.t())
+                    for gemm in ("simt", "mma"):
+                        if not torch.equal(L.int8_matmul(codes, cb, gemm=gemm), exact):
+                            raise SystemExit(f"numba {gemm} GEMM differs from torch._int_mm at {t}x{k}x{n}")
                     row["torch._int_mm+dequant"] = timed(
                         lambda: int8_mm_dequant(torch._int_mm(codes, cb.t()), rs, scb, bias))
                 row["numba LLM.int8 t=6"] = timed(lambda: L.llm_int8_linear(x, cb, scb, bias, 6.0))
@@ -81,15 +88,17 @@ def main(argv=None) -> int:
                     row["bnb Linear8bitLt t=6"] = timed(lambda: ref_bnb(x))
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
-    cols = ["fp16 nn.Linear", "torch._int_mm+dequant", "numba gemm+dequant", "numba LLM.int8 t=6",
+    cols = ["fp16 nn.Linear", "torch._int_mm+dequant", "numba simt+dequant", "numba mma+dequant", "numba LLM.int8 t=6",
             "bnb Linear8bitLt t=6"]
     lines = [f"# Numba LLM.int8() kernels on {name}", "",
              f"torch {torch.__version__}, median ms of 20 runs; {args.outlier_cols} outlier columns at t=6", "",
-             "| tokens | in→out | " + " | ".join(cols) + " | numba gemm / _int_mm | LLM.int8 / fp16 |",
+             f"LLM.int8 uses gemm='auto' ({'mma' if L.mma_verified() else 'simt'} here). Ratios are throughputs: "
+             "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast).", "",
+             "| tokens | in→out | " + " | ".join(cols) + " | numba mma / _int_mm | LLM.int8 / fp16 |",
              "|---" * (len(cols) + 4) + "|"]
     for r in rows:
         vals = [f"{r[c]:.3f}" if c in r else "–" for c in cols]
-        ratio = (f"{r['torch._int_mm+dequant'] / r['numba gemm+dequant']:.2f}x"
+        ratio = (f"{r['torch._int_mm+dequant'] / r['numba mma+dequant']:.2f}x"
                  if "torch._int_mm+dequant" in r else "–")
         lines.append(f"| {r['tokens']} | {r['in']}→{r['out']} | " + " | ".join(vals)
                      + f" | {ratio} | {r['fp16 nn.Linear'] / r['numba LLM.int8 t=6']:.2f}x |")

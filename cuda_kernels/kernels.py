@@ -11,14 +11,28 @@ from __future__ import annotations
 import numba
 from numba import cuda, float32, int32
 
+from .mma import mma_s8
+
 __all__ = ["TILE", "TPB", "outlier_columns_kernel", "quantize_rows_kernel", "gather_columns_kernel",
-           "int8_gemm_dequant_kernel"]
+           "int8_gemm_dequant_kernel", "int8_gemm_mma_kernel", "MMA_BM", "MMA_BN", "MMA_THREADS"]
 
 TILE = 16  # GEMM tile: TILE x TILE threads, one output element each
 # Threads per row in the row-quantization kernel (a power of two). The simulator runs
 # every thread as a Python thread: 32 there keeps the tests quick; any power of two is correct.
 TPB = 32 if numba.config.ENABLE_CUDASIM else 128
 INV_127_SQ = float32(1.0 / (127.0 * 127.0))
+
+# Tensor-core GEMM: a block of MMA_WARPS_M x MMA_WARPS_N warps, each computing MMA_MT x MMA_NT
+# m16n8 tiles; MMA_BKW int32 words (4 int8 each) of K per shared-memory stage.
+# The simulator runs each thread as a Python thread: a smaller block there, the same code.
+MMA_WARPS_M, MMA_WARPS_N = (2, 2) if numba.config.ENABLE_CUDASIM else (4, 2)
+MMA_MT, MMA_NT = (2, 2) if numba.config.ENABLE_CUDASIM else (2, 8)
+MMA_TILES = MMA_MT * MMA_NT  # m16n8 accumulator tiles per warp
+MMA_BM = MMA_WARPS_M * 16 * MMA_MT  # rows of X per block (128 on a GPU)
+MMA_BN = MMA_WARPS_N * 8 * MMA_NT  # weight rows per block (128 on a GPU)
+MMA_BKW = 16  # 64 int8
+MMA_SK = MMA_BKW + 4  # padded row: lanes (g, t) read word 20 g + t, 32 distinct banks
+MMA_THREADS = 32 * MMA_WARPS_M * MMA_WARPS_N
 
 
 @cuda.jit
@@ -110,12 +124,92 @@ def int8_gemm_dequant_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo,
         for kk in range(TILE):
             acc += sa[ty, kk] * sb[tx, kk]
         cuda.syncthreads()
-    if row < m_rows and col < n_cols and raw:
+    if row < m_rows and col < n_cols:
+        _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32)
+
+
+@cuda.jit(device=True)
+def _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32):
+    """The fused epilogue of both GEMMs, for one in-bounds output element."""
+    if raw:
         out_i32[row, col] = acc
-    elif row < m_rows and col < n_cols:
+    else:
         v = float32(acc) * (row_stats[row] * INV_127_SQ) * col_stats[col]
         if has_bias:
             v += bias[col]
         for o in range(xo.shape[1]):
             v += xo[row, o] * wo[col, o]
         out[row, col] = v
+
+
+@cuda.jit
+def int8_gemm_mma_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32):
+    """The same product and epilogue as ``int8_gemm_dequant_kernel``, on int8 tensor cores.
+
+    a: (M, K/4) and b: (N, K/4) int32, each word four int8 along K (the launcher's
+    zero-copy view of int8 rows, K % 4 == 0). One block of MMA_WARPS_M x MMA_WARPS_N
+    warps computes an MMA_BM x MMA_BN tile of the output; each warp MMA_MT x MMA_NT
+    m16n8 tiles of it with ``mma_s8`` (m16n8k32), accumulating in registers.
+    Shared-memory rows are padded by 4 words so that fragment loads hit distinct banks.
+
+    Every loop over fragments is a single loop of constant length: NVVM unrolls those and
+    keeps the arrays in registers, where nested loops left them in local memory
+    (``python -m cuda_kernels.check`` shows the stack bytes).
+    """
+    sa = cuda.shared.array((MMA_BM, MMA_SK), int32)
+    sb = cuda.shared.array((MMA_BN, MMA_SK), int32)
+    acc = cuda.local.array((MMA_TILES, 4), int32)
+    af = cuda.local.array((MMA_MT, 4), int32)
+    bf = cuda.local.array((MMA_NT, 2), int32)
+    tid = cuda.threadIdx.x
+    lane = tid % 32
+    g = lane // 4
+    t = lane % 4
+    warp_m = (tid // 32) // MMA_WARPS_N * (16 * MMA_MT)  # this warp's first row in the tile
+    warp_n = (tid // 32) % MMA_WARPS_N * (8 * MMA_NT)
+    m_rows, k_words = a.shape
+    n_cols = b.shape[0]
+    m0 = cuda.blockIdx.y * MMA_BM
+    n0 = cuda.blockIdx.x * MMA_BN
+    for e in range(MMA_TILES * 4):
+        acc[e // 4, e % 4] = 0
+    for k0 in range(0, k_words, MMA_BKW):
+        for idx in range(tid, MMA_BM * MMA_BKW, MMA_THREADS):
+            r = idx // MMA_BKW
+            c = idx % MMA_BKW
+            ok = m0 + r < m_rows and k0 + c < k_words
+            sa[r, c] = a[m0 + r, k0 + c] if ok else int32(0)
+        for idx in range(tid, MMA_BN * MMA_BKW, MMA_THREADS):
+            r = idx // MMA_BKW
+            c = idx % MMA_BKW
+            ok = n0 + r < n_cols and k0 + c < k_words
+            sb[r, c] = b[n0 + r, k0 + c] if ok else int32(0)
+        cuda.syncthreads()
+        for kk in range(0, MMA_BKW, 8):  # 8 words = the 32 int8 of one m16n8k32
+            for mt in range(MMA_MT):
+                ra = warp_m + 16 * mt + g
+                af[mt, 0] = sa[ra, kk + t]
+                af[mt, 1] = sa[ra + 8, kk + t]
+                af[mt, 2] = sa[ra, kk + 4 + t]
+                af[mt, 3] = sa[ra + 8, kk + 4 + t]
+            for nt in range(MMA_NT):
+                rb = warp_n + 8 * nt + g
+                bf[nt, 0] = sb[rb, kk + t]
+                bf[nt, 1] = sb[rb, kk + 4 + t]
+            for j in range(MMA_TILES):
+                mt = j // MMA_NT
+                nt = j % MMA_NT
+                d = mma_s8(af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], bf[nt, 0], bf[nt, 1],
+                           acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3])
+                acc[j, 0] = d[0]
+                acc[j, 1] = d[1]
+                acc[j, 2] = d[2]
+                acc[j, 3] = d[3]
+        cuda.syncthreads()
+    for e in range(MMA_TILES * 4):
+        j = e // 4
+        i = e % 4
+        row = m0 + warp_m + 16 * (j // MMA_NT) + g + 8 * (i // 2)
+        col = n0 + warp_n + 8 * (j % MMA_NT) + 2 * t + i % 2
+        if row < m_rows and col < n_cols:
+            _store(acc[j, i], row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32)

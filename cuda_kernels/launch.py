@@ -14,6 +14,7 @@ launcher says so).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -23,19 +24,26 @@ from numba import cuda
 from outliers.errors import InvalidArgumentError
 from outliers.int8 import check_threshold
 
+from . import mma
 from .kernels import (
+    MMA_BKW,
+    MMA_BM,
+    MMA_BN,
+    MMA_THREADS,
     TILE,
     TPB,
     gather_columns_kernel,
     int8_gemm_dequant_kernel,
+    int8_gemm_mma_kernel,
     outlier_columns_kernel,
     quantize_rows_kernel,
 )
 
-__all__ = ["simulated", "available", "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul",
+__all__ = ["simulated", "available", "GEMMS", "mma_supported", "mma_verified", "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul",
            "int8_matmul_dequant", "llm_int8_linear"]
 
 FLOATS = (torch.float32, torch.float16)
+GEMMS = ("auto", "simt", "mma")
 
 
 def simulated() -> bool:
@@ -135,9 +143,70 @@ def gather_columns(src: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | 
     return out
 
 
-def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw):
+def mma_supported(device: torch.device | None = None) -> str | None:
+    """Return None where the tensor-core GEMM can run, else the reason it cannot."""
+    if not mma.linkable():
+        return "the tensor-core GEMM needs numba-cuda (pip install 'outliers[cuda]')"
+    if simulated():
+        return None  # runs the emulation of mma in cuda_kernels/mma.py
+    if not available():
+        return "no CUDA GPU"
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 0):
+        return f"the tensor-core GEMM needs compute capability 8.0 or newer, this GPU has {cc[0]}.{cc[1]}"
+    return None
+
+
+_VERIFIED: dict[str, bool] = {}
+
+
+def mma_verified(device: torch.device | None = None) -> bool:
+    """Whether the tensor-core GEMM gives exact int32 products on ``device``: checked once per device.
+
+    ``gemm="auto"`` takes the tensor-core kernel only after this check passes; on a mismatch it
+    warns once and keeps to the SIMT kernel. Probe shapes cover partial tiles in M, N and K.
+    """
+    dev = torch.device("cpu") if simulated() else torch.device(device if device is not None else "cuda")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = str(dev)
+    if key not in _VERIFIED:
+        g = torch.Generator().manual_seed(1234)
+        m, k, n = MMA_BM + 3, 4 * MMA_BKW + 36, MMA_BN + 5
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(dev)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(dev)
+        want = (a.double() @ b.double().t()).to(torch.int32)  # exact: |sums| < 2**53
+        got = _gemm(a, b, None, None, None, None, None, True, "mma")
+        _VERIFIED[key] = bool(torch.equal(got, want))
+        if not _VERIFIED[key]:
+            warnings.warn(f"the tensor-core int8 GEMM gave wrong products on {dev} "
+                          f"({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'simulator'}); "
+                          "gemm='auto' uses the SIMT kernel instead. Please report this.", RuntimeWarning,
+                          stacklevel=2)
+    return _VERIFIED[key]
+
+
+def _pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
+    if gemm == "simt":
+        return gemm
+    why = mma_supported(a.device)
+    if why is None and a.shape[1] % 4:
+        why = f"the tensor-core GEMM reads int8 in words of 4 along K, got K = {a.shape[1]}"
+    if why is None and (a.storage_offset() % 4 or b.storage_offset() % 4):
+        why = "a or b starts mid-word (a slice); its int32 view would need a copy"
+    if gemm == "mma":
+        if why:
+            raise InvalidArgumentError(f"gemm='mma' cannot run: {why}; use gemm='simt' or 'auto'")
+        return gemm
+    # auto: the simulator's mma emulation is slow, so simulated runs stay on SIMT unless asked
+    return "mma" if why is None and not simulated() and mma_verified(a.device) else "simt"
+
+
+def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto"):
     _check(a, "a", (torch.int8,), 2)
     _check(b, "b", (torch.int8,), 2)
+    if gemm not in GEMMS:
+        raise InvalidArgumentError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     if a.shape[1] != b.shape[1]:
         raise InvalidArgumentError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} "
                                    "(b is the weight, stored (out, in))")
@@ -161,33 +230,47 @@ def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw):
     out = torch.empty((m, n) if not raw else (0, 0), dtype=torch.float32, device=dev)
     out_i32 = torch.empty((m, n) if raw else (0, 0), dtype=torch.int32, device=dev)
     if m and n:
-        grid = (math.ceil(n / TILE), math.ceil(m / TILE))
-        _launch(int8_gemm_dequant_kernel, grid, (TILE, TILE), _view(a), _view(b),
-                _view(row_stats if row_stats is not None else empty), _view(col_stats if col_stats is not None else empty),
-                _view(bias if bias is not None else empty), bias is not None, _view(xo), _view(wo), raw,
-                _view(out), _view(out_i32))
+        args = (_view(row_stats if row_stats is not None else empty),
+                _view(col_stats if col_stats is not None else empty), _view(bias if bias is not None else empty),
+                bias is not None, _view(xo), _view(wo), raw, _view(out), _view(out_i32))
+        if _pick_gemm(gemm, a, b) == "mma":
+            # zero-copy int32 views: each word holds four int8 along K
+            grid = (math.ceil(n / MMA_BN), math.ceil(m / MMA_BM))
+            _launch(int8_gemm_mma_kernel, grid, MMA_THREADS, _view(_words(a)), _view(_words(b)), *args)
+        else:
+            _launch(int8_gemm_dequant_kernel, (math.ceil(n / TILE), math.ceil(m / TILE)), (TILE, TILE),
+                    _view(a), _view(b), *args)
     return out_i32 if raw else out
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Return the int32 ``a @ b.T`` of int8 ``a (m, k)`` and ``b (n, k)`` (the tiled kernel, no epilogue)."""
-    return _gemm(a, b, None, None, None, None, None, True)
+def _words(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, gemm: str = "auto") -> torch.Tensor:
+    """Return the int32 ``a @ b.T`` of int8 ``a (m, k)`` and ``b (n, k)`` (the GEMM kernel, no epilogue).
+
+    ``gemm``: "simt" (shared-memory tiles, any GPU), "mma" (int8 tensor cores, compute
+    capability >= 8.0, K % 4 == 0) or "auto" (mma where it runs and passed ``mma_verified``).
+    """
+    return _gemm(a, b, None, None, None, None, None, True, gemm)
 
 
 def int8_matmul_dequant(a: torch.Tensor, b: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
                         bias: torch.Tensor | None = None, xo: torch.Tensor | None = None,
-                        wo: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        wo: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                        gemm: str = "auto") -> torch.Tensor:
     """Return ``(a @ b.T) * row_stats ⊗ col_stats / 127² + bias + xo @ wo.T`` in one kernel.
 
-    The kernel writes float32; another ``out_dtype`` costs one cast.
+    The kernel writes float32; another ``out_dtype`` costs one cast. ``gemm`` as in ``int8_matmul``.
     """
-    out = _gemm(a, b, row_stats, col_stats, bias, xo, wo, False)
+    out = _gemm(a, b, row_stats, col_stats, bias, xo, wo, False, gemm)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                     threshold: float, x_float: torch.Tensor | None = None,
-                    outlier_weight: torch.Tensor | None = None
+                    outlier_weight: torch.Tensor | None = None, gemm: str = "auto"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(out float32, outlier_cols, row_stats)``: LLM.int8() of ``x @ W.T`` on the kernels.
 
@@ -201,6 +284,7 @@ def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: 
         x_float: the values for the float outlier product (default ``x``).
         outlier_weight: float weight ``(out, in)`` for the outlier columns;
             None dequantizes them from ``cb`` (bitsandbytes).
+        gemm: the GEMM kernel, as in ``int8_matmul``.
     """
     codes, row_stats, cols = quantize_rows(x, threshold)
     xo = wo = None
@@ -208,4 +292,4 @@ def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: 
         xo = gather_columns(x_float if x_float is not None else x, cols)
         wo = (gather_columns(outlier_weight.contiguous(), cols) if outlier_weight is not None
               else gather_columns(cb, cols, scb))
-    return int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo), cols, row_stats
+    return int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo, gemm=gemm), cols, row_stats

@@ -140,3 +140,56 @@ def test_launchers_refuse_bad_input(monkeypatch):
         Int8Linear(3, 2, backend="numba")(torch.randn(2, 3))
     with pytest.raises(InvalidArgumentError, match="backend must be one of"):
         Int8Linear(3, 2, backend="triton")
+
+
+# The tensor-core GEMM. Under the simulator, mma runs as an emulation of the PTX fragment
+# layout (cuda_kernels/mma.py); on a GPU these same tests run the real instruction.
+MMA_SHAPES = [(1, 64, 7), (33, 96, 40), (70, 32, 9)]  # one token; 2 blocks in N and a partial K stage; 2 in M
+
+
+@pytest.mark.parametrize("m, k, n", MMA_SHAPES, ids=lambda v: str(v))
+def test_mma_gemm_accumulators_are_exact(m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    b[0] = -127  # the extremes, where a sign or byte-order slip shows most
+    a[0, :] = 127
+    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV), gemm="mma").cpu(), int8_matmul(a, b))
+
+
+def test_mma_llm_int8_linear_equals_reference():
+    x = planted(17, 64, outlier_cols=(3, 60))
+    cb, scb = weight(40, 64)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(3))
+    out, cols, _ = L.llm_int8_linear(x, cb, scb, bias.to(DEV), 6.0, gemm="mma")
+    ref, ref_cols = llm_int8_matmul(x.cpu(), cb.cpu(), scb.cpu(), 6.0, bias)
+    assert torch.equal(cols.cpu(), ref_cols)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
+    monkeypatch.setattr(L, "_VERIFIED", {})
+    assert L.mma_verified()
+    monkeypatch.setattr(L, "_VERIFIED", {})
+
+    class Zeros:  # a broken kernel: writes zeros where the products go
+        def __getitem__(self, config):
+            return lambda *args: args[-1].fill(0) if L.simulated() else args[-1][:].copy_to_device(
+                np.zeros(args[-1].shape, np.int32))
+
+    monkeypatch.setattr(L, "int8_gemm_mma_kernel", Zeros())
+    with pytest.warns(RuntimeWarning, match="tensor-core int8 GEMM gave wrong products"):
+        assert not L.mma_verified()
+    assert not L.mma_verified()  # decided once per device
+
+
+def test_mma_refuses_what_it_cannot_run():
+    a = torch.zeros(3, 10, dtype=torch.int8, device=DEV)
+    with pytest.raises(InvalidArgumentError, match="words of 4 along K, got K = 10"):
+        L.int8_matmul(a, a, gemm="mma")
+    assert torch.equal(L.int8_matmul(a, a, gemm="auto").cpu(), torch.zeros(3, 3, dtype=torch.int32))
+    shifted = torch.zeros(25, dtype=torch.int8, device=DEV)[1:].view(3, 8)  # contiguous, offset 1 byte
+    with pytest.raises(InvalidArgumentError, match="starts mid-word"):
+        L.int8_matmul(shifted, shifted.clone(), gemm="mma")
+    with pytest.raises(InvalidArgumentError, match="gemm must be one of"):
+        L.int8_matmul(a, a, gemm="wmma")
