@@ -1,7 +1,10 @@
 """Numba CUDA kernels for LLM.int8(): outlier columns, vector-wise quantization,
-int8 GEMM with fused dequantization, outlier-column gathers.
+int8 GEMM with fused dequantization (SIMT tiles, or int8 tensor cores through a
+linked ``mma`` device function), outlier-column gathers.
 
-``kernels`` holds the ``@cuda.jit`` bodies, ``launch`` the launchers that take
-torch tensors. Importing this package needs no GPU; run the kernels on CPU
-with ``NUMBA_ENABLE_CUDASIM=1`` (set before numba is imported).
+``kernels`` holds the ``@cuda.jit`` bodies, ``mma`` the tensor-core instruction
+(and its simulator emulation), ``launch`` the launchers that take torch tensors,
+``check`` a build of every kernel for real GPUs that needs no GPU
+(``python -m cuda_kernels.check``). Importing this package needs no GPU; run the
+kernels on CPU with ``NUMBA_ENABLE_CUDASIM=1`` (set before numba is imported).
 """
