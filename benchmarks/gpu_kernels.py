@@ -8,11 +8,15 @@ LLM.int8() linear at threshold 6 with real outlier columns, and bitsandbytes'
 device name; ``--save`` also writes it under ``benchmarks/results/``.
 
     python benchmarks/gpu_kernels.py --save
+
+``--smoke`` runs the same code on CPU under Numba's CUDA simulator at tiny shapes, one
+repetition, no table saved: a check of this script, not a measurement (the tests run it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +28,11 @@ SHAPES = ((4096, 4096), (4096, 16384), (16384, 4096))  # (in, out)
 
 
 def timed(fn, reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` on the GPU, after a warm-up."""
+    """Median milliseconds of ``fn`` on the GPU (CUDA events), after a warm-up; one wall-clock run on CPU."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     fn()
     torch.cuda.synchronize()
     times = []
@@ -42,9 +50,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--save", action="store_true")
     p.add_argument("--outlier-cols", type=int, default=6, help="planted outlier columns (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in the simulator (checks the script)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_kernels.py needs a CUDA GPU; none is available here", file=sys.stderr)
+    tokens, shapes = TOKENS, SHAPES
+    if args.smoke:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported below
+        tokens, shapes, args.save, args.outlier_cols = (1, 17), ((32, 24),), False, 2
+    elif not torch.cuda.is_available():
+        print("gpu_kernels.py needs a CUDA GPU; none is available here (--smoke runs it in the simulator)",
+              file=sys.stderr)
         return 1
     from cuda_kernels import launch as L
     from outliers.int8 import int8_mm_dequant
@@ -53,10 +67,10 @@ def main(argv=None) -> int:
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    rows = []
-    for k, n in SHAPES:
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    name = "the Numba CUDA simulator (smoke run, not a measurement)" if args.smoke else torch.cuda.get_device_name(dev)
+    rows, auto = [], None
+    for k, n in shapes:
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=True).to(dev, torch.float16)
         cb, scb, _ = L.quantize_rows(lin.weight.detach().float(), 0.0)
@@ -66,10 +80,11 @@ def main(argv=None) -> int:
             ref_bnb = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=6.0)
             ref_bnb.load_state_dict(lin.state_dict())
             ref_bnb = ref_bnb.to(dev).eval()
-        for t in TOKENS:
+        for t in tokens:
             x = torch.randn(t, k, device=dev, dtype=torch.float16)
             x[:, torch.randperm(k, device=dev)[: args.outlier_cols]] *= 8  # real outlier columns at t=6
             codes, rs, _ = L.quantize_rows(x, 0.0)
+            auto = auto or L.pick_gemm("auto", codes, cb)
             row = {"tokens": t, "in": k, "out": n}
             with torch.inference_mode():
                 row["fp16 nn.Linear"] = timed(lambda: lin(x))
@@ -91,8 +106,8 @@ def main(argv=None) -> int:
     cols = ["fp16 nn.Linear", "torch._int_mm+dequant", "numba simt+dequant", "numba mma+dequant", "numba LLM.int8 t=6",
             "bnb Linear8bitLt t=6"]
     lines = [f"# Numba LLM.int8() kernels on {name}", "",
-             f"torch {torch.__version__}, median ms of 20 runs; {args.outlier_cols} outlier columns at t=6", "",
-             f"LLM.int8 uses gemm='auto' ({'mma' if L.mma_verified() else 'simt'} here). Ratios are throughputs: "
+             f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; {args.outlier_cols} outlier columns at t=6", "",
+             f"LLM.int8 uses gemm='auto' ({auto} here). Ratios are throughputs: "
              "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast).", "",
              "| tokens | in→out | " + " | ".join(cols) + " | numba mma / _int_mm | LLM.int8 / fp16 |",
              "|---" * (len(cols) + 4) + "|"]

@@ -39,7 +39,7 @@ from .kernels import (
     quantize_rows_kernel,
 )
 
-__all__ = ["simulated", "available", "GEMMS", "mma_supported", "mma_verified", "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul",
+__all__ = ["simulated", "available", "GEMMS", "pick_gemm", "mma_supported", "mma_verified", "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul",
            "int8_matmul_dequant", "llm_int8_linear"]
 
 FLOATS = (torch.float32, torch.float16)
@@ -186,7 +186,8 @@ def mma_verified(device: torch.device | None = None) -> bool:
     return _VERIFIED[key]
 
 
-def _pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
+def pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
+    """Return the GEMM kernel ("simt" or "mma") that ``gemm`` means for int8 ``a @ b.T``."""
     if gemm == "simt":
         return gemm
     why = mma_supported(a.device)
@@ -233,7 +234,7 @@ def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto"):
         args = (_view(row_stats if row_stats is not None else empty),
                 _view(col_stats if col_stats is not None else empty), _view(bias if bias is not None else empty),
                 bias is not None, _view(xo), _view(wo), raw, _view(out), _view(out_i32))
-        if _pick_gemm(gemm, a, b) == "mma":
+        if pick_gemm(gemm, a, b) == "mma":
             # zero-copy int32 views: each word holds four int8 along K
             grid = (math.ceil(n / MMA_BN), math.ceil(m / MMA_BM))
             _launch(int8_gemm_mma_kernel, grid, MMA_THREADS, _view(_words(a)), _view(_words(b)), *args)

@@ -5,6 +5,11 @@ NUMBA_ENABLE_CUDASIM=1): shapes stay tiny and are not tile multiples
 (TILE=16). On a GPU the same tests run unsimulated on CUDA tensors.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +198,11 @@ def test_mma_refuses_what_it_cannot_run():
         L.int8_matmul(shifted, shifted.clone(), gemm="mma")
     with pytest.raises(InvalidArgumentError, match="gemm must be one of"):
         L.int8_matmul(a, a, gemm="wmma")
+
+
+def test_gpu_benchmark_script_runs_in_the_simulator():
+    # a GPU session should spend its minutes measuring, not fixing the script
+    r = subprocess.run([sys.executable, "benchmarks/gpu_kernels.py", "--smoke"], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).parents[1], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 17 | 32→24 |" in r.stdout and "gemm='auto' (simt here)" in r.stdout
