@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         bnb = None
     dev = torch.device("cpu" if args.smoke else "cuda")
     name = "the Numba CUDA simulator (smoke run, not a measurement)" if args.smoke else torch.cuda.get_device_name(dev)
-    rows, auto = [], None
+    rows, auto, half = [], None, torch.float16  # the Numba kernels write fp16 like nn.Linear
     for k, n in shapes:
         torch.manual_seed(0)
         lin = torch.nn.Linear(k, n, bias=True).to(dev, torch.float16)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                 row["fp16 nn.Linear"] = timed(lambda: lin(x))
                 for gemm in ("simt", "mma"):
                     row[f"numba {gemm}+dequant"] = timed(
-                        lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias, gemm=gemm))
+                        lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias, out_dtype=half, gemm=gemm))
                 if t > 16:  # cuBLASLt's int8 path wants m > 16
                     exact = torch._int_mm(codes, cb.t())
                     for gemm in ("simt", "mma"):
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                             raise SystemExit(f"numba {gemm} GEMM differs from torch._int_mm at {t}x{k}x{n}")
                     row["torch._int_mm+dequant"] = timed(
                         lambda: int8_mm_dequant(torch._int_mm(codes, cb.t()), rs, scb, bias))
-                row["numba LLM.int8 t=6"] = timed(lambda: L.llm_int8_linear(x, cb, scb, bias, 6.0))
+                row["numba LLM.int8 t=6"] = timed(lambda: L.llm_int8_linear(x, cb, scb, bias, 6.0, out_dtype=half))
                 if ref_bnb is not None:
                     row["bnb Linear8bitLt t=6"] = timed(lambda: ref_bnb(x))
             rows.append(row)
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     lines = [f"# Numba LLM.int8() kernels on {name}", "",
              f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; {args.outlier_cols} outlier columns at t=6", "",
              f"LLM.int8 uses gemm='auto' ({auto} here). Ratios are throughputs: "
-             "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast).", "",
+             "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast). "
+             "The Numba epilogues write fp16, torch._int_mm's dequant float32.", "",
              "| tokens | in→out | " + " | ".join(cols) + " | numba mma / _int_mm | LLM.int8 / fp16 |",
              "|---" * (len(cols) + 4) + "|"]
     for r in rows:

@@ -30,16 +30,19 @@ def signatures():
         return T.Array(dtype, ndim, "C")
 
     f32 = T.float32
-    gemm_tail = (arr(f32, 1), arr(f32, 1), arr(f32, 1), T.boolean, arr(f32, 2), arr(f32, 2), T.boolean,
-                 arr(f32, 2), arr(T.int32, 2))
+    def gemm_tail(out):  # out: float32, float16, or int16 holding bfloat16 bits
+        return (arr(f32, 1), arr(f32, 1), arr(f32, 1), T.boolean, arr(f32, 2), arr(f32, 2), T.boolean, T.boolean,
+                arr(out, 2), arr(T.int32, 2))
+
+    outs = (f32, T.float16, T.int16)
     floats = (f32, T.float16)
     return {
         "outlier_columns_kernel": [(arr(x, 2), f32, arr(T.uint8, 1)) for x in floats],
         "quantize_rows_kernel": [(arr(x, 2), f32, arr(T.uint8, 1), arr(T.int8, 2), arr(f32, 1)) for x in floats],
         "gather_columns_kernel": [(arr(x, 2), arr(T.int64, 1), arr(f32, 1), T.boolean, arr(f32, 2))
                                   for x in (*floats, T.int8)],
-        "int8_gemm_dequant_kernel": [(arr(T.int8, 2), arr(T.int8, 2), *gemm_tail)],
-        "int8_gemm_mma_kernel": [(arr(T.int32, 2), arr(T.int32, 2), *gemm_tail)],
+        "int8_gemm_dequant_kernel": [(arr(T.int8, 2), arr(T.int8, 2), *gemm_tail(o)) for o in outs],
+        "int8_gemm_mma_kernel": [(arr(T.int32, 2), arr(T.int32, 2), *gemm_tail(o)) for o in outs],
     }
 
 
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for cc in ccs:
         for name, sigs in signatures().items():
             for sig in sigs:
-                label = f"sm_{cc[0]}{cc[1]}  {name}({sig[0]}, ...)"
+                out = f", out {str(sig[-2].dtype).replace('int16', 'bfloat16 bits')}" if "gemm" in name else ""
+                label = f"sm_{cc[0]}{cc[1]}  {name}({sig[0].dtype}{out})"
                 try:
                     r = resources(build(name, sig, cc))
                 except Exception as e:  # report every kernel, then fail

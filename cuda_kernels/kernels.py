@@ -9,9 +9,17 @@ and rounding is half-to-even, as torch does.
 from __future__ import annotations
 
 import numba
-from numba import cuda, float32, int32
+from numba import cuda, float32, int16, int32
 
 from .mma import mma_s8
+
+if numba.config.ENABLE_CUDASIM:
+    import numpy as np
+
+    def _float_bits(v):
+        return int(np.array(v, np.float32).view(np.int32))
+else:
+    from numba.cuda.libdevice import float_as_int as _float_bits
 
 __all__ = ["TILE", "TPB", "outlier_columns_kernel", "quantize_rows_kernel", "gather_columns_kernel",
            "int8_gemm_dequant_kernel", "int8_gemm_mma_kernel", "MMA_BM", "MMA_BN", "MMA_THREADS"]
@@ -98,7 +106,7 @@ def gather_columns_kernel(src, cols, scale, has_scale, dst):
 
 
 @cuda.jit
-def int8_gemm_dequant_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32):
+def int8_gemm_dequant_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw, bf16, out, out_i32):
     """out = (a @ b.T) * row_stats ⊗ col_stats / 127² + bias + xo @ wo.T.
 
     a: int8 (M, K); b: int8 (N, K); xo (M, n_out) and wo (N, n_out) float32 hold the
@@ -125,12 +133,16 @@ def int8_gemm_dequant_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo,
             acc += sa[ty, kk] * sb[tx, kk]
         cuda.syncthreads()
     if row < m_rows and col < n_cols:
-        _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32)
+        _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, bf16, out, out_i32)
 
 
 @cuda.jit(device=True)
-def _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32):
-    """The fused epilogue of both GEMMs, for one in-bounds output element."""
+def _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, bf16, out, out_i32):
+    """The fused epilogue of both GEMMs, for one in-bounds output element.
+
+    ``out`` is float32 or float16 (the store rounds to nearest even), or int16 holding
+    bfloat16 bits when ``bf16`` (Numba has no bfloat16 arrays).
+    """
     if raw:
         out_i32[row, col] = acc
     else:
@@ -139,11 +151,24 @@ def _store(acc, row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out
             v += bias[col]
         for o in range(xo.shape[1]):
             v += xo[row, o] * wo[col, o]
-        out[row, col] = v
+        if bf16:
+            out[row, col] = _bfloat16_bits(v)
+        else:
+            out[row, col] = v
+
+
+@cuda.jit(device=True)
+def _bfloat16_bits(v):
+    """float32 -> bfloat16 bits as int16, rounded to nearest even like torch (NaN -> 0x7FC0)."""
+    if v != v:
+        return int16(0x7FC0)
+    bits = _float_bits(v) & 0xFFFFFFFF
+    hi = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return int16(hi - 0x10000 if hi >= 0x8000 else hi)
 
 
 @cuda.jit
-def int8_gemm_mma_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32):
+def int8_gemm_mma_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw, bf16, out, out_i32):
     """The same product and epilogue as ``int8_gemm_dequant_kernel``, on int8 tensor cores.
 
     a: (M, K/4) and b: (N, K/4) int32, each word four int8 along K (the launcher's
@@ -212,4 +237,4 @@ def int8_gemm_mma_kernel(a, b, row_stats, col_stats, bias, has_bias, xo, wo, raw
         row = m0 + warp_m + 16 * (j // MMA_NT) + g + 8 * (i // 2)
         col = n0 + warp_n + 8 * (j % MMA_NT) + 2 * t + i % 2
         if row < m_rows and col < n_cols:
-            _store(acc[j, i], row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, out, out_i32)
+            _store(acc[j, i], row, col, row_stats, col_stats, bias, has_bias, xo, wo, raw, bf16, out, out_i32)

@@ -44,6 +44,7 @@ __all__ = ["simulated", "available", "GEMMS", "pick_gemm", "mma_supported", "mma
 
 FLOATS = (torch.float32, torch.float16)
 GEMMS = ("auto", "simt", "mma")
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # written by the GEMM epilogue itself
 
 
 def simulated() -> bool:
@@ -203,7 +204,7 @@ def pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
     return "mma" if why is None and not simulated() and mma_verified(a.device) else "simt"
 
 
-def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto"):
+def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto", out_dtype=torch.float32):
     _check(a, "a", (torch.int8,), 2)
     _check(b, "b", (torch.int8,), 2)
     if gemm not in GEMMS:
@@ -228,12 +229,16 @@ def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto"):
     _check(wo, "wo", (torch.float32,), 2)
     if xo.shape[1] != wo.shape[1] or xo.shape[0] != m or wo.shape[0] != n:
         raise InvalidArgumentError(f"outlier parts xo {tuple(xo.shape)} and wo {tuple(wo.shape)} do not fit ({m}, {n})")
-    out = torch.empty((m, n) if not raw else (0, 0), dtype=torch.float32, device=dev)
+    if out_dtype not in OUT_DTYPES:
+        raise InvalidArgumentError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+    out = torch.empty((m, n) if not raw else (0, 0), dtype=out_dtype, device=dev)
+    bf16 = out_dtype == torch.bfloat16
     out_i32 = torch.empty((m, n) if raw else (0, 0), dtype=torch.int32, device=dev)
     if m and n:
         args = (_view(row_stats if row_stats is not None else empty),
                 _view(col_stats if col_stats is not None else empty), _view(bias if bias is not None else empty),
-                bias is not None, _view(xo), _view(wo), raw, _view(out), _view(out_i32))
+                bias is not None, _view(xo), _view(wo), raw, bf16,
+                _view(out.view(torch.int16) if bf16 else out), _view(out_i32))
         if pick_gemm(gemm, a, b) == "mma":
             # zero-copy int32 views: each word holds four int8 along K
             grid = (math.ceil(n / MMA_BN), math.ceil(m / MMA_BM))
@@ -263,17 +268,17 @@ def int8_matmul_dequant(a: torch.Tensor, b: torch.Tensor, row_stats: torch.Tenso
                         gemm: str = "auto") -> torch.Tensor:
     """Return ``(a @ b.T) * row_stats ⊗ col_stats / 127² + bias + xo @ wo.T`` in one kernel.
 
-    The kernel writes float32; another ``out_dtype`` costs one cast. ``gemm`` as in ``int8_matmul``.
+    The epilogue computes in float32 and writes ``out_dtype`` (float32, float16 or
+    bfloat16, rounded to nearest even as ``.to(out_dtype)`` would). ``gemm`` as in ``int8_matmul``.
     """
-    out = _gemm(a, b, row_stats, col_stats, bias, xo, wo, False, gemm)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+    return _gemm(a, b, row_stats, col_stats, bias, xo, wo, False, gemm, out_dtype)
 
 
 def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                     threshold: float, x_float: torch.Tensor | None = None,
-                    outlier_weight: torch.Tensor | None = None, gemm: str = "auto"
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(out float32, outlier_cols, row_stats)``: LLM.int8() of ``x @ W.T`` on the kernels.
+                    outlier_weight: torch.Tensor | None = None, gemm: str = "auto",
+                    out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(out, outlier_cols, row_stats)``: LLM.int8() of ``x @ W.T`` on the kernels.
 
     ``row_stats`` (X's per-row absmax without outliers) is NaN for rows holding NaN.
 
@@ -286,6 +291,7 @@ def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: 
         outlier_weight: float weight ``(out, in)`` for the outlier columns;
             None dequantizes them from ``cb`` (bitsandbytes).
         gemm: the GEMM kernel, as in ``int8_matmul``.
+        out_dtype: float32, float16 or bfloat16, written by the GEMM's epilogue.
     """
     codes, row_stats, cols = quantize_rows(x, threshold)
     xo = wo = None
@@ -293,4 +299,4 @@ def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: 
         xo = gather_columns(x_float if x_float is not None else x, cols)
         wo = (gather_columns(outlier_weight.contiguous(), cols) if outlier_weight is not None
               else gather_columns(cb, cols, scb))
-    return int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo, gemm=gemm), cols, row_stats
+    return (int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo, out_dtype, gemm), cols, row_stats)

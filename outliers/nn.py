@@ -210,7 +210,7 @@ class Int8Linear(nn.Module):
                 from cuda_kernels.launch import llm_int8_linear
 
                 out, cols, stats = llm_int8_linear(xq, self.weight_q, self.weight_scale, bias, t, x_float=x,
-                                                   outlier_weight=self.weight_fp)
+                                                   outlier_weight=self.weight_fp, out_dtype=x.dtype)
                 self._check_finite(stats, x, cols)
                 return out  # the kernel's epilogue already added the outlier product
             if x.device.type == "cpu" and x.dtype == torch.float32:

@@ -99,6 +99,38 @@ def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*overflow encountered in cast:RuntimeWarning")  # the simulator's NumPy
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gemm", ["simt", "mma"])
+def test_epilogue_writes_half_precision_rounded_like_torch(out_dtype, gemm):
+    # a = 0 makes out = bias exactly, so chosen float32 values reach the epilogue's rounding:
+    # ties to even both ways, overflow, inf, NaN, -0, subnormals, and ordinary values
+    f = torch.tensor([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 3.4e38, 65519.0, 65520.0,
+                      float("inf"), -float("inf"), float("nan"), -0.0, 1e-40, -1e-30, 0.1, -123.456])
+    bias = torch.cat([f, torch.randn(4, generator=torch.Generator().manual_seed(5)) * 100])
+    n = bias.numel()
+    a = torch.zeros(3, 32, dtype=torch.int8)
+    b = torch.ones(n, 32, dtype=torch.int8)
+    args = (a.to(DEV), b.to(DEV), torch.ones(3, device=DEV), torch.ones(n, device=DEV), bias.to(DEV))
+    got = L.int8_matmul_dequant(*args, out_dtype=out_dtype, gemm=gemm).cpu()
+    want = L.int8_matmul_dequant(*args, gemm=gemm).cpu().to(out_dtype)  # float32 out, then torch rounds
+    assert got.dtype == out_dtype
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.any()  # NaN payloads differ between conversions
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), (got, want)
+
+
+def test_llm_int8_linear_writes_the_asked_dtype():
+    x = planted(6, 32, outlier_cols=(3,))
+    cb, scb = weight(7, 32)
+    ref, _, _ = L.llm_int8_linear(x, cb, scb, None, 6.0)
+    for dt in (torch.float16, torch.bfloat16):
+        got, _, _ = L.llm_int8_linear(x, cb, scb, None, 6.0, out_dtype=dt)
+        assert got.dtype == dt and torch.equal(got, ref.to(dt))
+    with pytest.raises(InvalidArgumentError, match="out_dtype must be one of"):
+        L.llm_int8_linear(x, cb, scb, None, 6.0, out_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("outliers", [(), (3, 20)], ids=["no-outliers", "two-outlier-cols"])
 def test_llm_int8_linear_equals_reference(outliers):
     x = planted(6, 23, outlier_cols=outliers)
