@@ -177,13 +177,16 @@ def mma_verified(device: torch.device | None = None) -> bool:
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(dev)
         b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(dev)
         want = (a.double() @ b.double().t()).to(torch.int32)  # exact: |sums| < 2**53
-        got = _gemm(a, b, None, None, None, None, None, True, "mma")
-        _VERIFIED[key] = bool(torch.equal(got, want))
-        if not _VERIFIED[key]:
-            warnings.warn(f"the tensor-core int8 GEMM gave wrong products on {dev} "
-                          f"({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'simulator'}); "
-                          "gemm='auto' uses the SIMT kernel instead. Please report this.", RuntimeWarning,
-                          stacklevel=2)
+        where = f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'simulator'})"
+        try:
+            problem = None if torch.equal(_gemm(a, b, None, None, None, None, None, True, "mma"), want) \
+                else "gave wrong products"
+        except Exception as e:  # e.g. no NVRTC/nvJitLink to build the linked CUDA C
+            problem = f"could not run ({type(e).__name__}: {e})"
+        _VERIFIED[key] = problem is None
+        if problem:
+            warnings.warn(f"the tensor-core int8 GEMM {problem} on {where}; gemm='auto' uses the SIMT "
+                          "kernel instead. Please report this.", RuntimeWarning, stacklevel=2)
     return _VERIFIED[key]
 
 

@@ -219,6 +219,22 @@ def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
         assert not L.mma_verified()
     assert not L.mma_verified()  # decided once per device
 
+    class Unbuildable:  # e.g. numba-cuda without NVRTC to compile the linked CUDA C
+        def __getitem__(self, config):
+            raise RuntimeError("NVRTC not found")
+
+    monkeypatch.setattr(L, "_VERIFIED", {})
+    monkeypatch.setattr(L, "int8_gemm_mma_kernel", Unbuildable())
+    with pytest.warns(RuntimeWarning, match=r"could not run \(RuntimeError: NVRTC not found\)"):
+        assert not L.mma_verified()
+    a = torch.ones(20, 32, dtype=torch.int8, device=DEV)
+    monkeypatch.setattr(L, "simulated", lambda: False)  # let 'auto' consult the self-check, as on a GPU
+    monkeypatch.setattr(L, "mma_supported", lambda device=None: None)
+    assert L.pick_gemm("auto", a, a) == "simt"
+    L._VERIFIED[str(a.device)] = True
+    assert L.pick_gemm("auto", a, a) == "mma"
+    assert L.pick_gemm("auto", a[:, :30].contiguous(), a[:, :30].contiguous()) == "simt"  # K % 4 == 2
+
 
 def test_mma_refuses_what_it_cannot_run():
     a = torch.zeros(3, 10, dtype=torch.int8, device=DEV)
