@@ -192,6 +192,8 @@ def mma_verified(device: torch.device | None = None) -> bool:
 
 def pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
     """Return the GEMM kernel ("simt" or "mma") that ``gemm`` means for int8 ``a @ b.T``."""
+    if gemm not in GEMMS:
+        raise InvalidArgumentError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     if gemm == "simt":
         return gemm
     why = mma_supported(a.device)
@@ -210,8 +212,6 @@ def pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor) -> str:
 def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto", out_dtype=torch.float32):
     _check(a, "a", (torch.int8,), 2)
     _check(b, "b", (torch.int8,), 2)
-    if gemm not in GEMMS:
-        raise InvalidArgumentError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     if a.shape[1] != b.shape[1]:
         raise InvalidArgumentError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} "
                                    "(b is the weight, stored (out, in))")
@@ -234,6 +234,7 @@ def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto", out_dtype=
         raise InvalidArgumentError(f"outlier parts xo {tuple(xo.shape)} and wo {tuple(wo.shape)} do not fit ({m}, {n})")
     if out_dtype not in OUT_DTYPES:
         raise InvalidArgumentError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+    kernel = pick_gemm(gemm, a, b)
     out = torch.empty((m, n) if not raw else (0, 0), dtype=out_dtype, device=dev)
     bf16 = out_dtype == torch.bfloat16
     out_i32 = torch.empty((m, n) if raw else (0, 0), dtype=torch.int32, device=dev)
@@ -242,18 +243,15 @@ def _gemm(a, b, row_stats, col_stats, bias, xo, wo, raw, gemm="auto", out_dtype=
                 _view(col_stats if col_stats is not None else empty), _view(bias if bias is not None else empty),
                 bias is not None, _view(xo), _view(wo), raw, bf16,
                 _view(out.view(torch.int16) if bf16 else out), _view(out_i32))
-        if pick_gemm(gemm, a, b) == "mma":
+        if kernel == "mma":
             # zero-copy int32 views: each word holds four int8 along K
             grid = (math.ceil(n / MMA_BN), math.ceil(m / MMA_BM))
-            _launch(int8_gemm_mma_kernel, grid, MMA_THREADS, _view(_words(a)), _view(_words(b)), *args)
+            _launch(int8_gemm_mma_kernel, grid, MMA_THREADS, _view(a.view(torch.int32)), _view(b.view(torch.int32)),
+                    *args)
         else:
             _launch(int8_gemm_dequant_kernel, (math.ceil(n / TILE), math.ceil(m / TILE)), (TILE, TILE),
                     _view(a), _view(b), *args)
     return out_i32 if raw else out
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32)
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, gemm: str = "auto") -> torch.Tensor:
