@@ -30,6 +30,7 @@ def signatures():
         return T.Array(dtype, ndim, "C")
 
     f32 = T.float32
+
     def gemm_tail(out):  # out: float32, float16, or int16 holding bfloat16 bits
         return (arr(f32, 1), arr(f32, 1), arr(f32, 1), T.boolean, arr(f32, 2), arr(f32, 2), T.boolean, T.boolean,
                 arr(out, 2), arr(T.int32, 2))
