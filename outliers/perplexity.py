@@ -1,6 +1,9 @@
-"""Perplexity, measured one documented way and recorded with its settings.
+"""Perplexity, measured one documented way and recorded with its settings,
+its per-window numbers, a bootstrap interval and, against a reference model,
+the agreement measures that perplexity alone hides.
 
-Two protocols (``../shared/PAPER_NOTES.md`` §6):
+Two protocols (perplexity protocols of Hugging Face's guide and of GPTQ; see
+``docs/protocols.md``):
 
 ``chunks``  non-overlapping windows of ``window`` tokens, the partial tail
             dropped (GPTQ / SmoothQuant). Every window scores its last
@@ -12,8 +15,17 @@ Two protocols (``../shared/PAPER_NOTES.md`` §6):
             ``window - stride`` tokens of context. (``stride == window`` leaves
             each window's first token unscored, as ``chunks`` does.)
 
+``bos="window"`` starts every window with the tokenizer's BOS followed by
+``window - 1`` corpus tokens, and scores every corpus token of the window (the
+first is predicted from BOS); ``bos="corpus"`` (default) slices windows out of
+the corpus as tokenized, which has at most one BOS, at its very start.
+
 ``ppl = exp(sum of token NLLs / tokens scored)``, NLLs in float32 whatever the
-model's dtype. Windows of equal length are batched.
+model's dtype. Windows of equal length are batched. Given a ``reference``
+model, the same windows are scored by both, and the result adds the paired
+difference in perplexity, the mean KL(P_ref || P_model) per token and the
+top-1 agreement, each with a bootstrap interval over windows
+(``outliers.intervals``).
 """
 
 from __future__ import annotations
@@ -21,17 +33,21 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, MutableMapping
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CorpusError, InvalidArgumentError
+from .intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
+from .lmhead import SplitLM, positions_per_chunk, split_lm
 
-__all__ = ["PerplexitySettings", "PerplexityResult", "Span", "spans", "perplexity"]
+__all__ = ["PerplexitySettings", "PerplexityResult", "Span", "spans", "perplexity", "BOS_MODES"]
 
 PROTOCOLS = ("chunks", "sliding")
+BOS_MODES = ("corpus", "window")
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class PerplexitySettings:
     stride: int | None = None  # sliding: default window // 2
     max_windows: int | None = None
     batch_size: int = 4
+    bos: str = "corpus"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -65,11 +82,18 @@ class PerplexitySettings:
             raise InvalidArgumentError(f"max_windows must be an integer >= 1 or None, got {self.max_windows!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.bos not in BOS_MODES:
+            raise InvalidArgumentError(f"bos must be one of {BOS_MODES}, got {self.bos!r}")
+
+    @property
+    def prefix(self) -> int:
+        """Tokens put before a window's corpus tokens: 1 (the BOS) with ``bos="window"``."""
+        return 1 if self.bos == "window" else 0
 
 
 @dataclass(frozen=True)
 class Span:
-    """One window: tokens ``[begin, end)`` go in, targets ``[score_from, end)`` are scored."""
+    """One window of corpus tokens ``[begin, end)``; targets ``[score_from, end)`` are scored."""
 
     begin: int
     end: int
@@ -81,23 +105,27 @@ class Span:
 
 
 def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
-    """Return the windows ``settings`` cuts from a sequence of ``n_tokens`` tokens.
+    """Return the windows ``settings`` cuts from a sequence of ``n_tokens`` corpus tokens.
+
+    With ``bos="window"`` a window holds ``window - 1`` corpus tokens (the BOS
+    fills the last place) and its first corpus token is scored too.
 
     Raises:
         CorpusError: the sequence is shorter than one window.
     """
-    w = settings.window
+    w = settings.window - settings.prefix  # corpus tokens per window
+    skip = 1 - settings.prefix  # unscored tokens at a window's start (nothing predicts them)
     if n_tokens < w:
-        raise CorpusError(f"corpus has {n_tokens} tokens, fewer than one window of {w}; "
+        raise CorpusError(f"corpus has {n_tokens} tokens, fewer than one window of {settings.window}; "
                           "use a smaller --window or a longer corpus")
     out: list[Span] = []
     if settings.protocol == "chunks":
-        out = [Span(b, b + w, b + 1) for b in range(0, n_tokens - w + 1, w)]
+        out = [Span(b, b + w, b + skip) for b in range(0, n_tokens - w + 1, w)]
     else:
         prev_end = 0
         for begin in range(0, n_tokens, settings.stride):
             end = min(begin + w, n_tokens)
-            span = Span(begin, end, max(prev_end, begin + 1))
+            span = Span(begin, end, max(prev_end, begin + skip))
             if span.n_scored > 0:  # a 1-token tail window has nothing to score
                 out.append(span)
             prev_end = end
@@ -108,19 +136,27 @@ def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """A perplexity and everything needed to reproduce or compare it."""
+    """A perplexity and everything needed to reproduce, bound or compare it.
+
+    ``window_nll`` and ``window_tokens`` are each window's NLL sum and scored
+    tokens (their ratio of sums is ``nll``); ``token_nll`` holds every scored
+    token's NLL in window order (float32, left out of ``to_dict``). The
+    ``*_ci95`` fields are 95 % bootstrap intervals over windows. The fields
+    from ``ref_dtype`` on are set when a reference model was given.
+    """
 
     ppl: float
     nll: float  # mean token NLL in nats
     n_tokens: int  # tokens scored
     n_windows: int
-    seconds: float  # model forward + loss, not loading or tokenizing
+    seconds: float  # this model's forwards and loss, not loading, tokenizing or the reference
     tokens_per_s: float  # tokens fed to the model per second
     protocol: str
     window: int
     stride: int | None
     max_windows: int | None
     batch_size: int
+    bos: str
     model: str
     corpus: str
     corpus_tokens: int
@@ -128,11 +164,32 @@ class PerplexityResult:
     method: str
     device: str
     torch_threads: int
+    ppl_ci95: tuple[float, float]
+    window_nll: list[float]
+    window_tokens: list[int]
+    ref_dtype: str | None = None
+    ref_ppl: float | None = None
+    ref_seconds: float | None = None  # the reference's share of this call (its head only when its states were reused)
+    delta_ppl_pct: float | None = None  # 100 (ppl / ref_ppl - 1)
+    delta_ppl_pct_ci95: tuple[float, float] | None = None
+    kl_vs_ref: float | None = None  # mean KL(P_ref || P_model) in nats per scored token
+    kl_vs_ref_ci95: tuple[float, float] | None = None
+    top1_agreement: float | None = None  # share of scored positions with the same argmax token
+    top1_agreement_ci95: tuple[float, float] | None = None
+    window_ref_nll: list[float] | None = None
+    window_kl: list[float] | None = None
+    window_top1: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    token_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field but ``token_nll``, JSON-ready."""
+        d = asdict(self)
+        d.pop("token_nll")
+        return d
 
+
+# ---------------------------------------------------------------- scoring
 
 def _batches(windows: list[Span], batch_size: int) -> Iterator[list[Span]]:
     """Yield runs of consecutive windows of equal length (only the tail can differ)."""
@@ -146,7 +203,7 @@ def _batches(windows: list[Span], batch_size: int) -> Iterator[list[Span]]:
         yield batch
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
     import inspect
 
     return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -157,9 +214,93 @@ def _short_dtype(dtype: torch.dtype) -> str:
         dtype, str(dtype).removeprefix("torch."))
 
 
+class _Scorer:
+    """One model's last ``keep`` positions per batch, and their log-probs a few positions at a time.
+
+    With a body/head split (``outliers.lmhead``) the batch keeps final hidden
+    states and logits are made per chunk of positions; otherwise the model's
+    own forward gives the logits (with ``logits_to_keep`` where it takes it).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.split: SplitLM | None = split_lm(model)
+        self.keep_logits = self.split is None and _accepts_logits_to_keep(model)
+        head = self.split.head if self.split is not None else None
+        self.vocab: int | None = getattr(head, "out_features", None)  # None: read it off the logits
+        self.seconds = 0.0
+
+    def states(self, x: torch.Tensor, keep: int) -> torch.Tensor:
+        """Return ``(batch, keep, hidden or vocab)``: what the last ``keep`` positions produce."""
+        start = time.perf_counter()
+        if self.split is not None:
+            out = self.split.hidden(x)[:, -keep:]
+        else:
+            kwargs = {"logits_to_keep": keep} if self.keep_logits and keep < x.shape[1] else {}
+            out = self.model(input_ids=x, **kwargs).logits[:, -keep:]
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def log_probs(self, states: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self.split.logits(states) if self.split is not None else states.float()
+        out = torch.log_softmax(logits, dim=-1)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+@dataclass
+class _Sums:
+    nll: list[float] = field(default_factory=list)
+    token_nll: list[np.ndarray] = field(default_factory=list)
+    ref_nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    top1: list[int] = field(default_factory=list)
+
+
+def _score_batch(model: _Scorer, ref: _Scorer | None, q_states: torch.Tensor, r_states: torch.Tensor | None,
+                 x: torch.Tensor, batch: list[Span], prefix: int, sums: _Sums) -> None:
+    length, keep = x.shape[1], q_states.shape[1]
+    offset = length - keep  # absolute position of states[:, 0] within a window
+    step = positions_per_chunk(model.vocab or q_states.shape[-1])
+    for row, s in enumerate(batch):
+        first = s.score_from - s.begin + prefix  # window-relative index of the first target
+        nll, ref_nll, kl, top1, token_nll = 0.0, 0.0, 0.0, 0, []
+        p = first - 1  # the logit at position p predicts the token at p + 1
+        while p < length - 1:
+            stop = min(p + step, length - 1)
+            targets = x[row, p + 1 : stop + 1, None]
+            lq = model.log_probs(q_states[row, p - offset : stop - offset])
+            tok = -lq.gather(-1, targets).squeeze(-1)
+            token_nll.append(tok)
+            nll += float(tok.double().sum())
+            if ref is not None:
+                lr = ref.log_probs(r_states[row, p - offset : stop - offset])
+                ref_nll += float(-lr.gather(-1, targets).double().sum())
+                kl += float((lr.exp() * (lr - lq)).sum(-1).double().sum())
+                top1 += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            p = stop
+        sums.nll.append(nll)
+        sums.token_nll.append(torch.cat(token_nll).cpu().numpy().astype(np.float32))
+        if ref is not None:
+            sums.ref_nll.append(ref_nll)
+            sums.kl.append(kl)
+            sums.top1.append(top1)
+
+
+def _window_ids(ids: torch.Tensor, settings: PerplexitySettings, bos_token_id: int | None) -> torch.Tensor:
+    """The corpus tokens windows are cut from: without a leading BOS when each window brings its own."""
+    if settings.bos == "corpus":
+        return ids
+    if bos_token_id is None:
+        raise InvalidArgumentError("bos='window' needs the tokenizer's BOS token id (bos_token_id); "
+                                   "this tokenizer has none: use bos='corpus'")
+    return ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids
+
+
 @torch.inference_mode()
 def perplexity(
-    model: torch.nn.Module,
+    model: nn.Module,
     ids: torch.Tensor,
     *,
     protocol: str = "chunks",
@@ -167,19 +308,30 @@ def perplexity(
     stride: int | None = None,
     max_windows: int | None = None,
     batch_size: int = 4,
+    bos: str = "corpus",
+    bos_token_id: int | None = None,
+    reference: nn.Module | None = None,
+    reference_states: MutableMapping | None = None,
     progress: bool = True,
     model_name: str | None = None,
     corpus_name: str = "",
     method: str | None = None,
 ) -> PerplexityResult:
-    """Return the perplexity of a causal LM over token ids, with its settings.
+    """Return the perplexity of a causal LM over token ids, with its settings, per-window sums and interval.
 
     Args:
         model: a transformers causal LM (anything returning ``.logits`` of
             shape ``(batch, seq, vocab)`` from ``model(input_ids)``).
         ids: token ids, shape ``(n_tokens,)``, e.g. from ``encode_corpus``.
-        protocol, window, stride, max_windows, batch_size: see
+        protocol, window, stride, max_windows, batch_size, bos: see
             ``PerplexitySettings`` and the module docstring.
+        bos_token_id: the BOS id, needed for ``bos="window"``.
+        reference: the model to compare with (typically the float model that
+            ``model`` was quantized from), scored on the same windows.
+        reference_states: a dict in which the reference's final hidden states
+            are kept per batch, so that several models can be compared with
+            one reference without rerunning it; key it by model, corpus and
+            settings yourself (None: nothing is kept).
         progress: show a progress bar over windows.
         model_name, corpus_name, method: labels copied into the result;
             ``method`` defaults to the weights' dtype (``"fp32"``).
@@ -188,39 +340,58 @@ def perplexity(
         InvalidArgumentError: bad settings or ids that are not 1-D integers.
         CorpusError: fewer tokens than one window.
     """
-    settings = PerplexitySettings(protocol, window, stride, max_windows, batch_size)
+    settings = PerplexitySettings(protocol, window, stride, max_windows, batch_size, bos)
     if ids.dim() != 1 or ids.dtype.is_floating_point:
         raise InvalidArgumentError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
-    windows = spans(len(ids), settings)
+    corpus_ids = _window_ids(ids, settings, bos_token_id)
+    windows = spans(len(corpus_ids), settings)
     param = next(model.parameters())
-    keep_logits = _accepts_logits_to_keep(model)
-
-    nll_sum, n_scored, n_fed = 0.0, 0, 0
+    scorer = _Scorer(model)
+    ref = _Scorer(reference) if reference is not None else None
+    sums = _Sums()
+    n_fed = 0
     bar = tqdm(total=len(windows), unit="win", desc="perplexity", disable=not progress, leave=False)
-    start = time.perf_counter()
     for batch in _batches(windows, settings.batch_size):
-        x = torch.stack([ids[s.begin : s.end] for s in batch]).to(param.device)
-        length = x.shape[1]
-        # Logit at position p predicts token p + 1: the scored targets need the
-        # last `keep` positions only (all of them for chunks; about `stride` for sliding).
+        x = torch.stack([corpus_ids[s.begin : s.end] for s in batch])
+        if settings.prefix:
+            x = torch.cat([torch.full((len(batch), 1), bos_token_id, dtype=x.dtype), x], dim=1)
+        x = x.to(param.device)
+        # Only the scored targets' predictions are needed: the last `keep` positions
+        # (all of them for chunks; about `stride` for sliding).
         keep = max(s.n_scored for s in batch) + 1
-        kwargs = {"logits_to_keep": keep} if keep_logits and keep < length else {}
-        logits = model(input_ids=x, **kwargs).logits
-        logits = logits[:, -keep:] if logits.shape[1] > keep else logits
-        offset = length - logits.shape[1]  # absolute position of logits[:, 0] within a window
-        for row, s in enumerate(batch):
-            first = s.score_from - s.begin  # window-relative index of the first target
-            pred = logits[row, first - 1 - offset : length - 1 - offset].float()
-            nll_sum += F.cross_entropy(pred, x[row, first:], reduction="sum").item()
-            n_scored += s.n_scored
+        keep = min(keep, x.shape[1])
+        q_states = scorer.states(x, keep)
+        r_states = None
+        if ref is not None:
+            key = tuple(batch)
+            r_states = reference_states.get(key) if reference_states is not None else None
+            if r_states is None:
+                r_states = ref.states(x, keep)
+                if reference_states is not None:
+                    reference_states[key] = r_states
+        _score_batch(scorer, ref, q_states, r_states, x, batch, settings.prefix, sums)
         n_fed += x.numel()
         bar.update(len(batch))
-    seconds = time.perf_counter() - start
     bar.close()
 
-    nll = nll_sum / n_scored
+    tokens = [s.n_scored for s in windows]
+    n_scored = sum(tokens)
+    nll = sum(sums.nll) / n_scored
+    seconds = scorer.seconds
+    fields: dict[str, Any] = {}
+    if ref is not None:
+        ref_nll = sum(sums.ref_nll) / n_scored
+        fields = dict(
+            ref_dtype=_short_dtype(next(reference.parameters()).dtype),
+            ref_ppl=_exp(ref_nll), ref_seconds=ref.seconds,
+            delta_ppl_pct=100.0 * math.expm1(nll - ref_nll),
+            delta_ppl_pct_ci95=delta_ppl_pct_interval(sums.nll, sums.ref_nll, tokens),
+            kl_vs_ref=sum(sums.kl) / n_scored, kl_vs_ref_ci95=rate_interval(sums.kl, tokens),
+            top1_agreement=sum(sums.top1) / n_scored, top1_agreement_ci95=rate_interval(sums.top1, tokens),
+            window_ref_nll=sums.ref_nll, window_kl=sums.kl, window_top1=sums.top1,
+        )
     return PerplexityResult(
-        ppl=math.exp(nll) if nll < 700 else math.inf,
+        ppl=_exp(nll),
         nll=nll,
         n_tokens=n_scored,
         n_windows=len(windows),
@@ -231,6 +402,7 @@ def perplexity(
         stride=settings.stride,
         max_windows=settings.max_windows,
         batch_size=settings.batch_size,
+        bos=settings.bos,
         model=model_name if model_name is not None else str(getattr(model, "name_or_path", "")),
         corpus=corpus_name,
         corpus_tokens=len(ids),
@@ -238,4 +410,13 @@ def perplexity(
         method=method or _short_dtype(param.dtype),
         device=str(param.device),
         torch_threads=torch.get_num_threads(),
+        ppl_ci95=ppl_interval(sums.nll, tokens),
+        window_nll=sums.nll,
+        window_tokens=tokens,
+        token_nll=np.concatenate(sums.token_nll),
+        **fields,
     )
+
+
+def _exp(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf

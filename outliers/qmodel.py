@@ -9,6 +9,7 @@ safetensors with the settings in their metadata; nothing is pickled.
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from .errors import InvalidArgumentError, ModelFileError
 from .nn import Int8Linear, get_method
 
-__all__ = ["QuantReport", "quantize_model", "save_quantized", "load_quantized", "FORMAT"]
+__all__ = ["QuantReport", "quantize_model", "quantized_copy", "save_quantized", "load_quantized", "FORMAT"]
 
 FORMAT = "outliers.int8/1"
 
@@ -101,6 +102,22 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
         replaced.append(name)
     t = threshold if get_method(method).decomposition else 0.0
     return QuantReport(method, float(t), outlier_weights, replaced, skipped, before, after)
+
+
+def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
+                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8",
+                   round_to: str | None = None) -> tuple[nn.Module, QuantReport]:
+    """Return a quantized model beside ``model`` and the report; ``model`` stays as it was.
+
+    The copy shares every tensor it does not quantize (embeddings, norms,
+    ``lm_head``) with ``model``: only the module tree is copied, so the float
+    model and any number of quantized ones cost one set of float weights plus
+    the int8 codes of each.
+    """
+    get_method(method)
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    copy_ = deepcopy(model, memo=shared)
+    return copy_, quantize_model(copy_, method, threshold, skip, outlier_weights, round_to)
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:

@@ -54,7 +54,7 @@ def tokenizer(sample_text):
 
 
 def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int = 2):
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -68,6 +68,11 @@ def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int 
         return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
                          word_embed_proj_dim=hidden, architectures=["OPTForCausalLM"])
+    if arch == "gemma":  # Gemma-3: (1 + w) norms, a BOS-sensitive family
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=8, max_position_embeddings=256, sliding_window=16,
+                                architectures=["Gemma3ForCausalLM"])
     raise ValueError(f"unknown test architecture {arch!r}")
 
 

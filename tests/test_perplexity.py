@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -157,3 +158,112 @@ def test_ids_must_be_1d_integers():
         perplexity(make_model("llama"), torch.zeros(2, 50, dtype=torch.long), window=8, progress=False)
     with pytest.raises(InvalidArgumentError, match="1-D integer tensor"):
         perplexity(make_model("llama"), torch.zeros(50), window=8, progress=False)
+
+
+# ---------------------------------------------------------------- chunked head, reference, BOS, intervals
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma"])
+def test_chunked_head_equals_the_models_own_logits(name, ids):
+    from outliers.lmhead import split_lm
+
+    model = make_model(name)
+    split = split_lm(model)
+    assert split is not None
+    x = ids[None, :40]
+    with torch.inference_mode():
+        full = model(input_ids=x).logits
+        parts = split.logits(split.hidden(x))
+    torch.testing.assert_close(parts, full.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_token_nlls_add_up_to_the_window_sums(ids):
+    r = perplexity(make_model("gpt2"), ids, window=48, max_windows=5, batch_size=2, progress=False)
+    assert len(r.token_nll) == r.n_tokens == sum(r.window_tokens)
+    assert r.token_nll.dtype.name == "float32"
+    per_window = np.split(r.token_nll.astype(np.float64), np.cumsum(r.window_tokens)[:-1])
+    assert [w.sum() for w in per_window] == pytest.approx(r.window_nll, rel=1e-5)
+    assert sum(r.window_nll) / r.n_tokens == pytest.approx(r.nll)
+    low, high = r.ppl_ci95
+    assert low < r.ppl < high
+
+
+def test_a_model_against_itself_agrees_exactly(ids):
+    model = make_model("llama")
+    r = perplexity(model, ids, window=32, max_windows=6, batch_size=4, reference=model, progress=False)
+    assert r.kl_vs_ref == pytest.approx(0.0, abs=1e-6) and r.top1_agreement == 1.0
+    assert r.delta_ppl_pct == pytest.approx(0.0, abs=1e-9) and r.ref_ppl == pytest.approx(r.ppl)
+    assert r.ref_dtype == "fp32" and r.window_top1 == r.window_tokens
+
+
+def test_agreement_against_a_slow_reference(ids):
+    """KL, top-1 and the paired delta from a plain loop over full logits."""
+    ref, other = make_model("llama", seed=0), make_model("llama", seed=1)
+    states: dict = {}
+    r = perplexity(other, ids, window=32, max_windows=4, batch_size=3, reference=ref,
+                   reference_states=states, progress=False)
+    assert len(states) == 2  # batches of 3 + 1 windows, kept for the next comparison
+    kl = agree = n = 0.0
+    with torch.inference_mode():
+        for i in range(4):
+            x = ids[None, i * 32:(i + 1) * 32]
+            lr = torch.log_softmax(ref(input_ids=x).logits[0, :-1].float(), -1)
+            lq = torch.log_softmax(other(input_ids=x).logits[0, :-1].float(), -1)
+            kl += float((lr.exp() * (lr - lq)).sum())
+            agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
+            n += 31
+    assert r.kl_vs_ref == pytest.approx(kl / n, rel=1e-4)
+    assert r.top1_agreement == pytest.approx(agree / n)
+    assert r.delta_ppl_pct == pytest.approx(100 * (r.ppl / r.ref_ppl - 1), rel=1e-6)
+    again = perplexity(other, ids, window=32, max_windows=4, batch_size=3, reference=ref,
+                       reference_states=states, progress=False)
+    assert again.kl_vs_ref == pytest.approx(r.kl_vs_ref, rel=1e-6)  # from the kept states
+    lo, hi = r.delta_ppl_pct_ci95
+    assert lo <= r.delta_ppl_pct <= hi
+
+
+def test_bos_per_window_prepends_bos_and_scores_every_corpus_token(ids):
+    model = make_model("gemma")
+    bos = 0
+    corpus = torch.cat([torch.tensor([bos]), ids[:200]])  # as a tokenizer that adds one BOS would give
+    r = perplexity(model, corpus, window=32, bos="window", bos_token_id=bos, progress=False)
+    n = 200 // 31
+    assert r.n_windows == n and r.window_tokens == [31] * n and r.bos == "window"
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(n):
+            x = torch.cat([torch.tensor([bos]), ids[i * 31:(i + 1) * 31]])[None]
+            total += model(input_ids=x, labels=x).loss.item() * 31
+    assert r.nll == pytest.approx(total / (31 * n), rel=1e-5)
+    with pytest.raises(InvalidArgumentError, match="needs the tokenizer's BOS"):
+        perplexity(model, corpus, window=32, bos="window", progress=False)
+
+
+@given(n=st.integers(2, 300), window=st.integers(3, 40), data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_bos_window_sliding_scores_every_corpus_token_once(n, window, data):
+    stride = data.draw(st.integers(1, window - 1))
+    s = PerplexitySettings("sliding", window, stride, bos="window")
+    if n < window - 1:
+        return
+    scored = [t for sp in spans(n, s) for t in range(sp.score_from, sp.end)]
+    assert scored == list(range(n))
+    assert all(sp.end - sp.begin <= window - 1 for sp in spans(n, s))
+
+
+def test_intervals_cover_the_statistic_and_widen_with_spread():
+    from outliers.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(100, 512, size=40)
+    nll = tokens * (2.5 + 0.3 * rng.standard_normal(40))
+    lo, hi = ppl_interval(nll, tokens)
+    point = math.exp(nll.sum() / tokens.sum())
+    assert lo < point < hi
+    wide = ppl_interval(tokens * (2.5 + 1.0 * rng.standard_normal(40)), tokens)
+    assert wide[1] - wide[0] > hi - lo
+    # paired: a constant 1 % shift on every window has a (near) zero-width interval
+    q = nll + tokens * math.log(1.01)
+    dlo, dhi = delta_ppl_pct_interval(q, nll, tokens)
+    assert dlo == pytest.approx(1.0, abs=1e-6) and dhi == pytest.approx(1.0, abs=1e-6)
+    assert rate_interval(tokens, tokens) == pytest.approx((1.0, 1.0))
+    assert all(math.isnan(v) for v in ppl_interval([1.0], [3]))
