@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import cache_dir
+from .cache import atomic_file, cache_dir
 from .errors import CorpusError, HubUnavailableError, MissingPackageError
 
 __all__ = ["Corpus", "load_corpus", "encode_corpus", "tokenizer_fingerprint"]
@@ -136,8 +136,7 @@ def encode_corpus(tokenizer: Any, corpus: Corpus, *, cache: bool = True) -> torc
         return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
     ids = tokenizer(corpus.text, return_attention_mask=False, verbose=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
-    if cache:
-        scratch = path.with_name(path.stem + ".partial.npy")
-        np.save(scratch, ids.astype(np.int32) if ids.max(initial=0) < 2**31 else ids, allow_pickle=False)
-        scratch.replace(path)
+    if cache:  # a unique scratch moved into place: concurrent encoders each leave a whole file
+        with atomic_file(path) as f:
+            np.save(f, ids.astype(np.int32) if ids.max(initial=0) < 2**31 else ids, allow_pickle=False)
     return torch.from_numpy(ids)

