@@ -1,9 +1,13 @@
 """Text corpora and their token ids: ``load_corpus(spec)``, ``encode_corpus(tok, corpus)``.
 
 Specs:
-    ``builtin``               the stdlib's ``pydoc_data.topics`` texts, sorted by
-                              topic and joined with blank lines (~465k characters,
-                              ~113k SmolLM2 tokens); always offline.
+    ``builtin``               the twenty US Presidents' Annual Messages to Congress of
+                              1870-1889 (public domain; 1.3M characters, 259,508
+                              SmolLM2 tokens), shipped with the package and checked
+                              against its SHA-256 at every load; always offline.
+                              Source and licence: ``outliers/data/BUILTIN_CORPUS.md``.
+    ``pydoc-topics``          the stdlib's ``pydoc_data.topics`` texts (the built-in
+                              corpus before 0.2): differs between Python builds.
     a path                    any UTF-8 text file (e.g. WikiText-2's ``wiki.test.raw``).
     ``hf:NAME[:CONFIG]:SPLIT`` a Hugging Face dataset's ``text`` column joined with
                               blank lines (the HF perplexity guide's convention);
@@ -16,8 +20,10 @@ notebook never re-tokenizes the same corpus.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +55,31 @@ class Corpus:
         return f"Corpus(name={self.name!r}, chars={len(self.text)}, source={self.source!r})"
 
 
+BUILTIN_FILE = Path(__file__).parent / "data" / "builtin.txt.gz"
+BUILTIN_SHA256 = "03635e03ff07f3ecb7e9dcaf345f6285adc2f5c80fd1bccf8fbe6f1ec1900078"
+
+
 def _builtin() -> Corpus:
+    # Shipped with the package and checked, so that every number on `builtin` means
+    # the same text on every machine (the stdlib's pydoc text differs between builds).
+    try:
+        text = gzip.decompress(BUILTIN_FILE.read_bytes()).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise CorpusError(f"the built-in corpus {BUILTIN_FILE} cannot be read ({e}); reinstall outliers") from e
+    corpus = Corpus("builtin", text, "US Presidents' Annual Messages to Congress 1870-1889 (public domain)")
+    if corpus.sha256 != BUILTIN_SHA256:
+        raise CorpusError(f"the built-in corpus {BUILTIN_FILE} has SHA-256 {corpus.sha256}, expected "
+                          f"{BUILTIN_SHA256}: the file is damaged or edited; reinstall outliers")
+    return corpus
+
+
+def _pydoc_topics() -> Corpus:
     from pydoc_data.topics import topics
 
-    # Sorted keys: dict order is an implementation detail of one Python build.
+    # Sorted keys: dict order is an implementation detail of one Python build. The text
+    # itself still differs between Python builds (even patch releases): check corpus.sha256.
     text = SEPARATOR.join(topics[k].strip() for k in sorted(topics))
-    return Corpus("builtin", text, "pydoc_data.topics")
+    return Corpus("pydoc-topics", text, f"pydoc_data.topics of Python {platform.python_version()}")
 
 
 def _hf(spec: str) -> Corpus:
@@ -103,6 +128,8 @@ def load_corpus(spec: str = "builtin") -> Corpus:
     """
     if spec == "builtin":
         corpus = _builtin()
+    elif spec == "pydoc-topics":
+        corpus = _pydoc_topics()
     elif spec.startswith("hf:"):
         corpus = _hf(spec)
     else:

@@ -7,10 +7,33 @@ from outliers import CorpusError, MissingPackageError, encode_corpus, load_corpu
 from outliers.corpus import tokenizer_fingerprint
 
 
-def test_builtin_is_fixed_and_large():
+def test_builtin_is_the_shipped_text_checked_by_sha256():
+    from outliers.corpus import BUILTIN_SHA256
+
     a, b = load_corpus("builtin"), load_corpus()
-    assert a == b and a.name == "builtin"
-    assert len(a.text) > 400_000 and "\n\n" in a.text
+    assert a == b and a.name == "builtin" and a.sha256 == BUILTIN_SHA256
+    assert len(a.text) == 1_295_117 and a.text.startswith("Ulysses S. Grant, Annual Message to Congress")
+    assert "public domain" in a.source
+
+
+def test_damaged_builtin_is_refused(tmp_path, monkeypatch):
+    import gzip
+
+    from outliers import corpus as corpus_mod
+
+    edited = tmp_path / "builtin.txt.gz"
+    edited.write_bytes(gzip.compress(load_corpus("builtin").text.replace("Congress", "Kongress", 1).encode()))
+    monkeypatch.setattr(corpus_mod, "BUILTIN_FILE", edited)
+    with pytest.raises(CorpusError, match="damaged or edited"):
+        load_corpus("builtin")
+    edited.write_bytes(b"not gzip")
+    with pytest.raises(CorpusError, match="cannot be read"):
+        load_corpus("builtin")
+
+
+def test_pydoc_topics_stays_available_under_its_own_name():
+    c = load_corpus("pydoc-topics")
+    assert c.name == "pydoc-topics" and len(c.text) > 400_000 and "Python" in c.source
 
 
 def test_text_file(text_file):
