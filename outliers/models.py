@@ -31,7 +31,8 @@ from .errors import (
 )
 from .packaged import PackagedFile, assemble, locate, package_dir, pip_line
 
-__all__ = ["BuiltinModel", "BUILTIN_MODELS", "ModelInfo", "LoadedModel", "load_model", "list_models", "parse_dtype"]
+__all__ = ["BuiltinModel", "BUILTIN_MODELS", "ModelInfo", "LoadedModel", "load_model", "list_models", "parse_dtype",
+           "weights_identity"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -118,6 +119,9 @@ class ModelInfo:
     hidden_size: int | None
     num_layers: int | None
     vocab_size: int | None
+    weights: str = ""  # provenance to print beside every number, e.g. "float32, dequantized from GGUF Q4_1"
+    weights_sha256: str | None = None  # see weights_identity
+    revision: str | None = None  # the hub commit, for hub models
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,6 +203,53 @@ def _resolve_builtin(m: BuiltinModel) -> _Source:
     if not _converted_dir(m.gguf_name, m.sha256).exists():
         assemble(paths, target, m.sha256)
     return _Source(None, target, None, m.sha256)
+
+
+# ---------------------------------------------------------------- identity
+
+def _hub_snapshot(hub_id: str) -> Path | None:
+    """Return the local Hugging Face cache's snapshot folder of ``hub_id``, or None if it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), no huggingface_hub, a bad id...
+        return None
+
+
+def _identity(src: _Source) -> dict[str, str | None]:
+    from .fingerprint import file_sha256, folder_sha256, gguf_file_type
+
+    if src.gguf is not None:
+        return {"sha256": src.gguf_sha256 or file_sha256(src.gguf), "revision": None,
+                "format": f"GGUF {gguf_file_type(src.gguf) or ''}".strip()}
+    if src.folder is not None:
+        return {"sha256": folder_sha256(src.folder), "revision": None, "format": "folder"}
+    snapshot = _hub_snapshot(src.hub_id)
+    if snapshot is None:
+        return {"sha256": None, "revision": None, "format": "hub"}
+    return {"sha256": folder_sha256(snapshot), "revision": snapshot.name, "format": "hub"}
+
+
+def weights_identity(spec: str) -> dict[str, str | None]:
+    """Return ``{"sha256", "revision", "format"}`` of the weights ``spec`` names, without loading them.
+
+    ``sha256`` hashes the GGUF file (for built-ins made of parts, the
+    published checksum of the joined file), or a folder's top-level files
+    (weights, config and tokenizer together), or a hub model's cached
+    snapshot; file hashes are cached (``outliers.fingerprint``). ``sha256`` is
+    None for a hub model that is not in the local cache yet.
+    """
+    return _identity(_resolve(spec))
+
+
+def _provenance(identity: dict[str, str | None], dtype: str) -> str:
+    fmt = identity["format"] or ""
+    if fmt.startswith("GGUF"):
+        return f"{dtype}, dequantized from {fmt}"
+    if fmt == "hub":
+        return f"{dtype}, hub revision {identity['revision'] or 'unknown'}"
+    return dtype
 
 
 # ---------------------------------------------------------------- GGUF -> cached folder
@@ -403,6 +454,10 @@ def load_model(
         raise ModelFileError(f"could not load model '{spec}' from {where}: {e}") from e
     model.eval().requires_grad_(False).to(device)
     config = model.config
+    identity = _identity(src)
+    if identity["format"] == "hub" and identity["revision"] is None:  # downloaded just now
+        identity = _identity(src)
+    torch_dtype_name = str(torch_dtype).removeprefix("torch.")
     info = ModelInfo(
         name=spec,
         source=str(src.gguf or where),
@@ -410,10 +465,13 @@ def load_model(
         architecture=config.model_type,
         model_class=type(model).__name__,
         n_params=sum(p.numel() for p in model.parameters()),
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=torch_dtype_name,
         device=str(device),
         hidden_size=getattr(config, "hidden_size", None),
         num_layers=getattr(config, "num_hidden_layers", None),
         vocab_size=getattr(config, "vocab_size", None),
+        weights=_provenance(identity, torch_dtype_name),
+        weights_sha256=identity["sha256"],
+        revision=identity["revision"] or getattr(config, "_commit_hash", None),
     )
     return LoadedModel(model, tokenizer, info)

@@ -20,8 +20,15 @@ pytestmark = [
 def test_facts(smollm2):
     _, tok, info = smollm2
     assert (info.architecture, info.num_layers, info.hidden_size) == ("llama", 30, 576)
+    assert info.weights == "float32, dequantized from GGUF Q4_1" and len(info.weights_sha256) == 64
     assert info.n_params == 134_515_008  # embeddings tied with lm_head, counted once
     assert len(tok) == 49152
+
+
+def test_builtin_corpus_token_count_is_pinned(smollm2):
+    from outliers import encode_corpus, load_corpus
+
+    assert len(encode_corpus(smollm2.tokenizer, load_corpus("builtin"))) == 259_508
 
 
 def test_cached_conversion_is_the_gguf_bit_for_bit(smollm2):

@@ -1,0 +1,101 @@
+"""What a number was computed from: file hashes, weights' identity and provenance, the code's commit.
+
+A stored result is only reusable for the very inputs it measured. Hashing a
+1.5B model's weights takes seconds, so file hashes are cached in
+``$OUTLIERS_CACHE/file_facts.sqlite`` keyed by (real path, size, mtime): a
+rerun costs a ``stat`` per file, and a file replaced by another (new size or
+mtime) is hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import cache_dir, sha256_file
+
+__all__ = ["file_sha256", "folder_sha256", "gguf_file_type", "git_commit", "digest"]
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS facts (
+    path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, name TEXT NOT NULL, value TEXT,
+    PRIMARY KEY (path, size, mtime_ns, name))"""
+
+
+def digest(obj: Any) -> str:
+    """Return the SHA-256 of ``obj`` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | None]) -> str | None:
+    """Return ``compute(path)``, from the cache when the file's path, size and mtime are unchanged."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns, name)
+    conn = sqlite3.connect(cache_dir() / "file_facts.sqlite", timeout=30)
+    try:
+        with conn:
+            conn.execute(_SCHEMA)
+        row = conn.execute("SELECT value FROM facts WHERE path=? AND size=? AND mtime_ns=? AND name=?",
+                           key).fetchone()
+        if row:
+            return row[0]
+        value = compute(Path(real))
+        with conn:
+            conn.execute("INSERT OR REPLACE INTO facts VALUES (?,?,?,?,?)", (*key, value))
+        return value
+    finally:
+        conn.close()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex SHA-256 of a file (cached by path, size and mtime)."""
+    return _cached(path, "sha256", sha256_file)
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """Return one hash over a model folder's top-level files (weights, config, tokenizer), by name."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return digest({p.name: file_sha256(p) for p in files})
+
+
+def gguf_file_type(path: str | os.PathLike) -> str | None:
+    """Return a GGUF's quantization type as llama.cpp names it (e.g. ``Q4_1``), or None (cached)."""
+    return _cached(path, "gguf_file_type", _read_gguf_file_type)
+
+
+def _read_gguf_file_type(path: Path) -> str | None:
+    from gguf import GGUFReader, LlamaFileType  # parses every tensor's header: seconds for a big file
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return None
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {value}"
+
+
+def git_commit(where: str | os.PathLike | None = None) -> tuple[str | None, bool]:
+    """Return ``(commit, dirty)`` of the git checkout holding ``where`` (this package by default).
+
+    ``(None, False)`` when the code is not a git checkout (an installed
+    wheel) or git is missing. Provenance only: results are never keyed by it.
+    """
+    where = Path(where or Path(__file__).resolve().parent)
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, False
