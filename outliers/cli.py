@@ -50,20 +50,24 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import copy
+def _ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
+    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else ""
 
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     from .corpus import encode_corpus, load_corpus
     from .errors import InvalidArgumentError
     from .int8 import check_threshold
+    from .intervals import few_windows_note
     from .models import load_model
     from .nn import METHODS, get_method
     from .perplexity import PerplexitySettings, perplexity
-    from .qmodel import quantize_model
+    from .qmodel import quantized_copy
 
     json_path = _check_writable(args.json) if args.json else None
     # Validate everything before spending seconds loading a model.
-    settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size)
+    settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size,
+                                  args.bos)
     methods = ["fp32", *METHODS] if args.method == "all" else [args.method]
     for m in methods:
         if m != "fp32":
@@ -76,18 +80,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
+    bos_id = _bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
+    ref_states: dict | None = {} if len(methods) > 1 else None  # the reference runs once for all methods
     results = []
     for m in methods:
         target, report = model, None
         if m != "fp32":
-            # One float model loaded, one copy per method: quantize_model works in place.
-            target = copy.deepcopy(model) if len(methods) > 1 else model
-            report = quantize_model(target, m, args.threshold, outlier_weights=args.outlier_weights,
-                                    round_to=args.round_to)
+            target, report = quantized_copy(model, m, args.threshold, outlier_weights=args.outlier_weights,
+                                            round_to=args.round_to)
         result = perplexity(target, ids, protocol=settings.protocol, window=settings.window,
                             stride=settings.stride, max_windows=settings.max_windows,
-                            batch_size=settings.batch_size, progress=progress,
-                            model_name=args.model, corpus_name=corpus.name,
+                            batch_size=settings.batch_size, bos=settings.bos, bos_token_id=bos_id,
+                            reference=model if report is not None else None, reference_states=ref_states,
+                            progress=progress, model_name=args.model, corpus_name=corpus.name,
                             method=m if m != "fp32" else None)
         if report is not None:
             result.extra.update(threshold=report.threshold, outlier_weights=report.outlier_weights,
@@ -96,40 +101,75 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                 weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after)
         results.append(result)
         del target
+    r0 = results[0]
     head = [
-        ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params, {info.dtype})"),
-        ("corpus", f"{corpus.name} ({len(ids)} tokens)"),
-        ("protocol", f"{results[0].protocol}, window {results[0].window}"
-                     + (f", stride {results[0].stride}" if results[0].protocol == "sliding" else "")
-                     + f", {results[0].n_windows} windows, {results[0].n_tokens} tokens scored"),
+        ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights})"),
+        ("corpus", f"{corpus.name} ({len(ids)} tokens, sha256 {corpus.sha256[:12]})"),
+        ("protocol", f"{r0.protocol}, window {r0.window}"
+                     + (f", stride {r0.stride}" if r0.protocol == "sliding" else "")
+                     + f", bos {r0.bos}, {r0.n_windows} windows, {r0.n_tokens} tokens scored"),
     ]
     if len(results) == 1:
-        r = results[0]
-        method = r.method + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
-        _print_table(head + [("method", method), ("perplexity", r.ppl), ("mean NLL", r.nll),
-                             ("tokens scored", r.n_tokens), ("seconds", r.seconds), ("tokens/s", r.tokens_per_s)])
+        _print_table(head + _result_rows(r0))
     else:
         _print_table(head)
         print(_method_table(results, args.model, args.threshold))
+    if note := few_windows_note(r0.n_windows):
+        print(f"note: {note}", file=sys.stderr)
     if json_path:
+        from .cache import atomic_write
+
         payload = [r.to_dict() | {"model_info": info.to_dict(), "corpus_sha256": corpus.sha256} for r in results]
         try:
-            json_path.write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2) + "\n")
+            atomic_write(json_path, json.dumps(payload[0] if len(payload) == 1 else payload, indent=2) + "\n")
         except OSError as e:  # the numbers are printed above: nothing is lost
             raise OutputPathError(f"could not write --json {json_path}: {e}") from e
     return 0
 
 
+def _bos_token_id(tokenizer: Any, model: str) -> int:
+    from .errors import InvalidArgumentError
+
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        raise InvalidArgumentError(f"--bos window needs a BOS token, and the tokenizer of '{model}' has none; "
+                                   "use --bos corpus")
+    return tokenizer.bos_token_id
+
+
+def _result_rows(r) -> list[tuple[str, Any]]:
+    """One result as printed by ``outliers eval``: the number, its interval, and its agreement with the reference."""
+    n = f"95 % CI over {r.n_windows} windows"
+    method = r.method + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
+    rows: list[tuple[str, Any]] = [("method", method), ("perplexity", f"{r.ppl:.4f}  {_ci(r.ppl_ci95)}  {n}"),
+                                   ("mean NLL", r.nll), ("tokens scored", r.n_tokens)]
+    if r.ref_ppl is not None:
+        rows += [("reference", f"{r.ref_dtype} {r.ref_ppl:.4f} (the unquantized model, same windows)"),
+                 ("vs reference", f"{r.delta_ppl_pct:+.2f} % {_ci(r.delta_ppl_pct_ci95, '+.2f')}  paired, {n}"),
+                 ("KL vs reference", f"{r.kl_vs_ref:.5f} nats/token {_ci(r.kl_vs_ref_ci95, '.5f')}"),
+                 ("top-1 agreement", f"{100 * r.top1_agreement:.2f} % {_ci(r.top1_agreement_ci95, '.2f', 100)}")]
+    rows += [("seconds", r.seconds), ("tokens/s", r.tokens_per_s)]
+    if r.ref_seconds:
+        rows.append(("reference s", r.ref_seconds))
+    return rows
+
+
 def _method_table(results: list, model: str, threshold: float) -> str:
-    """The paper's Table-1 layout: one row per method, one perplexity column per model."""
-    names = {"fp32": "32-bit float"}
-    width = max(len(names.get(r.method, r.method)) for r in results)
-    lines = [f"\n| {'method':<{width}} | {model} | tokens/s |", f"|{'-' * (width + 2)}|{'-' * (len(model) + 2)}|---|"]
+    """The paper's Table-1 layout for one model, with intervals and agreement with the float model."""
+    from .nn import label
+
+    rows = []
     for r in results:
-        label = names.get(r.method, r.method)
-        lines.append(f"| {label:<{width}} | {r.ppl:>{len(model)}.3f} | {r.tokens_per_s:.0f} |")
+        delta = "" if r.delta_ppl_pct is None else f"{r.delta_ppl_pct:+.1f} % {_ci(r.delta_ppl_pct_ci95, '+.1f')}"
+        agree = "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.1f} %"
+        kl = "" if r.kl_vs_ref is None else f"{r.kl_vs_ref:.4f}"
+        rows.append((label(r.method), f"{r.ppl:.3f} {_ci(r.ppl_ci95)}", delta, kl, agree, f"{r.tokens_per_s:.0f}"))
+    head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    lines = ["", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
     lines.append(f"\nDecomposition threshold {threshold}; lm_head kept in float; {results[0].protocol} "
-                 f"windows of {results[0].window}.")
+                 f"windows of {results[0].window}; intervals over {results[0].n_windows} windows, paired "
+                 "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token.")
     return "\n".join(lines)
 
 
@@ -292,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", choices=("float16", "bfloat16"), default=None,
                    help="round X and W to this dtype before quantizing; float16 reproduces "
                         "bitsandbytes' arithmetic on a float32 model")
+    p.add_argument("--bos", choices=("corpus", "window"), default="corpus",
+                   help="corpus: windows are slices of the corpus as tokenized (one BOS at its start, where the "
+                        "tokenizer adds one); window: every window is BOS + window-1 corpus tokens, all scored "
+                        "(default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)

@@ -51,28 +51,40 @@ from .quant import (
     zeropoint_matmul_dequant,
 )
 
-__all__ = ["Method", "METHODS", "Int8Linear", "NonFiniteInputError"]
+__all__ = ["Method", "METHODS", "Int8Linear", "NonFiniteInputError", "label", "get_method"]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
+    label: str  # the row name in tables and reports (the paper's Table-1 wording)
     quantizer: str  # "absmax" | "zeropoint"
     x_dim: int | None  # None: tensor-wise; -1: per row (token)
     w_dim: int | None  # None: tensor-wise; -1: per output channel
     decomposition: bool
 
+    def __post_init__(self) -> None:
+        # a method without a label would vanish from reports: refuse it when the table is built
+        if not self.label:
+            raise ValueError(f"method {self.name!r} needs a label")
+
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("absmax", "absmax", None, None, False),
-    Method("zeropoint", "zeropoint", None, None, False),
-    Method("absmax-row", "absmax", -1, None, False),
-    Method("absmax-vector", "absmax", -1, -1, False),
-    Method("zeropoint-vector", "zeropoint", -1, -1, False),
-    Method("absmax-row+decomp", "absmax", -1, None, True),
-    Method("llm.int8", "absmax", -1, -1, True),
-    Method("zeropoint-llm.int8", "zeropoint", -1, -1, True),
+    Method("absmax", "int8 absmax", "absmax", None, None, False),
+    Method("zeropoint", "int8 zeropoint", "zeropoint", None, None, False),
+    Method("absmax-row", "absmax row-wise", "absmax", -1, None, False),
+    Method("absmax-vector", "absmax vector-wise", "absmax", -1, -1, False),
+    Method("zeropoint-vector", "zeropoint vector-wise", "zeropoint", -1, -1, False),
+    Method("absmax-row+decomp", "absmax row-wise + decomposition", "absmax", -1, None, True),
+    Method("llm.int8", "absmax LLM.int8() (vector-wise + decomposition)", "absmax", -1, -1, True),
+    Method("zeropoint-llm.int8", "zeropoint LLM.int8()", "zeropoint", -1, -1, True),
 ]}
+FLOAT_LABEL = "32-bit float"  # the unquantized baseline's row, method name "fp32"
+
+
+def label(method: str) -> str:
+    """Return the table label of a method name, ``"fp32"`` included."""
+    return FLOAT_LABEL if method == "fp32" else get_method(method).label
 
 OUTLIER_WEIGHTS = ("int8", "fp")
 BACKENDS = ("auto", "torch", "numba")

@@ -18,8 +18,13 @@ __all__ = ["scan"]
 def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,ffn_in",
          threshold: float = 6.0, relative_k: float = 6.0, max_tokens: int = 8192, window: int = 512,
          batch_size: int = 4, top_k: int = 32, patterns: dict[str, str] | None = None,
-         progress: bool = True, stats: OutlierStats | None = None, meta: dict | None = None) -> OutlierStats:
+         progress: bool = True, stats: OutlierStats | None = None, meta: dict | None = None,
+         bos_token_id: int | None = None) -> OutlierStats:
     """Run non-overlapping windows of ``window`` tokens (up to ``max_tokens``) and return the statistics.
+
+    With ``bos_token_id`` every window is that BOS followed by ``window - 1``
+    corpus tokens (the ``bos="window"`` protocol of ``outliers.perplexity``);
+    a BOS at the corpus' start is then dropped, not doubled.
 
     A corpus shorter than ``max_tokens`` is scanned whole; ``stats.meta``
     records tokens asked for and scanned, and a warning says so.
@@ -32,7 +37,11 @@ def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,
         raise InvalidArgumentError(f"threshold must be > 0, got {threshold!r}")
     if window < 1 or max_tokens < 1:
         raise InvalidArgumentError(f"window and max_tokens must be >= 1, got {window} and {max_tokens}")
-    n_windows = min(max_tokens, len(ids)) // window
+    prefix = 0
+    if bos_token_id is not None:
+        prefix = 1
+        ids = ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids
+    n_windows = min(max_tokens, len(ids)) // (window - prefix) if window > prefix else 0
     if n_windows == 0:
         raise CorpusError(f"corpus has {len(ids)} tokens, fewer than one window of {window}")
     scanned = n_windows * window
@@ -41,7 +50,9 @@ def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,
         note = f"asked for {max_tokens} tokens but the corpus holds {len(ids)}: scanned {scanned}"
         warnings.warn(note, stacklevel=2)
     device = next(model.parameters()).device
-    windows = ids[:scanned].view(n_windows, window)
+    windows = ids[: n_windows * (window - prefix)].view(n_windows, window - prefix)
+    if prefix:
+        windows = torch.cat([torch.full((n_windows, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
     with capture(model, points, threshold=threshold, relative_k=relative_k, top_k=top_k,
                  patterns=patterns, stats=stats) as st:
         for start in tqdm(range(0, n_windows, batch_size), desc="scan", unit="batch",
@@ -49,7 +60,7 @@ def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,
             model(input_ids=windows[start:start + batch_size].to(device))
     st.meta.update(meta or {})
     st.meta.update(tokens_asked=max_tokens, tokens_scanned=st.meta.get("tokens_scanned", 0) + scanned,
-                   window=window, note=note)
+                   window=window, bos="window" if prefix else "corpus", note=note)
     bad = {k: v for k, v in st.nonfinite.items() if v}
     if bad:
         warnings.warn(f"NaN/inf values left out of the statistics: {bad}", stacklevel=2)

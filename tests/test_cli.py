@@ -111,13 +111,39 @@ def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     records = json.loads(out.read_text())
     assert [r["method"] for r in records][:2] == ["fp32", "absmax"] and len(records) == 9
-    assert "| 32-bit float" in printed and "| zeropoint-llm.int8" in printed
+    assert "| 32-bit float" in printed and "| zeropoint LLM.int8()" in printed
     llm = next(r for r in records if r["method"] == "llm.int8")
+    assert records[0]["kl_vs_ref"] is None and llm["kl_vs_ref"] >= 0 and 0 <= llm["top1_agreement"] <= 1
+    # one reference for all methods, on the same windows
+    assert all(r["ref_ppl"] == pytest.approx(records[0]["ppl"]) for r in records[1:])
     assert llm["extra"]["threshold"] == 1.5 and llm["extra"]["skipped"] == ["lm_head"]
     assert llm["extra"]["weight_bytes_after"] < llm["extra"]["weight_bytes_before"] / 3
     assert main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2",
                  "--method", "llm.int8", "--round-to", "float16", "--quiet"]) == 0
     assert "llm.int8 (threshold 6.0)" in capsys.readouterr().out
+
+
+def test_eval_quantized_writes_intervals_and_agreement(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert main(["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32",
+                 "--max-windows", "6", "--method", "llm.int8", "--threshold", "0.5", "--round-to", "float16",
+                 "--json", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(out.read_text())
+    for key in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "kl_vs_ref_ci95",
+                "top1_agreement", "top1_agreement_ci95", "window_nll", "window_tokens"):
+        assert r[key] is not None, key
+    assert r["ref_dtype"] == "fp32" and len(r["window_nll"]) == 6
+    assert r["ppl_ci95"][0] <= r["ppl"] <= r["ppl_ci95"][1]
+    assert r["top1_agreement_ci95"][0] <= r["top1_agreement"] <= r["top1_agreement_ci95"][1]
+    assert "95 % CI over 6 windows" in captured.out and "KL vs reference" in captured.out
+    assert "only 6 windows" in captured.err
+
+
+def test_eval_bos_window_needs_a_bos_token(model_dir, text_file, capsys):
+    assert main(["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32",
+                 "--max-windows", "2", "--bos", "window", "--quiet"]) == 2
+    assert "--bos window needs a BOS token" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
