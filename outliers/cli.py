@@ -55,7 +55,7 @@ def _ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .corpus import encode_corpus, load_corpus
+    from .corpus import bos_token_id, encode_corpus, load_corpus
     from .errors import InvalidArgumentError
     from .int8 import check_threshold
     from .intervals import few_windows_note
@@ -80,7 +80,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
-    bos_id = _bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
+    bos_id = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
     ref_states: dict | None = {} if len(methods) > 1 else None  # the reference runs once for all methods
     results = []
     for m in methods:
@@ -125,15 +125,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except OSError as e:  # the numbers are printed above: nothing is lost
             raise OutputPathError(f"could not write --json {json_path}: {e}") from e
     return 0
-
-
-def _bos_token_id(tokenizer: Any, model: str) -> int:
-    from .errors import InvalidArgumentError
-
-    if getattr(tokenizer, "bos_token_id", None) is None:
-        raise InvalidArgumentError(f"--bos window needs a BOS token, and the tokenizer of '{model}' has none; "
-                                   "use --bos corpus")
-    return tokenizer.bos_token_id
 
 
 def _result_rows(r) -> list[tuple[str, Any]]:

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from .cache import atomic_file, cache_dir
-from .errors import CorpusError, HubUnavailableError, MissingPackageError
+from .errors import CorpusError, HubUnavailableError, InvalidArgumentError, MissingPackageError
 
-__all__ = ["Corpus", "load_corpus", "encode_corpus", "tokenizer_fingerprint"]
+__all__ = ["Corpus", "load_corpus", "encode_corpus", "tokenizer_fingerprint", "bos_token_id"]
 
 SEPARATOR = "\n\n"
 
@@ -167,3 +167,15 @@ def encode_corpus(tokenizer: Any, corpus: Corpus, *, cache: bool = True) -> torc
         with atomic_file(path) as f:
             np.save(f, ids.astype(np.int32) if ids.max(initial=0) < 2**31 else ids, allow_pickle=False)
     return torch.from_numpy(ids)
+
+
+def bos_token_id(tokenizer: Any, model: str = "") -> int:
+    """Return the tokenizer's BOS id, for the ``bos="window"`` protocol.
+
+    Raises:
+        InvalidArgumentError: the tokenizer has no BOS token.
+    """
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        raise InvalidArgumentError(f"--bos window needs a BOS token, and the tokenizer of '{model or 'this model'}' "
+                                   "has none; use --bos corpus")
+    return tokenizer.bos_token_id

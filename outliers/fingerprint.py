@@ -85,8 +85,11 @@ def _read_gguf_file_type(path: Path) -> str | None:
 def git_commit(where: str | os.PathLike | None = None) -> tuple[str | None, bool]:
     """Return ``(commit, dirty)`` of the git checkout holding ``where`` (this package by default).
 
-    ``(None, False)`` when the code is not a git checkout (an installed
-    wheel) or git is missing. Provenance only: results are never keyed by it.
+    A dirty tree's commit reads ``SHA+dirty.HASH``, HASH being a hash of
+    ``git diff HEAD``, so that two different sets of uncommitted changes are
+    told apart. ``(None, False)`` when the code is not a git checkout (an
+    installed wheel) or git is missing. Provenance only: results are never
+    keyed by it.
     """
     where = Path(where or Path(__file__).resolve().parent)
     try:
@@ -95,7 +98,9 @@ def git_commit(where: str | os.PathLike | None = None) -> tuple[str | None, bool
                                   check=True).stdout.strip()
 
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return commit, dirty
+        diff = git("diff", "HEAD")
+        if diff:
+            return f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}", True
+        return commit, False
     except (OSError, subprocess.SubprocessError):
         return None, False

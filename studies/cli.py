@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from outliers.errors import OutliersError
 
 __all__ = ["main"]
 
@@ -28,9 +27,11 @@ def _cmd_run(args) -> int:
     path = _resolve(args.config)
     cfg = load_config(path)
     out = Path(args.out or Path("studies_out") / cfg.name)
-    counts = run_study(cfg, out, progress=not args.quiet, backend=args.backend, address=args.address)
-    print(f"{cfg.name}: {counts['done']} cells done, {counts['failed']} failed, {counts['skipped']} already done "
-          f"(results in {out / 'results.sqlite'})")
+    counts = run_study(cfg, out, progress=not args.quiet, backend=args.backend, address=args.address,
+                       recompute_older=args.recompute_older)
+    stale = f" ({counts['stale']} of them stale: their inputs had changed)" if counts["stale"] else ""
+    print(f"{cfg.name}: {counts['done']} cells done{stale}, {counts['failed']} failed, {counts['skipped']} already "
+          f"done (results in {out / 'results.sqlite'})")
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -45,12 +46,17 @@ def _cmd_list(args) -> int:
 
 def _cmd_status(args) -> int:
     from .report import status
+    from .runner import STATES
 
-    if not (Path(args.dir) / "study.json").exists():
-        raise OutliersError(f"{args.dir} is not a study folder (no study.json)")
     df = status(args.dir)
-    counts = df.status.value_counts()
-    print(f"done {counts.get('done', 0)}, failed {counts.get('failed', 0)}, pending {counts.get('pending', 0)}")
+    counts = df.state.value_counts()
+    print(", ".join(f"{s} {counts.get(s, 0)}" for s in STATES))
+    if counts.get("stale", 0):
+        print(f"{counts['stale']} stale: computed from other inputs (corpus, weights or settings); "
+              "'studies run' recomputes them")
+    if counts.get("older", 0):
+        print(f"{counts['older']} computed by another commit of the code; kept, or redone with "
+              "'studies run --recompute-older'")
     if args.verbose:
         print(df.to_string(index=False))
     return 0
@@ -59,8 +65,6 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from .report import write_report
 
-    if not (Path(args.dir) / "study.json").exists():
-        raise OutliersError(f"{args.dir} is not a study folder (no study.json)")
     print(f"wrote {write_report(args.dir)}")
     return 0
 
@@ -74,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="ray: one actor per model on a local cluster started on demand, or --address")
     p.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    p.add_argument("--recompute-older", action="store_true",
+                   help="also redo cells whose inputs are unchanged but were computed by another commit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("list", help="the built-in study configs")
     p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("status", help="done / failed / pending cells of a study folder")
+    p = sub.add_parser("status", help="done / older / stale / failed / pending cells of a study folder")
     p.add_argument("dir")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_status)

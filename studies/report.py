@@ -1,8 +1,15 @@
-"""Turn a study's store into tables (CSV, Markdown), figures (PNG) and ``report.md``."""
+"""Turn a study's store into tables (CSV, Markdown), figures (PNG) and ``report.md``.
+
+Every table is built from what the study's grid holds: its thresholds,
+methods, models and corpora, and only from *current* rows (the fingerprint
+the grid asks for now; ``studies.runner.plan``). Stale rows are counted,
+never shown. A layout the grid cannot fill says so in the report.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -10,21 +17,20 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from outliers.nn import METHODS, label
+
+from .config import StudyConfig, as_tables, read_study
 from .store import Store
 
-__all__ = ["status", "perplexity_table", "threshold_curves", "write_report", "markdown"]
-
-METHOD_LABELS = {"fp32": "32-bit float", "absmax": "int8 absmax", "zeropoint": "int8 zeropoint",
-                 "absmax-row": "absmax row-wise", "absmax-vector": "absmax vector-wise",
-                 "zeropoint-vector": "zeropoint vector-wise",
-                 "absmax-row+decomp": "absmax row-wise + decomposition",
-                 "llm.int8": "absmax LLM.int8() (vector-wise + decomposition)",
-                 "zeropoint-llm.int8": "zeropoint LLM.int8()"}
+__all__ = ["status", "current_results", "perplexity_table", "threshold_curves", "outlier_table", "emergence",
+           "write_report", "markdown", "fmt_delta"]
 
 
 def markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     """A GitHub Markdown table (no tabulate dependency)."""
     def cell(v):
+        if isinstance(v, float) and math.isnan(v):
+            return ""
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     head = "| " + " | ".join(str(c) for c in df.columns) + " |"
@@ -33,36 +39,77 @@ def markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join([head, rule, *body])
 
 
+def fmt_delta(value: float | None, ci) -> str:
+    """``+1.7 % [+1.2, +2.3]``; empty for the baseline."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    interval = f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci and not any(map(math.isnan, ci)) else ""
+    return f"{value:+.1f} %{interval}"
+
+
 def status(folder: str | Path) -> pd.DataFrame:
-    """Cells done / failed / pending per kind, against the study's grid."""
-    from .config import StudyConfig
-    from .runner import cell_key, cells
+    """One row per cell of the grid: kind, model, corpus, method, threshold, state, commit."""
+    from .runner import plan
 
-    folder = Path(folder)
-    cfg_data = json.loads((folder / "study.json").read_text())
-    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_data.items()})
+    cfg = read_study(folder)
     store = Store(folder)
-    df = store.frame()
-    store.close()
-    state = dict(zip(df.key, df.status))
-    rows = [{"kind": c["kind"], "model": c["model"], "method": c["method"], "threshold": c["threshold"],
-             "status": state.get(cell_key(c, cfg), "pending")} for c in cells(cfg)]
-    return pd.DataFrame(rows)
+    try:
+        planned = plan(cfg, store)
+        frame = store.frame()
+    finally:
+        store.close()
+    commits = dict(zip(frame.key, frame.commit_sha))
+    return pd.DataFrame([{"kind": p.cell["kind"], "model": p.cell["model"], "corpus": p.cell["corpus"],
+                          "method": p.cell["method"], "threshold": p.cell["threshold"], "state": p.state,
+                          "commit": (commits.get(p.key) or "")[:10]} for p in planned])
 
 
-def perplexity_table(df: pd.DataFrame, threshold: float = 6.0) -> pd.DataFrame:
-    """The paper's Table-1 layout: one row per method (fp32 first), one column per model."""
-    ppl = df[(df.kind == "perplexity") & (df.status == "done")]
-    from outliers.nn import METHODS
+def current_results(folder: str | Path) -> tuple[StudyConfig, pd.DataFrame, dict[str, int]]:
+    """Return the study's config, its current rows (done or older, with ``state``) and counts per state."""
+    from .runner import STATES, plan
 
-    # decomposition methods at the table's threshold; the others have one cell each (threshold 0)
+    cfg = read_study(folder)
+    store = Store(folder)
+    try:
+        planned = plan(cfg, store)
+        df = store.frame()
+    finally:
+        store.close()
+    state = {p.key: p.state for p in planned}
+    counts = {s: sum(p.state == s for p in planned) for s in STATES}
+    df = df[df.key.map(lambda k: state.get(k) in ("done", "older"))].copy()
+    df["state"] = df.key.map(state)
+    return cfg, df, counts
+
+
+def _ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
+    ppl = df[(df.kind == "perplexity") & (df.status == "done")].copy()
+    for col in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "top1_agreement", "n_windows"):
+        ppl[col] = ppl.result.map(lambda r, c=col: r.get(c))
+    return ppl
+
+
+def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The paper's Table-1 layout at one decomposition threshold: one row per method, per model its
+    perplexity and the paired change against fp32 with its 95 % interval.
+
+    Methods without decomposition have one cell each (their threshold is moot) and appear in every
+    threshold's table.
+    """
+    ppl = _ppl_rows(df)
     decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
-    ppl = ppl[(ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.threshold == 0.0))]
-    table = ppl.pivot_table(index="method", columns="model", values="ppl", aggfunc="last")
-    order = [m for m in METHOD_LABELS if m in table.index]
-    table = table.loc[order]
-    table.index = [METHOD_LABELS[m] for m in table.index]
-    return table.reset_index(names="method")
+    ppl = ppl[(ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold))
+              | (~decomposes & (ppl.method != "fp32"))]
+    order = ["fp32", *METHODS]
+    rows = []
+    for method in sorted(ppl.method.unique(), key=order.index):
+        row = {"method": label(method)}
+        for model, r in ppl[ppl.method == method].groupby("model", sort=False):
+            r = r.iloc[-1]
+            row[model] = r.ppl
+            row[f"{model} vs fp32"] = fmt_delta(r.delta_ppl_pct, r.delta_ppl_pct_ci95)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def threshold_curves(df: pd.DataFrame) -> Figure:
@@ -79,21 +126,32 @@ def threshold_curves(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def outlier_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table-4 layout per model, both criteria, with fp32 and llm.int8 perplexity beside it."""
+def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None) -> pd.DataFrame:
+    """The paper's Table-4 layout per model (both criteria, as scanned), with fp32 and llm.int8 perplexity.
+
+    ``thresholds``: the llm.int8 decomposition thresholds to show a perplexity column for
+    (default: every one the study has).
+    """
     scans = df[(df.kind == "outliers") & (df.status == "done")]
-    ppl = df[(df.kind == "perplexity") & (df.status == "done")]
+    ppl = _ppl_rows(df)
+    int8 = ppl[ppl.method == "llm.int8"]
+    thresholds = thresholds if thresholds is not None else tuple(sorted(int8.threshold.unique()))
     rows = []
     for r in scans.itertuples():
         res = r.result
         base = ppl[(ppl.model == r.model) & (ppl.method == "fp32")].ppl
-        int8 = ppl[(ppl.model == r.model) & (ppl.method == "llm.int8") & (ppl.threshold == 6.0)].ppl
-        rows.append({"model": r.model, "params (M)": res["n_params"] / 1e6,
-                     "outlier dims": res["absolute"]["outlier_dims"],
-                     "% layers": res["absolute"]["pct_layers"], "% positions": res["absolute"]["pct_positions"],
-                     "dims (relative)": res["relative"]["outlier_dims"],
-                     "fp32 ppl": base.iloc[-1] if len(base) else float("nan"),
-                     "llm.int8 ppl": int8.iloc[-1] if len(int8) else float("nan")})
+        row = {"model": r.model, "params (M)": res["n_params"] / 1e6,
+               "criterion": res["absolute"]["criterion"], "outlier dims": res["absolute"]["outlier_dims"],
+               "% layers": res["absolute"]["pct_layers"], "% positions": res["absolute"]["pct_positions"],
+               "relative criterion": res["relative"]["criterion"],
+               "dims (relative)": res["relative"]["outlier_dims"],
+               "fp32 ppl": base.iloc[-1] if len(base) else float("nan")}
+        for t in thresholds:
+            q = int8[(int8.model == r.model) & (int8.threshold == t)]
+            row[f"llm.int8 ppl (t={t:g})"] = q.ppl.iloc[-1] if len(q) else float("nan")
+            row[f"llm.int8 vs fp32 (t={t:g})"] = fmt_delta(q.delta_ppl_pct.iloc[-1], q.delta_ppl_pct_ci95.iloc[-1]) \
+                if len(q) else ""
+        rows.append(row)
     return pd.DataFrame(rows).sort_values("params (M)") if rows else pd.DataFrame(rows)
 
 
@@ -101,9 +159,11 @@ def emergence(table: pd.DataFrame) -> Figure:
     """Outlier dims against parameters and against fp32 perplexity (paper Fig. 3a/3b)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
+    absolute = table["criterion"].iloc[0] if "criterion" in table else "absolute"
+    relative = table["relative criterion"].iloc[0] if "relative criterion" in table else "relative"
     for ax, x, scale in ((ax1, "params (M)", "log"), (ax2, "fp32 ppl", "linear")):
-        for col, label in (("outlier dims", "|x| >= 6"), ("dims (relative)", "|x| >= 6 rms")):
-            sns.lineplot(table, x=x, y=col, marker="o", ax=ax, label=label)
+        for col, name in (("outlier dims", absolute), ("dims (relative)", relative)):
+            sns.lineplot(table, x=x, y=col, marker="o", ax=ax, label=name)
         for _, r in table.iterrows():
             ax.annotate(r["model"], (r[x], r["outlier dims"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xscale=scale, ylabel="outlier feature dims", title=f"emergence vs {x}")
@@ -112,49 +172,116 @@ def emergence(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def _provenance_lines(df: pd.DataFrame) -> list[str]:
+    lines = []
+    for model, rows in df.groupby("model", sort=False):
+        p = rows.provenance.iloc[-1] or {}
+        sha = (p.get("weights_sha256") or "")[:12]
+        lines.append(f"- `{model}`: {p.get('weights', 'weights of unknown provenance')}"
+                     + (f" (SHA-256 {sha})" if sha else "") + (f", revision {p['revision']}" if p.get("revision") else ""))
+    return lines
+
+
 def write_report(folder: str | Path) -> Path:
     """Write tables (CSV + Markdown), figures and ``report.md`` into ``folder``; return the report path."""
     import outliers
     import torch
     import transformers
+    from outliers.cache import atomic_path, atomic_write
+    from outliers.corpus import load_corpus
+    from outliers.intervals import MIN_WINDOWS
 
     folder = Path(folder)
+    cfg, df, counts = current_results(folder)
     store = Store(folder)
-    df = store.frame()
+    failed = store.frame()
     store.close()
-    cfg = json.loads((folder / "study.json").read_text())
-    parts = [f"# Study: {cfg['name']}", "", cfg.get("description", ""), ""]
-    done = df[df.status == "done"]
-    failed = df[df.status == "failed"]
-    parts += [f"{len(done)} cells done, {len(failed)} failed.", ""]
-    if (done.kind == "perplexity").any():
-        table = perplexity_table(df)
-        table.to_csv(folder / "table1.csv", index=False)
-        (folder / "table1.md").write_text(markdown(table) + "\n")
-        parts += ["## Perplexity (Table-1 layout, threshold 6 for decomposition methods)", "", markdown(table), ""]
-        flat = done[done.kind == "perplexity"][["model", "corpus", "method", "threshold", "ppl", "n_tokens",
-                                                 "tokens_per_s"]]
-        flat.to_csv(folder / "perplexity.csv", index=False)
-        if (done.method != "fp32").any() and done.threshold.nunique() > 2:
-            threshold_curves(df).savefig(folder / "threshold_curves.png", dpi=120)
-            parts += ["## Perplexity vs threshold", "", "![threshold curves](threshold_curves.png)", "",
-                      markdown(flat.sort_values(["model", "method", "threshold"])), ""]
-    if (done.kind == "outliers").any():
-        t4 = outlier_table(df)
-        t4.to_csv(folder / "table4.csv", index=False)
-        (folder / "table4.md").write_text(markdown(t4, ".1f") + "\n")
-        parts += ["## Outlier features (Table-4 layout; paper criteria on the hidden space)", "",
-                  markdown(t4, ".1f"), ""]
+    failed = failed[failed.status == "failed"]
+
+    def save_fig(fig: Figure, name: str) -> None:
+        with atomic_path(folder / name) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+
+    def save_table(table: pd.DataFrame, stem: str, floatfmt: str) -> str:
+        with atomic_path(folder / f"{stem}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        atomic_write(folder / f"{stem}.md", markdown(table, floatfmt) + "\n")
+        return markdown(table, floatfmt)
+
+    parts = [f"# Study: {cfg.name}", "", cfg.description, "",
+             f"{counts['done'] + counts['older']} cells current, {counts['failed']} failed, "
+             f"{counts['stale']} stale, {counts['pending']} pending.", ""]
+    if counts["stale"]:
+        parts += [f"{counts['stale']} cell(s) were computed from other inputs (corpus text, weights or settings "
+                  "changed) and are left out; `studies run` recomputes them.", ""]
+    if counts["older"]:
+        parts += [f"{counts['older']} current cell(s) were computed by another commit of the code "
+                  "(`studies status -v` lists them; `studies run --recompute-older` redoes them).", ""]
+    if len(df):
+        corpora = ", ".join(f"`{c}` (SHA-256 {load_corpus(c).sha256[:12]})" for c in df.corpus.unique())
+        parts += ["Weights (every number below was measured on these):", "", *_provenance_lines(df), "",
+                  f"Corpora: {corpora}.", ""]
+
+    ppl = _ppl_rows(df)
+    if "perplexity" not in cfg.measure:
+        parts += ["No perplexity was measured (`measure` lacks \"perplexity\"): no Table-1 layout.", ""]
+    elif not len(ppl):
+        parts += ["No perplexity cell is done yet: no Table-1 layout.", ""]
+    else:
+        n_windows = int(ppl.n_windows.dropna().max())
+        thresholds = cfg.report_thresholds or cfg.thresholds
+        parts += ["## Perplexity (Table-1 layout)", "",
+                  f"{cfg.protocol} windows of {cfg.window} (bos {cfg.bos}), {n_windows} windows. Beside each "
+                  "perplexity: its change against fp32 on the same windows, with a paired 95 % bootstrap "
+                  "interval over windows."
+                  + (f" Fewer than {MIN_WINDOWS} windows: the intervals are rough." if n_windows < MIN_WINDOWS
+                     else "") + " Adjacent windows of one document are correlated: the intervals speak for "
+                  "this corpus slice.", ""]
+        has_decomp = any(METHODS[m].decomposition for m in cfg.methods)
+        for t in thresholds if has_decomp else thresholds[:1]:
+            table = perplexity_table(df, t)
+            heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
+            if has_decomp and not ((ppl.threshold == t) & (ppl.method != "fp32")).any():
+                parts += [heading, "", f"No decomposition cell at threshold {t:g} is done.", ""]
+                continue
+            stem = f"table1_t{t:g}" if has_decomp else "table1"
+            parts += [heading, "", save_table(table, stem, ".3f"), ""]
+        flat = ppl[["model", "corpus", "method", "threshold", "ppl", "delta_ppl_pct", "kl_vs_ref",
+                    "top1_agreement", "n_tokens", "tokens_per_s"]]
+        with atomic_path(folder / "perplexity.csv") as tmp:
+            flat.to_csv(tmp, index=False)
+        quantized = ppl[ppl.method != "fp32"]
+        if len(quantized):
+            agree = quantized.assign(method=quantized.method.map(label),
+                                     kl=quantized.kl_vs_ref,
+                                     top1=quantized.top1_agreement.map(lambda v: 100 * v if v is not None else v))
+            agree = agree[["model", "method", "threshold", "kl", "top1"]].rename(
+                columns={"kl": "KL(fp32 || method) nats/token", "top1": "top-1 agreement %"})
+            parts += ["## Agreement with the float model", "", save_table(agree, "agreement", ".4f"), ""]
+        if len(quantized) and quantized.threshold.nunique() > 1:
+            save_fig(threshold_curves(df), "threshold_curves.png")
+            parts += ["## Perplexity vs threshold", "", "![threshold curves](threshold_curves.png)", ""]
+
+    if "outliers" not in cfg.measure:
+        parts += ["No outlier scan was measured (`measure` lacks \"outliers\"): no Table-4 layout.", ""]
+    elif (df.kind == "outliers").any():
+        t4 = outlier_table(df, cfg.report_thresholds or cfg.thresholds)
+        first = t4.iloc[0]
+        parts += [f"## Outlier features (Table-4 layout; {first['criterion']} and {first['relative criterion']}, "
+                  "hidden space, in >= 25 % of layers and >= 6 % of positions)", "",
+                  save_table(t4, "table4", ".1f"), ""]
         if len(t4) > 1:
-            emergence(t4).savefig(folder / "emergence.png", dpi=120)
+            save_fig(emergence(t4), "emergence.png")
             parts += ["![emergence](emergence.png)", ""]
+    else:
+        parts += ["No outlier scan is done yet: no Table-4 layout.", ""]
+
     if len(failed):
         parts += ["## Failed cells", ""] + [f"- {r.model} {r.method} t={r.threshold}: {str(r.error).splitlines()[0]}"
                                              for r in failed.itertuples()] + [""]
-    settings = {k: v for k, v in cfg.items() if k not in ("name", "description")}
-    parts += ["## Settings", "", "```json", json.dumps(settings, indent=1), "```", "",
-              f"outliers {outliers.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+    commits = sorted({(c or "unknown")[:10] + ("+dirty" if d else "") for c, d in zip(df.commit_sha, df.dirty)})
+    parts += ["## Settings", "", "```json", json.dumps(as_tables(cfg), indent=1), "```", "",
+              f"Computed by outliers {outliers.__version__} (commit {', '.join(commits) or 'unknown'}); "
+              f"report by torch {torch.__version__}, transformers {transformers.__version__}, "
               f"Python {platform.python_version()}, {platform.machine()}.", ""]
-    path = folder / "report.md"
-    path.write_text("\n".join(parts))
-    return path
+    return atomic_write(folder / "report.md", "\n".join(parts))

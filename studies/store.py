@@ -1,9 +1,17 @@
-"""Results in SQLite: one row per finished cell, each written in its own transaction.
+"""Results in SQLite: one row per cell of the grid, each written in its own transaction.
+
+A row is keyed by the cell's *place* in the grid (kind, model, corpus,
+method, threshold) and carries the *fingerprint* of what it measured: the
+weights' and the corpus' hashes, dtype, device, every protocol and method
+setting and the package version (``studies.runner.fingerprint``). A row is
+reused only while its fingerprint is the one the grid asks for now; a row
+whose inputs changed is *stale*, recomputed by the next run and never
+reported. The git commit of the code that computed a row is provenance:
+it flags rows made by other code without invalidating them.
 
 A study killed at any moment keeps every committed row (SQLite commits are
-atomic); a rerun skips the cells whose key is already ``done``. Keys hash the
-cell's settings and the package version, so a changed setting or a new
-release recomputes instead of reusing a stale number.
+atomic). Per-token NLLs are kept beside each perplexity, zlib-compressed
+float32.
 """
 
 from __future__ import annotations
@@ -11,31 +19,37 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["Store"]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cells (
-    key TEXT PRIMARY KEY,
-    study TEXT NOT NULL,
-    kind TEXT NOT NULL,          -- 'perplexity' or 'outliers'
-    model TEXT NOT NULL,
-    corpus TEXT NOT NULL,
-    method TEXT NOT NULL,        -- 'fp32' for the baseline
-    threshold REAL,
-    status TEXT NOT NULL,        -- 'done' or 'failed'
-    ppl REAL,
-    n_tokens INTEGER,
-    seconds REAL,
-    tokens_per_s REAL,
-    result TEXT,                 -- every field of the result, JSON
-    error TEXT,
-    version TEXT NOT NULL,
-    finished_at REAL NOT NULL
-)
-"""
+COLUMNS = {  # name -> SQL type; a store from an older version gains the missing ones (NULL: stale)
+    "key": "TEXT PRIMARY KEY",  # place in the grid
+    "fingerprint": "TEXT",  # what the cell measured
+    "study": "TEXT NOT NULL",
+    "kind": "TEXT NOT NULL",  # 'perplexity' or 'outliers'
+    "model": "TEXT NOT NULL",
+    "corpus": "TEXT NOT NULL",
+    "method": "TEXT NOT NULL",  # 'fp32' for the baseline
+    "threshold": "REAL",
+    "status": "TEXT NOT NULL",  # 'done' or 'failed'
+    "ppl": "REAL",
+    "n_tokens": "INTEGER",
+    "seconds": "REAL",
+    "tokens_per_s": "REAL",
+    "result": "TEXT",  # every field of the result, JSON
+    "error": "TEXT",
+    "version": "TEXT NOT NULL",
+    "commit_sha": "TEXT",  # git commit of the code that computed the row (None outside a checkout)
+    "dirty": "INTEGER",  # 1 when that checkout had uncommitted changes
+    "provenance": "TEXT",  # weights' provenance, library versions, token ids' hash: JSON
+    "finished_at": "REAL NOT NULL",
+    "token_nll": "BLOB",  # per-token NLLs, float32, zlib
+}
 
 
 class Store:
@@ -44,32 +58,50 @@ class Store:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / "results.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path)
+        self.conn = sqlite3.connect(self.path, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
         with self.conn:
-            self.conn.execute(SCHEMA)
+            cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS cells ({cols})")
+            have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
+            for name, sql_type in COLUMNS.items():
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE cells ADD COLUMN {name} {sql_type.split()[0]}")
 
-    def done_keys(self) -> set[str]:
-        return {k for (k,) in self.conn.execute("SELECT key FROM cells WHERE status = 'done'")}
-
-    def record(self, key: str, cell: dict[str, Any], status: str, result: dict[str, Any] | None = None,
-               error: str | None = None, version: str = "") -> None:
-        """Write one cell in its own transaction (replacing an earlier failure of the same key)."""
+    def record(self, key: str, fingerprint: str | None, cell: dict[str, Any], status: str,
+               result: dict[str, Any] | None = None, *, error: str | None = None, version: str = "",
+               commit: tuple[str | None, bool] = (None, False), provenance: dict[str, Any] | None = None,
+               token_nll: np.ndarray | None = None) -> None:
+        """Write one cell in its own transaction, replacing whatever stood at its place."""
         r = result or {}
+        blob = None if token_nll is None else zlib.compress(np.asarray(token_nll, dtype=np.float32).tobytes())
+        row = {"key": key, "fingerprint": fingerprint, "study": cell["study"], "kind": cell["kind"],
+               "model": cell["model"], "corpus": cell["corpus"], "method": cell["method"],
+               "threshold": cell.get("threshold"), "status": status, "ppl": r.get("ppl"),
+               "n_tokens": r.get("n_tokens"), "seconds": r.get("seconds"), "tokens_per_s": r.get("tokens_per_s"),
+               "result": json.dumps(r, default=str), "error": error, "version": version,
+               "commit_sha": commit[0], "dirty": int(commit[1]), "provenance": json.dumps(provenance or {}),
+               "finished_at": time.time(), "token_nll": blob}
         with self.conn:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (key, cell["study"], cell["kind"], cell["model"], cell["corpus"], cell["method"],
-                 cell.get("threshold"), status, r.get("ppl"), r.get("n_tokens"), r.get("seconds"),
-                 r.get("tokens_per_s"), json.dumps(r, default=str), error, version, time.time()))
+            self.conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                              tuple(row.values()))
 
     def frame(self):
-        """Return every row as a pandas DataFrame (``result`` parsed)."""
+        """Return every row as a pandas DataFrame (``result`` and ``provenance`` parsed; no token NLLs)."""
         import pandas as pd
 
-        df = pd.read_sql_query("SELECT * FROM cells ORDER BY finished_at", self.conn)
-        df["result"] = df["result"].map(lambda s: json.loads(s) if s else {})
+        cols = [c for c in COLUMNS if c != "token_nll"]
+        df = pd.read_sql_query(f"SELECT {', '.join(cols)} FROM cells ORDER BY finished_at", self.conn)
+        for col in ("result", "provenance"):
+            df[col] = df[col].map(lambda s: json.loads(s) if s else {})
         return df
+
+    def token_nll(self, key: str) -> np.ndarray | None:
+        """Return the per-token NLLs stored with a cell, or None."""
+        row = self.conn.execute("SELECT token_nll FROM cells WHERE key = ?", (key,)).fetchone()
+        if not row or row[0] is None:
+            return None
+        return np.frombuffer(zlib.decompress(row[0]), dtype=np.float32)
 
     def close(self) -> None:
         self.conn.close()

@@ -63,22 +63,31 @@ def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
     cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, measure='["perplexity", "outliers"]'))
     out = tmp_path / "out"
     first = run_study(cfg, out, progress=False)
-    assert first == {"done": 1 + 3 + 1 + 1, "failed": 0, "skipped": 0}  # fp32, llm.int8 x3, absmax, scan
+    assert first == {"done": 1 + 3 + 1 + 1, "failed": 0, "skipped": 0, "stale": 0}  # fp32, llm.int8 x3, absmax, scan
     again = run_study(cfg, out, progress=False)
-    assert again == {"done": 0, "failed": 0, "skipped": 6}
+    assert again == {"done": 0, "failed": 0, "skipped": 6, "stale": 0}
     st = status(out)
-    assert (st.status == "done").all() and len(st) == 6
+    assert (st.state == "done").all() and len(st) == 6
     report = write_report(out)
     text = report.read_text()
     assert "32-bit float" in text and "absmax LLM.int8()" in text and (out / "threshold_curves.png").exists()
-    assert (out / "table1.csv").exists() and "## Settings" in text
-    assert "Table-4 layout" in text and (out / "table4.csv").exists()
+    for t in ("0", "2", "6"):  # one Table-1 block per threshold of the grid
+        assert f"### Decomposition threshold {t}" in text and (out / f"table1_t{t}.csv").exists()
+    assert "## Settings" in text and "## Agreement with the float model" in text
+    assert "Table-4 layout; |x| >= 6" in text and (out / "table4.csv").exists()
+    assert "llm.int8 ppl (t=2)" in (out / "table4.csv").read_text()
+    rows = Store(out).frame()
+    q = rows[rows.method == "llm.int8"].iloc[0]
+    assert q.result["kl_vs_ref"] >= 0 and q.result["delta_ppl_pct_ci95"] and q.fingerprint
+    assert q.provenance["weights_sha256"] and q.provenance["token_ids_sha256"]
+    nll = Store(out).token_nll(q.key)
+    assert len(nll) == q.n_tokens and abs(nll.astype(float).sum() / q.n_tokens - q.result["nll"]) < 1e-5
 
 
 def test_failed_cells_are_recorded_and_the_study_goes_on(tmp_path, model_dir, text_file):
     cfg = load_config(write_config(tmp_path, "no-such-model", text_file, methods='["absmax"]', thresholds="[6]"))
     counts = run_study(cfg, tmp_path / "out", progress=False)
-    assert counts == {"done": 0, "failed": 2, "skipped": 0}
+    assert counts == {"done": 0, "failed": 2, "skipped": 0, "stale": 0}
     df = Store(tmp_path / "out").frame()
     assert (df.status == "failed").all() and df.error.str.contains("unknown model 'no-such-model'").all()
 
@@ -121,6 +130,8 @@ def test_cli_list_status_and_errors(tmp_path, capsys):
     assert "threshold_ablation" in capsys.readouterr().out
     assert main(["status", str(tmp_path)]) == 2
     assert "not a study folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read study config" in capsys.readouterr().err
 
@@ -140,9 +151,112 @@ def test_ray_backend_matches_local(tmp_path, model_dir, text_file, monkeypatch):
         counts = run_study(cfg, tmp_path / "ray", progress=False, backend="ray")
     finally:
         ray.shutdown()
-    assert counts == {"done": 6, "failed": 0, "skipped": 0}
+    assert counts == {"done": 6, "failed": 0, "skipped": 0, "stale": 0}
     run_study(cfg, tmp_path / "local", progress=False)
     a = Store(tmp_path / "ray").frame().set_index("key").ppl.sort_index()
     b = Store(tmp_path / "local").frame().set_index("key").ppl.sort_index()
     assert list(a.index) == list(b.index)
     assert (abs(a - b) / b < 1e-5).all()  # same numbers, computed in other processes
+
+
+# ---------------------------------------------------------------- cell identity and reports for any grid
+
+def _ppl(out, method="fp32", threshold=None):
+    from studies.report import current_results
+
+    _, df, _ = current_results(out)
+    rows = df[(df.kind == "perplexity") & (df.method == method)]
+    if threshold is not None:
+        rows = rows[rows.threshold == threshold]
+    return float(rows.ppl.iloc[-1])
+
+
+def test_a_changed_corpus_is_recomputed_and_reported(tmp_path, model_dir, sample_text):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(sample_text[:20_000])
+    cfg = load_config(write_config(tmp_path, model_dir("llama"), corpus, methods='["llm.int8"]', thresholds="[6]"))
+    out = tmp_path / "out"
+    run_study(cfg, out, progress=False)
+    before = _ppl(out)
+    corpus.write_text(sample_text[20_000:40_000])  # same file name, other text
+    assert set(status(out).state) == {"stale"}
+    assert "0 cells current" in write_report(out).read_text()  # nothing stale is reported
+    assert "left out" in (out / "report.md").read_text()
+    counts = run_study(cfg, out, progress=False)
+    assert counts == {"done": 2, "failed": 0, "skipped": 0, "stale": 2}
+    after = _ppl(out)
+    assert after != before
+    assert f"{after:.3f}" in write_report(out).read_text()
+
+
+def test_changed_weights_in_a_model_folder_are_recomputed(tmp_path, text_file, tokenizer):
+    from conftest import make_model
+
+    folder = tmp_path / "model"
+    make_model("gpt2", seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = load_config(write_config(tmp_path, folder, text_file, methods='["absmax-vector"]', thresholds="[6]"))
+    out = tmp_path / "out"
+    run_study(cfg, out, progress=False)
+    before = _ppl(out)
+    make_model("gpt2", seed=1).save_pretrained(folder)  # the same folder, other weights
+    assert run_study(cfg, out, progress=False)["stale"] == 2
+    assert _ppl(out) != before
+    assert f"{_ppl(out):.3f}" in write_report(out).read_text()
+
+
+def test_thresholds_3_only_gets_llm_int8_in_every_table(tmp_path, model_dir, text_file):
+    cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]',
+                                   thresholds="[3]", measure='["perplexity", "outliers"]'))
+    out = tmp_path / "out"
+    run_study(cfg, out, progress=False)
+    text = write_report(out).read_text()
+    assert "### Decomposition threshold 3" in text
+    assert "absmax LLM.int8()" in (out / "table1_t3.md").read_text()
+    assert "absmax LLM.int8()" in (out / "agreement.md").read_text()
+    assert "llm.int8 ppl (t=3)" in (out / "table4.md").read_text()
+    t4 = (out / "table4.csv").read_text().splitlines()
+    assert len(t4) == 2 and ",," not in t4[1].split("llm.int8")[0]  # the t=3 perplexity is filled
+
+
+def test_report_section_and_missing_layouts_are_named(tmp_path, model_dir, text_file):
+    path = write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]', thresholds="[2, 6]")
+    path.write_text(path.read_text() + "\n[report]\nthresholds = [6]\n")
+    cfg = load_config(path)
+    assert cfg.report_thresholds == (6.0,)
+    out = tmp_path / "out"
+    run_study(cfg, out, progress=False)
+    text = write_report(out).read_text()
+    assert "### Decomposition threshold 6" in text and "### Decomposition threshold 2" not in text
+    assert "no Table-4 layout" in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(path.read_text().replace("thresholds = [6]", "thresholds = [5]"))
+    with pytest.raises(InvalidArgumentError, match=r"\[report\] thresholds \[5.0\] are not in"):
+        load_config(bad)
+
+
+def test_study_json_is_validated_when_read_back(tmp_path, model_dir, text_file):
+    import json
+
+    cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, methods='["absmax"]'))
+    out = tmp_path / "out"
+    run_study(cfg, out, progress=False)
+    data = json.loads((out / "study.json").read_text())
+    data["study"]["methods"] = ["int4"]
+    (out / "study.json").write_text(json.dumps(data))
+    with pytest.raises(InvalidArgumentError, match="unknown method 'int4'"):
+        write_report(out)
+
+
+def test_cells_of_another_commit_are_kept_and_redone_on_request(tmp_path, model_dir, text_file, monkeypatch):
+    from studies import runner
+
+    cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, methods='["absmax"]'))
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "git_commit", lambda: ("a" * 40, False))
+    run_study(cfg, out, progress=False)
+    monkeypatch.setattr(runner, "git_commit", lambda: ("b" * 40, False))
+    assert set(status(out).state) == {"older"}
+    assert run_study(cfg, out, progress=False)["skipped"] == 2
+    assert run_study(cfg, out, progress=False, recompute_older=True)["done"] == 2
+    assert set(status(out).state) == {"done"}
