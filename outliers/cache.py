@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["cache_dir", "sha256_file", "atomic_path", "atomic_file", "atomic_write", "atomic_dir"]
+__all__ = ["cache_dir", "sha256_file", "atomic_path", "atomic_file", "atomic_write", "atomic_dir", "save_csv",
+           "save_figure"]
 
 
 def cache_dir(*parts: str) -> Path:
@@ -127,3 +128,17 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def save_csv(df: Any, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame to ``path`` as CSV (no index), atomically; return the path."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to ``path`` (format from its suffix), atomically; return the path."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)

@@ -169,7 +169,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from .corpus import encode_corpus, load_corpus
+    from .corpus import bos_token_id, encode_corpus, load_corpus
     from .criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
     from .models import load_model
     from .points import parse_kinds
@@ -192,12 +192,15 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     ids = encode_corpus(tokenizer, corpus)
+    bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = scan(model, ids, points=kinds, threshold=args.threshold, relative_k=args.relative_k,
                      max_tokens=args.max_tokens, window=args.window, batch_size=args.batch_size,
-                     progress=progress, meta={"model": args.model, "corpus": corpus.name,
-                                              "architecture": info.architecture, "n_params": info.n_params})
+                     progress=progress, bos_token_id=bos_id,
+                     meta={"model": args.model, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+                           "architecture": info.architecture, "n_params": info.n_params,
+                           "weights": info.weights, "weights_sha256": info.weights_sha256})
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     spaces = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
@@ -205,7 +208,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             for s in spaces for scale in ("absolute", "relative")]
     table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions",
                                         "tokens"])
-    print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params) on {corpus.name}: "
+    print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
           f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
           f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n")
     if len(table):
@@ -223,24 +226,25 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         print(f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
               f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else ""))
     if out is not None:
+        from .cache import save_csv, save_figure
         from .plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
 
         stats.save(out)
-        table.to_csv(out / "summary.csv", index=False)
+        save_csv(table, out / "summary.csv")
         for s in spaces:
-            per_dim(stats, Criteria(**{**base.__dict__, "space": s})).to_csv(out / f"per_dim_{s}.csv", index=False)
+            save_csv(per_dim(stats, Criteria(**{**base.__dict__, "space": s})), out / f"per_dim_{s}.csv")
         for scale, df in feats.items():
-            df.to_csv(out / f"outlier_features_{scale}.csv", index=False)
-        top_values(stats, tokenizer).to_csv(out / "top_values.csv", index=False)
+            save_csv(df, out / f"outlier_features_{scale}.csv")
+        save_csv(top_values(stats, tokenizer), out / "top_values.csv")
         if massive is not None:
-            massive.to_csv(out / "massive_activations.csv", index=False)
+            save_csv(massive, out / "massive_activations.csv")
         for s in stats.spaces:
-            layer_dim_heatmap(stats, s).savefig(out / f"heatmap_{s}.png", dpi=120)
-            magnitude_histogram(stats, s).savefig(out / f"histogram_{s}.png", dpi=120)
+            save_figure(layer_dim_heatmap(stats, s), out / f"heatmap_{s}.png")
+            save_figure(magnitude_histogram(stats, s), out / f"histogram_{s}.png")
         if "hidden" in spaces:
-            layers_vs_positions(stats, base).savefig(out / "layers_vs_positions.png", dpi=120)
-            layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})).savefig(
-                out / "layers_vs_positions_relative.png", dpi=120)
+            save_figure(layers_vs_positions(stats, base), out / "layers_vs_positions.png")
+            save_figure(layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})),
+                        out / "layers_vs_positions_relative.png")
         print(f"\nwrote statistics, CSV tables and figures to {out}")
     return 0
 
@@ -285,7 +289,9 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200):
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if json_path:
-        json_path.write_text(df.to_json(orient="records", indent=2))
+        from .cache import atomic_write
+
+        atomic_write(json_path, df.to_json(orient="records", indent=2))
     return 0
 
 
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position-mode", choices=("union", "max", "mean"), default="union")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bos", choices=("corpus", "window"), default="corpus",
+                   help="window: every window is BOS + window-1 corpus tokens (default: %(default)s)")
     p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
     p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
     p.add_argument("--quiet", action="store_true")

@@ -199,14 +199,17 @@ class OutlierStats:
         """Write ``stats.safetensors`` (tensors) and ``stats.json`` (everything else) into ``folder``."""
         from safetensors.torch import save_file
 
+        from .cache import atomic_path, atomic_write
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
-                  str(folder / "stats.safetensors"), metadata={"format": FORMAT})
+        with atomic_path(folder / "stats.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
+                      str(tmp), metadata={"format": FORMAT})
         info = {"format": FORMAT, "threshold": self.threshold, "relative_k": self.relative_k,
                 "top_k": self.top_k, "points": [asdict(p) for p in self.points],
                 "tokens": self.tokens, "nonfinite": self.nonfinite, "meta": self.meta}
-        (folder / "stats.json").write_text(json.dumps(info, indent=1))
+        atomic_write(folder / "stats.json", json.dumps(info, indent=1))
         return folder
 
     @classmethod

@@ -187,7 +187,7 @@ def write_report(folder: str | Path) -> Path:
     import outliers
     import torch
     import transformers
-    from outliers.cache import atomic_path, atomic_write
+    from outliers.cache import atomic_write, save_csv, save_figure
     from outliers.corpus import load_corpus
     from outliers.intervals import MIN_WINDOWS
 
@@ -198,13 +198,8 @@ def write_report(folder: str | Path) -> Path:
     store.close()
     failed = failed[failed.status == "failed"]
 
-    def save_fig(fig: Figure, name: str) -> None:
-        with atomic_path(folder / name) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-
     def save_table(table: pd.DataFrame, stem: str, floatfmt: str) -> str:
-        with atomic_path(folder / f"{stem}.csv") as tmp:
-            table.to_csv(tmp, index=False)
+        save_csv(table, folder / f"{stem}.csv")
         atomic_write(folder / f"{stem}.md", markdown(table, floatfmt) + "\n")
         return markdown(table, floatfmt)
 
@@ -248,8 +243,7 @@ def write_report(folder: str | Path) -> Path:
             parts += [heading, "", save_table(table, stem, ".3f"), ""]
         flat = ppl[["model", "corpus", "method", "threshold", "ppl", "delta_ppl_pct", "kl_vs_ref",
                     "top1_agreement", "n_tokens", "tokens_per_s"]]
-        with atomic_path(folder / "perplexity.csv") as tmp:
-            flat.to_csv(tmp, index=False)
+        save_csv(flat, folder / "perplexity.csv")
         quantized = ppl[ppl.method != "fp32"]
         if len(quantized):
             agree = quantized.assign(method=quantized.method.map(label),
@@ -259,7 +253,7 @@ def write_report(folder: str | Path) -> Path:
                 columns={"kl": "KL(fp32 || method) nats/token", "top1": "top-1 agreement %"})
             parts += ["## Agreement with the float model", "", save_table(agree, "agreement", ".4f"), ""]
         if len(quantized) and quantized.threshold.nunique() > 1:
-            save_fig(threshold_curves(df), "threshold_curves.png")
+            save_figure(threshold_curves(df), folder / "threshold_curves.png")
             parts += ["## Perplexity vs threshold", "", "![threshold curves](threshold_curves.png)", ""]
 
     if "outliers" not in cfg.measure:
@@ -271,7 +265,7 @@ def write_report(folder: str | Path) -> Path:
                   "hidden space, in >= 25 % of layers and >= 6 % of positions)", "",
                   save_table(t4, "table4", ".1f"), ""]
         if len(t4) > 1:
-            save_fig(emergence(t4), "emergence.png")
+            save_figure(emergence(t4), folder / "emergence.png")
             parts += ["![emergence](emergence.png)", ""]
     else:
         parts += ["No outlier scan is done yet: no Table-4 layout.", ""]
