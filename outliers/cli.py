@@ -285,7 +285,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     df = ablation_study(model, ids, dims, points=list(kinds), mode=args.mode, controls=args.controls,
                         seed=args.seed, window=args.window, max_windows=args.max_windows, stats=stats,
                         progress=progress)
-    print(f"{info.name}: {args.mode} dims at {args.points}, {args.max_windows} windows of {args.window}\n")
+    print(f"{info.name} ({info.weights}): {args.mode} dims at {args.points}, {args.max_windows} windows of {args.window}\n")
     with pd.option_context("display.width", 200):
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if json_path:

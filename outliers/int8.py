@@ -1,6 +1,6 @@
 """LLM.int8(): outlier columns, vector-wise int8 with decomposition (reference path).
 
-Pure PyTorch, bitsandbytes' names and semantics (``../shared/PAPER_NOTES.md`` §2):
+Pure PyTorch, bitsandbytes' names and semantics (Dettmers et al. 2022, §3; ``docs/protocols.md``):
 
 * an element is an outlier when ``|x| >= threshold``; its column is an outlier
   column; ``threshold == 0`` means no decomposition;

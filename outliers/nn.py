@@ -1,6 +1,6 @@
 """``Int8Linear``: a drop-in for ``nn.Linear`` and GPT-2's ``Conv1D`` on real int8 arithmetic.
 
-Methods are the rows of the paper's Table 1 (``../shared/PAPER_NOTES.md`` §4):
+Methods are the rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339):
 
 ==================== ========== ========== ========= =============
 method               quantizer  X          W         decomposition

@@ -2,7 +2,7 @@
 
 A capture point is the input of one linear layer (or a block's output, for the
 residual stream), with the block it belongs to and the feature space it
-lives in (``../shared/PAPER_NOTES.md`` §3):
+lives in (Dettmers et al. 2022, §4.1; ``docs/protocols.md``):
 
 ``attn_in``   input of the q/k/v projections (they share it; hooked once, on q)  space "hidden"
 ``attn_out``  input of the attention output projection (concatenated heads)     space "heads"

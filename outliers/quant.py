@@ -1,6 +1,6 @@
 """Quantization building blocks: pure functions, tensor in, tensor out.
 
-Conventions (``../shared/PAPER_NOTES.md`` §1, bitsandbytes' names):
+Conventions (Dettmers et al. 2022, §2; bitsandbytes' names):
 
 absmax     ``q = round(x * 127 / absmax)`` in [-127, 127]; the stored statistic
            is ``absmax`` itself (bitsandbytes' ``row_stats`` / ``SCB``), so
