@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from outliers.cli import dispatch
+    from outliers.threads import configure_threads
 
+    configure_threads()  # before --backend ray starts its workers, which inherit the environment
     return dispatch(build_parser(), argv)
 
 

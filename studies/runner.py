@@ -288,7 +288,10 @@ def _ray_results(cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | 
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started = True
     try:
-        worker_cls = ray.remote(num_cpus=1)(_Worker)
+        from outliers.threads import thread_env
+
+        # an actor holds one CPU: one torch/MKL/Numba thread, and idle OpenMP threads sleep (outliers/threads.py)
+        worker_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": thread_env(1)})(_Worker)
         groups: dict[str, list] = {}
         for cell, key in todo:
             groups.setdefault(cell["model"], []).append((cell, key))

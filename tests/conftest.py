@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+# Threads (outliers/threads.py): OpenMP reads its wait policy once, when torch loads it, so set it first;
+# notebook kernels, Ray workers and CLI subprocesses inherit it. Idle threads sleep instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+
+from outliers.threads import configure_threads  # noqa: E402
+
+configure_threads()
 
 # Without a GPU the Numba CUDA kernels run in Numba's simulator; it must be chosen
 # before numba is first imported (it only affects the CUDA target, not @njit).
