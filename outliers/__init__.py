@@ -1,40 +1,46 @@
 """outliers: outlier-feature analysis and LLM.int8() for transformer language models.
 
-The flat public API; each name lives in a small module of its own.
+The flat public API; each name lives in a small module of its own and is
+imported on first use, so that ``import outliers`` (and the command lines)
+start without torch: entry points set thread settings that torch reads only
+when it loads (``outliers.threads``).
 """
 
-from .corpus import Corpus, encode_corpus, load_corpus
-from .errors import (
-    CorpusError,
-    HubUnavailableError,
-    InvalidArgumentError,
-    MissingPackageError,
-    ModelFileError,
-    OutliersError,
-    OutputPathError,
-    UnknownModelError,
-)
-from .models import BUILTIN_MODELS, LoadedModel, ModelInfo, list_models, load_model
-from .perplexity import PerplexityResult, PerplexitySettings, perplexity
-from .nn import METHODS, Int8Linear
-from .qmodel import QuantReport, load_quantized, quantize_model, save_quantized
-from .hooks import capture
-from .points import CapturePoint, resolve_points
-from .stats import OutlierStats
-from .criteria import Criteria, massive_activations, outlier_features, per_dim, summary
-from .scan import scan
-from .ablate import ablation_study
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "load_model", "list_models", "LoadedModel", "ModelInfo", "BUILTIN_MODELS",
-    "load_corpus", "encode_corpus", "Corpus",
-    "perplexity", "PerplexityResult", "PerplexitySettings",
-    "Int8Linear", "METHODS", "quantize_model", "save_quantized", "load_quantized", "QuantReport",
-    "capture", "resolve_points", "CapturePoint", "OutlierStats", "scan",
-    "Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "ablation_study",
-    "OutliersError", "UnknownModelError", "MissingPackageError", "ModelFileError",
-    "HubUnavailableError", "CorpusError", "InvalidArgumentError", "OutputPathError",
-]
+_EXPORTS = {
+    "load_model": "models", "list_models": "models", "LoadedModel": "models", "ModelInfo": "models",
+    "BUILTIN_MODELS": "models",
+    "load_corpus": "corpus", "encode_corpus": "corpus", "Corpus": "corpus",
+    "perplexity": "perplexity", "PerplexityResult": "perplexity", "PerplexitySettings": "perplexity",
+    "Int8Linear": "nn", "METHODS": "nn",
+    "quantize_model": "qmodel", "quantized_copy": "qmodel", "save_quantized": "qmodel", "load_quantized": "qmodel",
+    "QuantReport": "qmodel",
+    "capture": "hooks", "resolve_points": "points", "CapturePoint": "points", "OutlierStats": "stats",
+    "scan": "scan",
+    "Criteria": "criteria", "per_dim": "criteria", "outlier_features": "criteria", "summary": "criteria",
+    "massive_activations": "criteria", "ablation_study": "ablate",
+    "OutliersError": "errors", "UnknownModelError": "errors", "MissingPackageError": "errors",
+    "ModelFileError": "errors", "HubUnavailableError": "errors", "CorpusError": "errors",
+    "InvalidArgumentError": "errors", "OutputPathError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'outliers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -392,7 +392,7 @@ def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     from .threads import configure_threads
 
-    configure_threads()  # torch is loaded already (import outliers); this reaches Numba and child processes
+    configure_threads()  # before torch loads: import outliers is lazy
     return dispatch(build_parser(), argv)
 
 

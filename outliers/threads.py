@@ -14,9 +14,10 @@ What it fixes (measured on a 2-core machine shared with other jobs):
   forward passes ran 2.5-6x slower (perf: ~74% of the process's CPU samples
   inside libgomp's spin loops). ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep
   instead. libgomp reads it once, when torch loads it: it must be in the
-  environment before ``import torch`` (``import outliers`` imports torch), so
-  entry points that can set it earlier do so themselves; here it is also set
-  for child processes (Jupyter kernels, Ray workers, subprocesses).
+  environment before ``import torch``. ``import outliers`` does not import
+  torch (its API loads on first use), so the command lines call this first;
+  it is also inherited by child processes (Jupyter kernels, Ray workers,
+  subprocesses).
 * Numba's ``omp`` threading layer shares torch's OpenMP runtime and sets the
   team size to ``NUMBA_NUM_THREADS`` (default: every CPU) on the calling
   thread, so a process limited to ``n`` torch threads silently went back to

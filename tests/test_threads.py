@@ -48,3 +48,13 @@ def test_torch_keeps_n_threads_after_a_numba_kernel():
     assert _child(f"from outliers.threads import configure_threads; configure_threads(1); {AFTER_KERNEL}") == "1"
     assert _child(f"from outliers.threads import configure_threads; configure_threads(); {AFTER_KERNEL}",
                   OMP_NUM_THREADS="1") == "1"
+
+
+def test_the_command_lines_start_without_torch():
+    """Entry points set OMP_WAIT_POLICY before torch loads OpenMP; import outliers must not load torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, outliers, outliers.cli, studies.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'; outliers.__version__")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
