@@ -22,7 +22,7 @@ from outliers.nn import METHODS, label
 from .config import StudyConfig, as_tables, read_study
 from .store import Store
 
-__all__ = ["status", "current_results", "perplexity_table", "threshold_curves", "outlier_table", "emergence",
+__all__ = ["status", "current_results", "perplexity_table", "agreement_table", "threshold_curves", "outlier_table", "emergence",
            "write_report", "markdown", "fmt_delta"]
 
 
@@ -109,6 +109,21 @@ def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
             row[model] = r.ppl
             row[f"{model} vs fp32"] = fmt_delta(r.delta_ppl_pct, r.delta_ppl_pct_ci95)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
+    """KL against the float model and top-1 agreement per quantized cell, each with its interval."""
+    def interval(v, ci, scale, fmt):
+        if v is None:
+            return ""
+        return f"{v * scale:{fmt}}" + (f" [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else "")
+
+    rows = [{"model": r.model, "method": label(r.method), "threshold": f"{r.threshold:g}",
+             "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
+             "top-1 agreement %": interval(r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"),
+                                           100, ".2f")}
+            for r in ppl.itertuples()]
     return pd.DataFrame(rows)
 
 
@@ -246,12 +261,10 @@ def write_report(folder: str | Path) -> Path:
         save_csv(flat, folder / "perplexity.csv")
         quantized = ppl[ppl.method != "fp32"]
         if len(quantized):
-            agree = quantized.assign(method=quantized.method.map(label),
-                                     kl=quantized.kl_vs_ref,
-                                     top1=quantized.top1_agreement.map(lambda v: 100 * v if v is not None else v))
-            agree = agree[["model", "method", "threshold", "kl", "top1"]].rename(
-                columns={"kl": "KL(fp32 || method) nats/token", "top1": "top-1 agreement %"})
-            parts += ["## Agreement with the float model", "", save_table(agree, "agreement", ".4f"), ""]
+            parts += ["## Agreement with the float model", "",
+                      "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
+                      "top-1 token is the same, with 95 % bootstrap intervals over windows.", "",
+                      save_table(agreement_table(quantized), "agreement", ".4f"), ""]
         if len(quantized) and quantized.threshold.nunique() > 1:
             save_figure(threshold_curves(df), folder / "threshold_curves.png")
             parts += ["## Perplexity vs threshold", "", "![threshold curves](threshold_curves.png)", ""]
