@@ -47,17 +47,21 @@ def fmt_delta(value: float | None, ci) -> str:
     return f"{value:+.1f} %{interval}"
 
 
-def status(folder: str | Path) -> pd.DataFrame:
-    """One row per cell of the grid: kind, model, corpus, method, threshold, state, commit."""
+def _load(folder: str | Path) -> tuple[StudyConfig, list, pd.DataFrame]:
+    """Return the study's validated config, its planned cells (``studies.runner.plan``) and every stored row."""
     from .runner import plan
 
     cfg = read_study(folder)
     store = Store(folder)
     try:
-        planned = plan(cfg, store)
-        frame = store.frame()
+        return cfg, plan(cfg, store), store.frame()
     finally:
         store.close()
+
+
+def status(folder: str | Path) -> pd.DataFrame:
+    """One row per cell of the grid: kind, model, corpus, method, threshold, state, commit."""
+    _, planned, frame = _load(folder)
     commits = dict(zip(frame.key, frame.commit_sha))
     return pd.DataFrame([{"kind": p.cell["kind"], "model": p.cell["model"], "corpus": p.cell["corpus"],
                           "method": p.cell["method"], "threshold": p.cell["threshold"], "state": p.state,
@@ -66,20 +70,18 @@ def status(folder: str | Path) -> pd.DataFrame:
 
 def current_results(folder: str | Path) -> tuple[StudyConfig, pd.DataFrame, dict[str, int]]:
     """Return the study's config, its current rows (done or older, with ``state``) and counts per state."""
-    from .runner import STATES, plan
+    cfg, planned, frame = _load(folder)
+    return (cfg, *_current(planned, frame))
 
-    cfg = read_study(folder)
-    store = Store(folder)
-    try:
-        planned = plan(cfg, store)
-        df = store.frame()
-    finally:
-        store.close()
+
+def _current(planned: list, df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    from .runner import STATES
+
     state = {p.key: p.state for p in planned}
     counts = {s: sum(p.state == s for p in planned) for s in STATES}
     df = df[df.key.map(lambda k: state.get(k) in ("done", "older"))].copy()
     df["state"] = df.key.map(state)
-    return cfg, df, counts
+    return df, counts
 
 
 def _ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -207,11 +209,9 @@ def write_report(folder: str | Path) -> Path:
     from outliers.intervals import MIN_WINDOWS
 
     folder = Path(folder)
-    cfg, df, counts = current_results(folder)
-    store = Store(folder)
-    failed = store.frame()
-    store.close()
-    failed = failed[failed.status == "failed"]
+    cfg, planned, frame = _load(folder)
+    df, counts = _current(planned, frame)
+    failed = frame[frame.status == "failed"]
 
     def save_table(table: pd.DataFrame, stem: str, floatfmt: str) -> str:
         save_csv(table, folder / f"{stem}.csv")
