@@ -9,6 +9,8 @@ when it loads (``outliers.threads``).
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -44,3 +46,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``outliers.perplexity`` and ``outliers.scan`` the functions once their modules load.
+
+    Importing a submodule sets it as an attribute of its package, which would
+    shadow the function of the same name; an eager ``from .perplexity import
+    perplexity`` used to overwrite it back.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and _EXPORTS[name] == name and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

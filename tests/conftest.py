@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-# Threads (outliers/threads.py): OpenMP reads its wait policy once, when torch loads it, so set it first;
-# notebook kernels, Ray workers and CLI subprocesses inherit it. Idle threads sleep instead of spinning.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-
-from outliers.threads import configure_threads  # noqa: E402
+# Threads (outliers/threads.py): OpenMP reads its wait policy once, when torch loads it, so this comes
+# first; notebook kernels, Ray workers and CLI subprocesses inherit it. Idle threads sleep, not spin.
+from outliers.threads import configure_threads  # noqa: E402  (imports no torch)
 
 configure_threads()
+import torch  # noqa: E402
 
 # Without a GPU the Numba CUDA kernels run in Numba's simulator; it must be chosen
 # before numba is first imported (it only affects the CUDA target, not @njit).

@@ -58,3 +58,14 @@ def test_the_command_lines_start_without_torch():
     code = ("import sys, outliers, outliers.cli, studies.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'; outliers.__version__")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_lazy_api_names_stay_functions_after_their_modules_load():
+    """outliers.perplexity / outliers.scan are functions even when outliers.perplexity (the module) loaded first."""
+    import subprocess
+    import sys
+
+    code = ("import outliers.perplexity, outliers.scan, outliers; from outliers import perplexity, scan; "
+            "assert callable(perplexity) and callable(scan) and callable(outliers.perplexity)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
