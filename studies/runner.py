@@ -71,7 +71,7 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
     return out
 
 
-def cell_key(cell: dict[str, Any], cfg: StudyConfig | None = None) -> str:
+def cell_key(cell: dict[str, Any]) -> str:
     """Return the cell's place in the grid: a hash of kind, model, corpus, method and threshold."""
     place = {k: cell[k] for k in ("kind", "model", "corpus", "method", "threshold")}
     return digest(place)[:20]

@@ -202,3 +202,20 @@ def test_quantize_bert_encoder():
     with torch.inference_mode():
         y, y0 = model(x).last_hidden_state, ref(x).last_hidden_state
     assert ((y - y0).norm() / y0.norm()) < 0.05
+
+
+def test_quantized_copy_shares_what_it_does_not_quantize(arch):
+    from outliers.nn import Int8Linear
+    from outliers.qmodel import quantized_copy
+
+    model = make_model(arch)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    q, report = quantized_copy(model, "llm.int8", 6.0)
+    assert report.replaced and report.skipped == ["lm_head"]
+    assert q.get_output_embeddings().weight is model.get_output_embeddings().weight
+    assert q.get_input_embeddings().weight is model.get_input_embeddings().weight
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # the float model is untouched
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    float_ids = {id(p) for p in model.parameters()}
+    int8_ids = {id(b) for m in q.modules() if isinstance(m, Int8Linear) for b in m.buffers()}
+    assert not int8_ids & float_ids

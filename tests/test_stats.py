@@ -197,3 +197,18 @@ def test_scan_of_a_short_corpus_scans_what_there_is():
     assert st.meta["tokens_scanned"] == 96 and st.tokens["L00.attn_in"] == 96
     with pytest.raises(CorpusError, match="fewer than one window"):
         scan(model, corpus_ids[:10], window=32, progress=False)
+
+
+def test_scan_with_a_bos_per_window_prepends_it_once():
+    model = make_model("llama")
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    try:
+        ids = torch.cat([torch.tensor([0]), torch.arange(1, 200)])  # a BOS (0) at the corpus start
+        st = scan(model, ids, max_tokens=93, window=32, bos_token_id=0, progress=False)
+    finally:
+        handle.remove()
+    batch = torch.cat(seen)
+    assert batch.shape == (3, 32) and (batch[:, 0] == 0).all()  # 93 // 31 windows of BOS + 31 tokens
+    assert torch.equal(batch[:, 1:].reshape(-1), torch.arange(1, 94))  # the corpus BOS is not doubled
+    assert st.meta["bos"] == "window"
