@@ -222,7 +222,7 @@ class _Worker:
         self.cfg = cfg
         self.progress = progress  # a bar over each cell's windows (local runs)
         self.loaded: dict[str, Any] = {}
-        self.tokens: dict[tuple[str, str], Any] = {}
+        self.tokens: dict[tuple[str, str], Any] = {}  # (model, corpus) -> (token ids, corpus SHA-256)
         self.ref_states: dict[tuple[str, str], dict] = {}  # the float model's hidden states per batch
 
     def run(self, cell: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None]:
@@ -248,8 +248,9 @@ class _Worker:
             model, tok, info = self.loaded[cell["model"]]
             tkey = (cell["model"], cell["corpus"])
             if tkey not in self.tokens:
-                self.tokens[tkey] = encode_corpus(tok, load_corpus(cell["corpus"]))
-            ids = self.tokens[tkey]
+                corpus = load_corpus(cell["corpus"])
+                self.tokens[tkey] = encode_corpus(tok, corpus), corpus.sha256
+            ids, corpus_sha256 = self.tokens[tkey]
             bos_id = None
             if self.cfg.bos == "window":
                 from outliers.corpus import bos_token_id
@@ -265,7 +266,7 @@ class _Worker:
             result["token_nll"] = token_nll
             result["provenance"] = {
                 "weights": info.weights, "weights_sha256": info.weights_sha256, "revision": info.revision,
-                "token_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+                "corpus_sha256": corpus_sha256, "token_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(), "machine": platform.machine()}
             return "done", result, None

@@ -79,7 +79,7 @@ def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
     rows = Store(out).frame()
     q = rows[rows.method == "llm.int8"].iloc[0]
     assert q.result["kl_vs_ref"] >= 0 and q.result["delta_ppl_pct_ci95"] and q.fingerprint
-    assert q.provenance["weights_sha256"] and q.provenance["token_ids_sha256"]
+    assert q.provenance["weights_sha256"] and q.provenance["token_ids_sha256"] and q.provenance["corpus_sha256"]
     nll = Store(out).token_nll(q.key)
     assert len(nll) == q.n_tokens and abs(nll.astype(float).sum() / q.n_tokens - q.result["nll"]) < 1e-5
 
