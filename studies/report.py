@@ -205,7 +205,6 @@ def write_report(folder: str | Path) -> Path:
     import torch
     import transformers
     from outliers.cache import atomic_write, save_csv, save_figure
-    from outliers.corpus import load_corpus
     from outliers.intervals import MIN_WINDOWS
 
     folder = Path(folder)
@@ -228,7 +227,9 @@ def write_report(folder: str | Path) -> Path:
         parts += [f"{counts['older']} current cell(s) were computed by another commit of the code "
                   "(`studies status -v` lists them; `studies run --recompute-older` redoes them).", ""]
     if len(df):
-        corpora = ", ".join(f"`{c}` (SHA-256 {load_corpus(c).sha256[:12]})" for c in df.corpus.unique())
+        # the hash each row recorded when it ran (the plan has checked it is still the corpus' hash)
+        hashes = {r.corpus: (r.provenance or {}).get("corpus_sha256") or "unknown" for r in df.itertuples()}
+        corpora = ", ".join(f"`{c}` (SHA-256 {sha[:12]})" for c, sha in hashes.items())
         parts += ["Weights (every number below was measured on these):", "", *_provenance_lines(df), "",
                   f"Corpora: {corpora}.", ""]
 
