@@ -19,7 +19,7 @@ import sys
 import torch
 
 import outliers
-from outliers.qmodel import quantize_model
+from outliers.quant.model import quantize_model
 
 
 def bnb_model(folder: str, threshold: float):

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     from cuda_kernels import launch as L
-    from outliers.int8 import int8_mm_dequant
+    from outliers.quant.int8 import int8_mm_dequant
 
     try:
         import bitsandbytes as bnb

@@ -15,7 +15,7 @@ import time
 import torch
 
 import outliers
-from outliers.hooks import capture
+from outliers.analysis.hooks import capture
 
 
 def main(argv=None) -> int:

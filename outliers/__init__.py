@@ -1,32 +1,36 @@
 """outliers: outlier-feature analysis and LLM.int8() for transformer language models.
 
-The flat public API; each name lives in a small module of its own and is
-imported on first use, so that ``import outliers`` (and the command lines)
-start without torch: entry points set thread settings that torch reads only
-when it loads (``outliers.threads``).
+The flat public API. The package is cut by pipeline stage (README, "Layout"):
+``models`` (where weights come from), ``data`` (corpora and token ids),
+``arch`` (what each model family looks like), ``analysis`` (hooks,
+statistics, criteria), ``quant`` (methods and int8 layers), ``eval``
+(perplexity, agreement, intervals), ``cli``. Each name below lives in one
+module and is imported on first use, so that ``import outliers`` (and the
+command lines) start without torch: entry points set thread settings that
+torch reads only when it loads (``outliers.threads``).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "models", "list_models": "models", "LoadedModel": "models", "ModelInfo": "models",
-    "BUILTIN_MODELS": "models",
-    "load_corpus": "corpus", "encode_corpus": "corpus", "Corpus": "corpus",
-    "perplexity": "perplexity", "PerplexityResult": "perplexity", "PerplexitySettings": "perplexity",
-    "Int8Linear": "nn", "METHODS": "nn",
-    "quantize_model": "qmodel", "quantized_copy": "qmodel", "save_quantized": "qmodel", "load_quantized": "qmodel",
-    "QuantReport": "qmodel",
-    "capture": "hooks", "resolve_points": "points", "CapturePoint": "points", "OutlierStats": "stats",
-    "scan": "scan",
-    "Criteria": "criteria", "per_dim": "criteria", "outlier_features": "criteria", "summary": "criteria",
-    "massive_activations": "criteria", "ablation_study": "ablate",
+    "load_model": "models.load", "LoadedModel": "models.load", "ModelInfo": "models.load",
+    "list_models": "models.builtin", "BUILTIN_MODELS": "models.builtin",
+    "load_corpus": "data.corpus", "encode_corpus": "data.corpus", "Corpus": "data.corpus",
+    "perplexity": "eval.perplexity", "PerplexityResult": "eval.perplexity", "PerplexitySettings": "eval.windows",
+    "Int8Linear": "quant.linear", "METHODS": "quant.methods", "Method": "quant.methods",
+    "register_method": "quant.methods",
+    "quantize_model": "quant.model", "quantized_copy": "quant.model", "save_quantized": "quant.model",
+    "load_quantized": "quant.model", "QuantReport": "quant.model",
+    "ARCHITECTURES": "arch.registry", "Architecture": "arch.registry", "architecture_of": "arch.registry",
+    "capture": "analysis.hooks", "resolve_points": "analysis.points", "CapturePoint": "analysis.points",
+    "OutlierStats": "analysis.stats", "scan": "analysis.scan",
+    "Criteria": "analysis.criteria", "per_dim": "analysis.criteria", "outlier_features": "analysis.criteria",
+    "summary": "analysis.criteria", "massive_activations": "analysis.criteria", "ablation_study": "analysis.ablate",
     "OutliersError": "errors", "UnknownModelError": "errors", "MissingPackageError": "errors",
     "ModelFileError": "errors", "HubUnavailableError": "errors", "CorpusError": "errors",
     "InvalidArgumentError": "errors", "OutputPathError": "errors",
@@ -47,19 +51,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
-
-class _Package(types.ModuleType):
-    """Keeps ``outliers.perplexity`` and ``outliers.scan`` the functions once their modules load.
-
-    Importing a submodule sets it as an attribute of its package, which would
-    shadow the function of the same name; an eager ``from .perplexity import
-    perplexity`` used to overwrite it back.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and _EXPORTS[name] == name and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

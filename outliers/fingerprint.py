@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache import cache_dir, sha256_file
+from outliers.cache import cache_dir, sha256_file
 
 __all__ = ["file_sha256", "folder_sha256", "gguf_file_type", "git_commit", "digest"]
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from outliers.errors import InvalidArgumentError
-from outliers.nn import METHODS
-from outliers.perplexity import PerplexitySettings
+from outliers.quant.methods import METHODS
+from outliers.eval.windows import PerplexitySettings
 
 __all__ = ["StudyConfig", "load_config", "parse_config", "read_study", "write_study", "MEASURES"]
 
@@ -62,7 +62,7 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         PerplexitySettings(self.protocol, self.window, self.stride, self.max_windows, self.batch_size, self.bos)
-        from outliers.models import parse_dtype
+        from outliers.models.load import parse_dtype
 
         parse_dtype(self.dtype)
         if self.report_thresholds is not None:

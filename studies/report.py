@@ -17,7 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from outliers.nn import METHODS, label
+from outliers.quant.methods import METHODS, label
 
 from .config import StudyConfig, as_tables, read_study
 from .store import Store
@@ -205,7 +205,7 @@ def write_report(folder: str | Path) -> Path:
     import torch
     import transformers
     from outliers.cache import atomic_write, save_csv, save_figure
-    from outliers.intervals import MIN_WINDOWS
+    from outliers.eval.intervals import MIN_WINDOWS
 
     folder = Path(folder)
     cfg, planned, frame = _load(folder)

@@ -5,7 +5,7 @@ Cells per (model, corpus): the fp32 baseline, one per (method, threshold)
 and, when ``"outliers"`` is measured, one outlier scan. A quantized cell is
 scored against the float model on the same windows (paired delta, KL, top-1
 agreement); its model shares every unquantized tensor with the float one
-(``outliers.qmodel.quantized_copy``), and the float model's final hidden
+(``outliers.quant.model.quantized_copy``), and the float model's final hidden
 states are kept per (model, corpus) so the reference runs once per study.
 
 Each cell has two identities: its place in the grid (``cell_key``) and the
@@ -27,7 +27,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from outliers.fingerprint import digest, git_commit
-from outliers.nn import METHODS
+from outliers.quant.methods import METHODS
 
 from .config import StudyConfig, write_study
 from .store import Store
@@ -45,7 +45,7 @@ def _version() -> str:
 
 def expand_models(models: tuple[str, ...]) -> list[str]:
     """Replace ``"installed"`` by the installed built-in causal models, smallest first."""
-    from outliers.models import list_models
+    from outliers.models.builtin import list_models
 
     out: list[str] = []
     for m in models:
@@ -93,7 +93,7 @@ def _settings(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
 class Fingerprints:
     """Fingerprints of cells' inputs, hashing each model's files and each corpus' text once.
 
-    Weights are identified by ``outliers.models.weights_identity`` (file
+    Weights are identified by ``outliers.models.source.weights_identity`` (file
     hashes cached by path, size and mtime: a rerun costs a ``stat``), corpora
     by the SHA-256 of their text; the tokenizer is part of the model's files.
     A hub model not in the local cache has no fingerprint yet (None): its
@@ -110,7 +110,7 @@ class Fingerprints:
         """Return the weights' identity, or ``{"sha256": None, "error": ...}`` when it cannot be had."""
         if name not in self.weights:
             from outliers.errors import OutliersError
-            from outliers.models import weights_identity
+            from outliers.models.source import weights_identity
 
             try:
                 self.weights[name] = weights_identity(name)
@@ -120,7 +120,7 @@ class Fingerprints:
 
     def corpus(self, spec: str) -> str | None:
         if spec not in self.corpora:
-            from outliers.corpus import load_corpus
+            from outliers.data.corpus import load_corpus
             from outliers.errors import OutliersError
 
             try:
@@ -179,8 +179,8 @@ def plan(cfg: StudyConfig, store: Store, fingerprints: Fingerprints | None = Non
 
 
 def _perplexity_cell(cfg: StudyConfig, cell, model, ids, bos_id, ref_states, progress: bool = False):
-    from outliers.perplexity import perplexity
-    from outliers.qmodel import quantized_copy
+    from outliers.eval.perplexity import perplexity
+    from outliers.quant.model import quantized_copy
 
     target, report, reference = model, None, None
     if cell["method"] != "fp32":
@@ -202,8 +202,8 @@ def _perplexity_cell(cfg: StudyConfig, cell, model, ids, bos_id, ref_states, pro
 
 
 def _outliers_cell(cfg: StudyConfig, cell, model, ids, info, bos_id) -> dict[str, Any]:
-    from outliers.criteria import Criteria, summary
-    from outliers.scan import scan
+    from outliers.analysis.criteria import Criteria, summary
+    from outliers.analysis.scan import scan
 
     st = scan(model, ids, points="attn,ffn", threshold=cell["threshold"], max_tokens=cfg.outlier_tokens,
               window=cfg.window, batch_size=cfg.batch_size, progress=False, meta={"model": cell["model"]},
@@ -236,8 +236,8 @@ class _Worker:
         import torch
         import transformers
 
-        from outliers.corpus import encode_corpus, load_corpus
-        from outliers.models import load_model
+        from outliers.data.corpus import encode_corpus, load_corpus
+        from outliers.models.load import load_model
 
         try:
             if cell["model"] not in self.loaded:
@@ -253,7 +253,7 @@ class _Worker:
             ids, corpus_sha256 = self.tokens[tkey]
             bos_id = None
             if self.cfg.bos == "window":
-                from outliers.corpus import bos_token_id
+                from outliers.data.corpus import bos_token_id
 
                 bos_id = bos_token_id(tok, cell["model"])
             token_nll = None

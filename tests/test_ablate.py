@@ -3,9 +3,9 @@ import torch
 
 from conftest import make_model
 from outliers import InvalidArgumentError
-from outliers.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
-from outliers.hooks import capture
-from outliers.points import resolve_points
+from outliers.analysis.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
+from outliers.analysis.hooks import capture
+from outliers.analysis.points import resolve_points
 
 from test_stats import planted_model
 

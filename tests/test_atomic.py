@@ -15,7 +15,7 @@ import pytest
 
 from outliers.cache import atomic_dir, atomic_file, atomic_path, atomic_write
 from outliers.errors import ModelFileError
-from outliers.packaged import assemble
+from outliers.models.packaged import assemble
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -228,7 +228,7 @@ CHILD = r"""
 import os, sys, time
 from pathlib import Path
 import outliers
-from outliers.corpus import encode_corpus, load_corpus
+from outliers.data.corpus import encode_corpus, load_corpus
 from transformers import AutoTokenizer
 
 sync, me, tok_dir, text_file, gguf = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
@@ -260,7 +260,7 @@ print(len(ids), int(ids.sum()), loaded.model.name_or_path)
 def test_two_processes_tokenize_and_convert_the_same_thing(tmp_path, tokenizer, model_dir, text_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from outliers.corpus import encode_corpus, load_corpus
+    from outliers.data.corpus import encode_corpus, load_corpus
 
     tok_dir = model_dir("llama")
     gguf = tmp_path / "tiny.gguf"

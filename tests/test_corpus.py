@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from outliers import CorpusError, MissingPackageError, encode_corpus, load_corpus
-from outliers.corpus import tokenizer_fingerprint
+from outliers.data.corpus import tokenizer_fingerprint
 
 
 def test_builtin_is_the_shipped_text_checked_by_sha256():
-    from outliers.corpus import BUILTIN_SHA256
+    from outliers.data.corpus import BUILTIN_SHA256
 
     a, b = load_corpus("builtin"), load_corpus()
     assert a == b and a.name == "builtin" and a.sha256 == BUILTIN_SHA256
@@ -19,7 +19,7 @@ def test_builtin_is_the_shipped_text_checked_by_sha256():
 def test_damaged_builtin_is_refused(tmp_path, monkeypatch):
     import gzip
 
-    from outliers import corpus as corpus_mod
+    from outliers.data import corpus as corpus_mod
 
     edited = tmp_path / "builtin.txt.gz"
     edited.write_bytes(gzip.compress(load_corpus("builtin").text.replace("Congress", "Kongress", 1).encode()))

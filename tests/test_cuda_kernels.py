@@ -1,4 +1,4 @@
-"""The Numba CUDA kernels against the CPU reference (``outliers.int8``).
+"""The Numba CUDA kernels against the CPU reference (``outliers.quant.int8``).
 
 Without a GPU they run in Numba's CUDA simulator (conftest sets
 NUMBA_ENABLE_CUDASIM=1): shapes stay tiny and are not tile multiples
@@ -16,9 +16,9 @@ import torch
 
 from cuda_kernels import launch as L
 from outliers import InvalidArgumentError
-from outliers.int8 import int8_vectorwise_quant, llm_int8_matmul, outlier_columns
-from outliers.nn import Int8Linear, NonFiniteInputError
-from outliers.quant import int8_matmul
+from outliers.quant.int8 import int8_vectorwise_quant, llm_int8_matmul, outlier_columns
+from outliers.quant.linear import Int8Linear, NonFiniteInputError
+from outliers.quant.quantizers import int8_matmul
 
 DEV = "cuda" if L.available() else "cpu"
 if DEV == "cpu" and not L.simulated():

@@ -3,7 +3,7 @@ import torch
 
 from conftest import make_model
 from outliers import InvalidArgumentError
-from outliers.hooks import pre_hooks, record_inputs
+from outliers.analysis.hooks import pre_hooks, record_inputs
 
 
 def n_hooks(model):

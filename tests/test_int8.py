@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from outliers import InvalidArgumentError
-from outliers._cpu_kernels import dequantize_into, quantize_rows
-from outliers.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
-from outliers.quant import int8_matmul
+from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
+from outliers.quant.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
+from outliers.quant.quantizers import int8_matmul
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference peer (pip install '.[dev]')")
 import bitsandbytes.functional as BF  # noqa: E402

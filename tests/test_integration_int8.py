@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from outliers import encode_corpus, load_corpus, perplexity
-from outliers.hooks import record_inputs
-from outliers.int8 import int8_vectorwise_quant
-from outliers.qmodel import quantized_copy
+from outliers.analysis.hooks import record_inputs
+from outliers.quant.int8 import int8_vectorwise_quant
+from outliers.quant.model import quantized_copy
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference peer (pip install '.[dev]')")
 pytestmark = pytest.mark.integration

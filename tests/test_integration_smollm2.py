@@ -8,7 +8,7 @@ import torch
 
 from outliers import load_model
 from outliers.cli import main
-from outliers.packaged import package_dir
+from outliers.models.packaged import package_dir
 
 pytestmark = [
     pytest.mark.integration,

@@ -14,8 +14,8 @@ from outliers import (
     list_models,
     load_model,
 )
-from outliers import models as models_mod
-from outliers.packaged import PackagedFile, assemble
+from outliers.models import builtin as models_mod
+from outliers.models.packaged import PackagedFile, assemble
 
 
 def write_gguf(path, n=4096):

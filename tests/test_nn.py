@@ -6,8 +6,9 @@ from torch import nn
 
 from conftest import make_model
 from outliers import InvalidArgumentError, ModelFileError
-from outliers.nn import METHODS, Int8Linear, NonFiniteInputError
-from outliers.qmodel import load_quantized, quantize_model, save_quantized
+from outliers.quant.methods import METHODS
+from outliers.quant.linear import Int8Linear, NonFiniteInputError
+from outliers.quant.model import load_quantized, quantize_model, save_quantized
 
 from test_int8 import planted
 
@@ -45,7 +46,7 @@ def test_threshold_zero_is_plain_vectorwise():
 
 @pytest.mark.parametrize("method, threshold", [("llm.int8", 6.0), ("absmax-vector", 0.0)])
 def test_fused_cpu_path_equals_reference_path(method, threshold):
-    from outliers.int8 import llm_int8_matmul
+    from outliers.quant.int8 import llm_int8_matmul
 
     lin, x = linear(), planted(rows=33)
     q = Int8Linear.from_linear(lin, method, threshold=threshold)
@@ -205,8 +206,8 @@ def test_quantize_bert_encoder():
 
 
 def test_quantized_copy_shares_what_it_does_not_quantize(arch):
-    from outliers.nn import Int8Linear
-    from outliers.qmodel import quantized_copy
+    from outliers.quant.linear import Int8Linear
+    from outliers.quant.model import quantized_copy
 
     model = make_model(arch)
     before = {n: p.clone() for n, p in model.state_dict().items()}

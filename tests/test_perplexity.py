@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_model
 from outliers import CorpusError, InvalidArgumentError, perplexity
-from outliers.perplexity import PerplexitySettings, spans
+from outliers.eval.windows import PerplexitySettings, spans
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_ids_must_be_1d_integers():
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma"])
 def test_chunked_head_equals_the_models_own_logits(name, ids):
-    from outliers.lmhead import split_lm
+    from outliers.eval.lmhead import split_lm
 
     model = make_model(name)
     split = split_lm(model)
@@ -251,7 +251,7 @@ def test_bos_window_sliding_scores_every_corpus_token_once(n, window, data):
 
 
 def test_intervals_cover_the_statistic_and_widen_with_spread():
-    from outliers.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
+    from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(100, 512, size=40)

@@ -2,10 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from outliers.quant import (
-    dequantize_absmax, dequantize_zeropoint, int8_matmul, quantize_absmax, quantize_zeropoint,
-    zeropoint_matmul_dequant,
-)
+from outliers.quant.quantizers import dequantize_absmax, dequantize_zeropoint, int8_matmul, quantize_absmax, quantize_zeropoint, zeropoint_matmul_dequant
 
 
 def test_blog_worked_example():

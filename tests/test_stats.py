@@ -4,12 +4,12 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_model
 from outliers import CorpusError, InvalidArgumentError, ModelFileError
-from outliers.criteria import Criteria, massive_activations, outlier_features, per_dim, summary
-from outliers.hooks import capture
-from outliers.points import resolve_points
-from outliers.scan import scan
-from outliers.stats import OutlierStats, _point_stats_torch
-from outliers._cpu_kernels import point_stats
+from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary
+from outliers.analysis.hooks import capture
+from outliers.analysis.points import resolve_points
+from outliers.analysis.scan import scan
+from outliers.analysis.stats import OutlierStats, _point_stats_torch
+from outliers.analysis.cpu_kernels import point_stats
 
 PLANTED = (3, 17)
 NORMS = {"llama": ("input_layernorm", "post_attention_layernorm"), "gpt2": ("ln_1", "ln_2"),

@@ -35,7 +35,7 @@ def test_builtin_configs_parse():
 
 
 def test_installed_expands_to_installed_causal_builtins(monkeypatch):
-    from outliers import models as models_mod
+    from outliers.models import builtin as models_mod
     from studies.runner import expand_models
 
     rows = [{"name": "a", "installed": True, "kind": "causal"}, {"name": "b", "installed": False, "kind": "causal"},

@@ -39,7 +39,7 @@ def _child(code: str, **env) -> str:
 
 
 # Numba's 'omp' layer shares torch's OpenMP runtime and used to reset its team to every CPU.
-AFTER_KERNEL = ("import torch; from outliers._cpu_kernels import quantize_rows; "
+AFTER_KERNEL = ("import torch; from outliers.quant.cpu_kernels import quantize_rows; "
                 "quantize_rows(torch.randn(64, 32), 6.0); print(torch.get_num_threads())")
 
 
@@ -61,11 +61,11 @@ def test_the_command_lines_start_without_torch():
 
 
 def test_lazy_api_names_stay_functions_after_their_modules_load():
-    """outliers.perplexity / outliers.scan are functions even when outliers.perplexity (the module) loaded first."""
+    """outliers.perplexity / outliers.scan are the functions, also after the modules that hold them loaded."""
     import subprocess
     import sys
 
-    code = ("import outliers.perplexity, outliers.scan, outliers; from outliers import perplexity, scan; "
+    code = ("import outliers.eval.perplexity, outliers.analysis.scan, outliers; from outliers import perplexity, scan; "
             "assert callable(perplexity) and callable(scan) and callable(outliers.perplexity)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -17,8 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, ModelFileError
-from .nn import Int8Linear, get_method
+from outliers.arch.linear import is_linear, out_features, in_features
+from outliers.arch.registry import architecture_of
+from outliers.errors import InvalidArgumentError, ModelFileError
+from outliers.quant.linear import Int8Linear
+from outliers.quant.methods import get_method
 
 __all__ = ["QuantReport", "quantize_model", "quantized_copy", "save_quantized", "load_quantized", "FORMAT"]
 
@@ -50,10 +53,6 @@ class QuantReport:
                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
 
 
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
-
-
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     parts = name.split(".")
     return any(s == name or s in parts or name.endswith("." + s) for s in skip)
@@ -72,13 +71,15 @@ def _existing(model: nn.Module) -> list[Int8Linear]:
     return [m for m in model.modules() if isinstance(m, Int8Linear)]
 
 
-def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
-                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8",
+def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0, *,
+                   skip: tuple[str, ...] | None = None, outlier_weights: str = "int8",
                    round_to: str | None = None) -> QuantReport:
     """Replace the model's linear layers by ``Int8Linear`` in place; return a report.
 
-    ``round_to="float16"`` reproduces bitsandbytes' arithmetic on a float32
-    model (see ``outliers.nn``).
+    ``skip`` names modules left in float; None takes the architecture's
+    (``lm_head`` for every built-in family). ``round_to="float16"``
+    reproduces bitsandbytes' arithmetic on a float32 model (see
+    ``outliers.quant.linear``).
 
     Raises:
         InvalidArgumentError: unknown method, bad threshold, or a model that is
@@ -89,13 +90,16 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
         raise InvalidArgumentError(
             f"model is already quantized ({len(done)} Int8Linear modules, method {done[0].method!r}); "
             "quantize a fresh float copy instead")
+    if skip is None:
+        skip = architecture_of(model).skip
     replaced, skipped, before, after = [], [], 0, 0
-    targets = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
+    targets = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     for name, module in targets:
         if _skipped(name, skip):
             skipped.append(name)
             continue
-        q = Int8Linear.from_linear(module, method, threshold, outlier_weights, name=name, round_to=round_to)
+        q = Int8Linear.from_linear(module, method, threshold=threshold, outlier_weights=outlier_weights, name=name,
+                                   round_to=round_to)
         before += _nbytes(module.weight) + _nbytes(module.bias)
         after += sum(_nbytes(b) for b in q.buffers())
         _set_module(model, name, q)
@@ -104,8 +108,8 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
     return QuantReport(method, float(t), outlier_weights, replaced, skipped, before, after)
 
 
-def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
-                   skip: tuple[str, ...] = ("lm_head",), outlier_weights: str = "int8",
+def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0, *,
+                   skip: tuple[str, ...] | None = None, outlier_weights: str = "int8",
                    round_to: str | None = None) -> tuple[nn.Module, QuantReport]:
     """Return a quantized model beside ``model`` and the report; ``model`` stays as it was.
 
@@ -117,7 +121,8 @@ def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float 
     get_method(method)
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     copy_ = deepcopy(model, memo=shared)
-    return copy_, quantize_model(copy_, method, threshold, skip, outlier_weights, round_to)
+    return copy_, quantize_model(copy_, method, threshold, skip=skip, outlier_weights=outlier_weights,
+                                 round_to=round_to)
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
@@ -132,7 +137,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
                 "method": m.method, "threshold": m.threshold, "outlier_weights": m.outlier_weights,
                 "round_to": m.round_to}
                for m in layers]
-    from . import __version__
+    from outliers import __version__
 
     meta = {"format": FORMAT, "method": layers[0].method, "threshold": str(layers[0].threshold),
             "outlier_weights": layers[0].outlier_weights, "modules": json.dumps(modules),
@@ -174,11 +179,10 @@ def load_quantized(model: nn.Module, path: str | Path, method: str | None = None
             old = model.get_submodule(spec["name"])
         except AttributeError:
             raise ModelFileError(f"{path}: module {spec['name']} is not in this model") from None
-        shell = Int8Linear(spec["in"], spec["out"], spec["method"], spec["threshold"] or 0.0,
-                           spec["bias"], spec["outlier_weights"], name=spec["name"],
+        shell = Int8Linear(spec["in"], spec["out"], spec["method"], threshold=spec["threshold"] or 0.0,
+                           bias=spec["bias"], outlier_weights=spec["outlier_weights"], name=spec["name"],
                            round_to=spec.get("round_to"))
-        # Conv1D stores (in, out): nf is out, weight.shape[0] is in
-        shape = (old.nf, old.weight.shape[0]) if hasattr(old, "nf") else tuple(old.weight.shape)
+        shape = (out_features(old), in_features(old))
         if shape != (spec["out"], spec["in"]):
             raise ModelFileError(f"{path}: {spec['name']} is {spec['out']}x{spec['in']} in the file, "
                                  f"{shape[0]}x{shape[1]} in the model")

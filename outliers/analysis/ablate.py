@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InvalidArgumentError
-from .perplexity import perplexity
-from .points import CapturePoint, resolve_points
-from .stats import OutlierStats
+from outliers.errors import InvalidArgumentError
+from outliers.eval.perplexity import perplexity
+from outliers.analysis.points import CapturePoint, resolve_points
+from outliers.analysis.stats import OutlierStats
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError, ModelFileError
-from .points import CapturePoint
+from outliers.errors import InvalidArgumentError, ModelFileError
+from outliers.analysis.points import CapturePoint
 
 __all__ = ["OutlierStats", "FIELDS", "HIST_EDGES", "HIST_WIDTH"]
 
@@ -119,7 +119,7 @@ class OutlierStats:
             if key not in union or union[key].shape != (rows, dims):
                 union[key] = torch.zeros((rows, dims), dtype=torch.uint8, device=x.device)
         if x.device.type == "cpu":
-            from ._cpu_kernels import point_stats
+            from outliers.analysis.cpu_kernels import point_stats
 
             r = point_stats(x.contiguous(), self.threshold, self.relative_k, 1 / HIST_WIDTH, HIST_BINS,
                             union[point.space], union[point.space + ":rel"])
@@ -199,7 +199,7 @@ class OutlierStats:
         """Write ``stats.safetensors`` (tensors) and ``stats.json`` (everything else) into ``folder``."""
         from safetensors.torch import save_file
 
-        from .cache import atomic_path, atomic_write
+        from outliers.cache import atomic_path, atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

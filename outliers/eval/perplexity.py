@@ -2,136 +2,35 @@
 its per-window numbers, a bootstrap interval and, against a reference model,
 the agreement measures that perplexity alone hides.
 
-Two protocols (perplexity protocols of Hugging Face's guide and of GPTQ; see
-``docs/protocols.md``):
-
-``chunks``  non-overlapping windows of ``window`` tokens, the partial tail
-            dropped (GPTQ / SmoothQuant). Every window scores its last
-            ``window - 1`` tokens; the first has no context.
-``sliding`` windows of ``window`` tokens whose starts move by ``stride``;
-            each window scores only the tokens no earlier window scored
-            (the Hugging Face perplexity guide), so with ``stride < window``
-            every token after the first is scored exactly once, with at least
-            ``window - stride`` tokens of context. (``stride == window`` leaves
-            each window's first token unscored, as ``chunks`` does.)
-
-``bos="window"`` starts every window with the tokenizer's BOS followed by
-``window - 1`` corpus tokens, and scores every corpus token of the window (the
-first is predicted from BOS); ``bos="corpus"`` (default) slices windows out of
-the corpus as tokenized, which has at most one BOS, at its very start.
-
+Windows are cut as ``outliers.eval.windows`` says (protocols ``chunks`` and
+``sliding``, BOS handling; ``docs/protocols.md``).
 ``ppl = exp(sum of token NLLs / tokens scored)``, NLLs in float32 whatever the
 model's dtype. Windows of equal length are batched. Given a ``reference``
 model, the same windows are scored by both, and the result adds the paired
 difference in perplexity, the mean KL(P_ref || P_model) per token and the
 top-1 agreement, each with a bootstrap interval over windows
-(``outliers.intervals``).
+(``outliers.eval.intervals``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, MutableMapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CorpusError, InvalidArgumentError
-from .intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
-from .lmhead import SplitLM, positions_per_chunk, split_lm
+from outliers.errors import InvalidArgumentError
+from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
+from outliers.eval.lmhead import SplitLM, positions_per_chunk, split_lm
+from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
 
-__all__ = ["PerplexitySettings", "PerplexityResult", "Span", "spans", "perplexity", "BOS_MODES"]
-
-PROTOCOLS = ("chunks", "sliding")
-BOS_MODES = ("corpus", "window")
-
-
-@dataclass(frozen=True)
-class PerplexitySettings:
-    """How windows are cut and batched. ``stride`` is None for ``chunks``."""
-
-    protocol: str = "chunks"
-    window: int = 512
-    stride: int | None = None  # sliding: default window // 2
-    max_windows: int | None = None
-    batch_size: int = 4
-    bos: str = "corpus"
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise InvalidArgumentError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if not isinstance(self.window, int) or self.window < 2:
-            raise InvalidArgumentError(f"window must be an integer >= 2, got {self.window!r}")
-        if self.protocol == "chunks" and self.stride not in (None, self.window):
-            raise InvalidArgumentError(
-                f"stride applies to the sliding protocol; chunks never overlap (got stride={self.stride})")
-        if self.protocol == "sliding":
-            if self.stride is None:
-                object.__setattr__(self, "stride", max(1, self.window // 2))
-            if not isinstance(self.stride, int) or self.stride < 1:
-                raise InvalidArgumentError(f"stride must be an integer >= 1, got {self.stride!r}")
-            if self.stride > self.window:
-                raise InvalidArgumentError(
-                    f"stride must be <= window, got stride={self.stride} > window={self.window} "
-                    "(tokens between windows would never be scored)")
-        if self.max_windows is not None and (not isinstance(self.max_windows, int) or self.max_windows < 1):
-            raise InvalidArgumentError(f"max_windows must be an integer >= 1 or None, got {self.max_windows!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.bos not in BOS_MODES:
-            raise InvalidArgumentError(f"bos must be one of {BOS_MODES}, got {self.bos!r}")
-
-    @property
-    def prefix(self) -> int:
-        """Tokens put before a window's corpus tokens: 1 (the BOS) with ``bos="window"``."""
-        return 1 if self.bos == "window" else 0
-
-
-@dataclass(frozen=True)
-class Span:
-    """One window of corpus tokens ``[begin, end)``; targets ``[score_from, end)`` are scored."""
-
-    begin: int
-    end: int
-    score_from: int
-
-    @property
-    def n_scored(self) -> int:
-        return self.end - self.score_from
-
-
-def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
-    """Return the windows ``settings`` cuts from a sequence of ``n_tokens`` corpus tokens.
-
-    With ``bos="window"`` a window holds ``window - 1`` corpus tokens (the BOS
-    fills the last place) and its first corpus token is scored too.
-
-    Raises:
-        CorpusError: the sequence is shorter than one window.
-    """
-    w = settings.window - settings.prefix  # corpus tokens per window
-    skip = 1 - settings.prefix  # unscored tokens at a window's start (nothing predicts them)
-    if n_tokens < w:
-        raise CorpusError(f"corpus has {n_tokens} tokens, fewer than one window of {settings.window}; "
-                          "use a smaller --window or a longer corpus")
-    out: list[Span] = []
-    if settings.protocol == "chunks":
-        out = [Span(b, b + w, b + skip) for b in range(0, n_tokens - w + 1, w)]
-    else:
-        prev_end = 0
-        for begin in range(0, n_tokens, settings.stride):
-            end = min(begin + w, n_tokens)
-            span = Span(begin, end, max(prev_end, begin + skip))
-            if span.n_scored > 0:  # a 1-token tail window has nothing to score
-                out.append(span)
-            prev_end = end
-            if end == n_tokens:
-                break
-    return out[: settings.max_windows] if settings.max_windows else out
+__all__ = ["PerplexitySettings", "PerplexityResult", "perplexity"]
 
 
 @dataclass(frozen=True)
@@ -187,20 +86,6 @@ class PerplexityResult:
         d = asdict(self)
         d.pop("token_nll")
         return d
-
-
-# ---------------------------------------------------------------- scoring
-
-def _batches(windows: list[Span], batch_size: int) -> Iterator[list[Span]]:
-    """Yield runs of consecutive windows of equal length (only the tail can differ)."""
-    batch: list[Span] = []
-    for s in windows:
-        if batch and (len(batch) == batch_size or s.end - s.begin != batch[0].end - batch[0].begin):
-            yield batch
-            batch = []
-        batch.append(s)
-    if batch:
-        yield batch
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -288,16 +173,6 @@ def _score_batch(model: _Scorer, ref: _Scorer | None, q_states: torch.Tensor, r_
             sums.top1.append(top1)
 
 
-def _window_ids(ids: torch.Tensor, settings: PerplexitySettings, bos_token_id: int | None) -> torch.Tensor:
-    """The corpus tokens windows are cut from: without a leading BOS when each window brings its own."""
-    if settings.bos == "corpus":
-        return ids
-    if bos_token_id is None:
-        raise InvalidArgumentError("bos='window' needs the tokenizer's BOS token id (bos_token_id); "
-                                   "this tokenizer has none: use bos='corpus'")
-    return ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids
-
-
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -343,7 +218,7 @@ def perplexity(
     settings = PerplexitySettings(protocol, window, stride, max_windows, batch_size, bos)
     if ids.dim() != 1 or ids.dtype.is_floating_point:
         raise InvalidArgumentError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
-    corpus_ids = _window_ids(ids, settings, bos_token_id)
+    corpus_ids = window_ids(ids, settings, bos_token_id)
     windows = spans(len(corpus_ids), settings)
     param = next(model.parameters())
     scorer = _Scorer(model)
@@ -351,7 +226,7 @@ def perplexity(
     sums = _Sums()
     n_fed = 0
     bar = tqdm(total=len(windows), unit="win", desc="perplexity", disable=not progress, leave=False)
-    for batch in _batches(windows, settings.batch_size):
+    for batch in batches(windows, settings.batch_size):
         x = torch.stack([corpus_ids[s.begin : s.end] for s in batch])
         if settings.prefix:
             x = torch.cat([torch.full((len(batch), 1), bos_token_id, dtype=x.dtype), x], dim=1)

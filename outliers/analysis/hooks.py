@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
+from outliers.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from .stats import OutlierStats
+    from outliers.analysis.stats import OutlierStats
 
 __all__ = ["pre_hooks", "record_inputs", "capture"]
 
@@ -76,8 +76,8 @@ def capture(model: nn.Module, points=("attn_in", "attn_out", "ffn_in"), *, thres
         patterns: per-kind regexes overriding the architecture table.
         stats: an ``OutlierStats`` to keep adding to (e.g. a resumed scan).
     """
-    from .points import CapturePoint, resolve_points
-    from .stats import OutlierStats
+    from outliers.analysis.points import CapturePoint, resolve_points
+    from outliers.analysis.stats import OutlierStats
 
     if isinstance(points, (list, tuple)) and points and isinstance(points[0], CapturePoint):
         pts = list(points)

@@ -14,8 +14,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import atomic_file
-from .errors import MissingPackageError, ModelFileError
+from outliers.cache import atomic_file
+from outliers.errors import MissingPackageError, ModelFileError
 
 __all__ = ["PackagedFile", "package_dir", "locate", "assemble", "pip_line"]
 

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from .errors import InvalidArgumentError
-from .stats import OutlierStats
+from outliers.errors import InvalidArgumentError
+from outliers.analysis.stats import OutlierStats
 
 __all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "top_values"]
 

@@ -9,8 +9,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.colors import LogNorm
 
-from .criteria import Criteria, per_dim
-from .stats import HIST_EDGES, OutlierStats
+from outliers.analysis.criteria import Criteria, per_dim
+from outliers.analysis.stats import HIST_EDGES, OutlierStats
 
 __all__ = ["layer_dim_heatmap", "layers_vs_positions", "magnitude_histogram"]
 

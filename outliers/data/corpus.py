@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import atomic_file, cache_dir
-from .errors import CorpusError, HubUnavailableError, InvalidArgumentError, MissingPackageError
+from outliers.cache import atomic_file, cache_dir
+from outliers.errors import CorpusError, HubUnavailableError, InvalidArgumentError, MissingPackageError
 
 __all__ = ["Corpus", "load_corpus", "encode_corpus", "tokenizer_fingerprint", "bos_token_id"]
 
@@ -55,7 +55,7 @@ class Corpus:
         return f"Corpus(name={self.name!r}, chars={len(self.text)}, source={self.source!r})"
 
 
-BUILTIN_FILE = Path(__file__).parent / "data" / "builtin.txt.gz"
+BUILTIN_FILE = Path(__file__).parent / "builtin.txt.gz"
 BUILTIN_SHA256 = "03635e03ff07f3ecb7e9dcaf345f6285adc2f5c80fd1bccf8fbe6f1ec1900078"
 
 
@@ -91,12 +91,12 @@ def _hf(spec: str) -> Corpus:
         import datasets
     except ImportError:
         raise MissingPackageError(f"corpus {spec!r} needs the 'datasets' package: pip install datasets") from None
-    from .models import _hub_reachable
+    from outliers.models.hub import hub_reachable
 
     try:  # local cache first, so a downloaded dataset works offline
         ds = datasets.load_dataset(name, config, split=split, download_mode="reuse_dataset_if_exists")
     except Exception as first:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise HubUnavailableError(
                 f"cannot load dataset {spec!r}: the hub is not reachable and it is not cached "
                 "locally; pass a text file instead") from first

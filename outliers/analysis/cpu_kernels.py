@@ -1,11 +1,9 @@
-"""Fused CPU kernels (Numba) for the LLM.int8() hot path.
+"""A fused CPU kernel (Numba) for the capture hooks' statistics: one pass over a point's input.
 
-Eager PyTorch spends ~5 memory passes over X to find outlier columns, take row
-absmax without outliers and round to int8, and ~3 passes over the int32
-product to dequantize; at SmolLM2's shapes those passes cost as much as the
-int8 matmul itself. Each kernel here is one pass. Results are bit-identical
-to ``outliers.int8`` (tests compare them), which is why the scale is
-``(1 / m) * 127`` in float32: torch evaluates ``127.0 / m`` that way.
+Eager PyTorch takes a pass over each hooked tensor per statistic (per-dim
+maxima, counts, sums, the scale-relative counts, the histogram;
+``outliers.analysis.stats``); this kernel takes one. Per-thread partial sums
+are merged in torch afterwards.
 """
 
 from __future__ import annotations
@@ -14,68 +12,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["quantize_rows", "dequantize_into", "point_stats"]
-
-
-@njit(parallel=True, cache=True, boundscheck=False)
-def _quantize_rows(x, threshold, codes, row_stats, col_flags):  # pragma: no cover - compiled
-    rows, cols = x.shape
-    c127 = np.float32(127.0)
-    for i in prange(rows):
-        m = np.float32(0.0)
-        nan = False
-        for k in range(cols):
-            a = abs(x[i, k])
-            if threshold > 0 and a >= threshold:
-                col_flags[k] = 1  # every writer stores the same 1: a benign race
-            elif a > m:
-                m = a
-            elif a != a:  # NaN fails every comparison: flag it, as torch's amax would propagate it
-                nan = True
-        if nan:
-            m = np.float32(np.nan)
-        row_stats[i] = m
-        s = (np.float32(1.0) / m) * c127 if m > 0 else np.float32(0.0)
-        for k in range(cols):
-            v = np.rint(x[i, k] * s)
-            if v > c127:
-                v = c127
-            elif v < -c127:
-                v = -c127
-            codes[i, k] = np.int8(v)
-
-
-@njit(parallel=True, cache=True, boundscheck=False)
-def _dequantize_into(c, row_stats, col_stats, bias, has_bias, out):  # pragma: no cover - compiled
-    rows, n = c.shape
-    inv = np.float32(1.0 / (127.0 * 127.0))
-    for i in prange(rows):
-        r = row_stats[i] * inv
-        for j in range(n):
-            v = np.float32(c[i, j]) * r * col_stats[j]
-            out[i, j] = v + bias[j] if has_bias else v
-
-
-def quantize_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(codes, row_stats, outlier_cols)`` for a contiguous float32 CPU ``x``, in one pass."""
-    rows, cols = x.shape
-    codes = torch.empty((rows, cols), dtype=torch.int8)
-    row_stats = torch.empty(rows, dtype=torch.float32)
-    flags = torch.zeros(cols, dtype=torch.uint8)
-    _quantize_rows(x.numpy(), np.float32(threshold), codes.numpy(), row_stats.numpy(), flags.numpy())
-    outlier_cols = torch.nonzero(flags).view(-1)
-    if outlier_cols.numel():
-        codes[:, outlier_cols] = 0
-    return codes, row_stats, outlier_cols
-
-
-def dequantize_into(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """Return float32 ``c * row_stats ⊗ col_stats / 127² + bias`` in one pass (CPU, contiguous)."""
-    out = torch.empty(c.shape, dtype=torch.float32)
-    b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias
-    _dequantize_into(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None, out.numpy())
-    return out
+__all__ = ["point_stats"]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)

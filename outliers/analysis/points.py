@@ -12,9 +12,10 @@ lives in (Dettmers et al. 2022, §4.1; ``docs/protocols.md``):
 Dims are pooled only within one space: dim i of the heads space is not dim i
 of the hidden space, even where the sizes agree.
 
-The table maps ``config.model_type`` to a suffix regex per kind, the block
-index as its first group; pass ``patterns={kind: regex}`` to override or to
-support an architecture the table does not know.
+Where each kind is comes from the architecture registry
+(``outliers.arch``: a suffix regex per kind, the block index as its first
+group); pass ``patterns={kind: regex}`` to override it or to support a
+family the registry does not know.
 """
 
 from __future__ import annotations
@@ -24,33 +25,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import InvalidArgumentError
+from outliers.arch.linear import in_features
+from outliers.arch.registry import architecture_of, linear_summary
+from outliers.errors import InvalidArgumentError
 
-__all__ = ["CapturePoint", "ARCH_PATTERNS", "KINDS", "SPACES", "resolve_points", "parse_kinds"]
+__all__ = ["CapturePoint", "KINDS", "SPACES", "resolve_points", "parse_kinds"]
 
 KINDS = ("attn_in", "attn_out", "ffn_in", "residual")
 SPACES = {"attn_in": "hidden", "attn_out": "heads", "ffn_in": "hidden", "residual": "residual"}
 SHORTHANDS = {"attn": ("attn_in", "attn_out"), "ffn": ("ffn_in",), "residual": ("residual",),
               **{k: (k,) for k in KINDS}}
-
-_LLAMA_LIKE = {
-    "attn_in": r"layers\.(\d+)\.self_attn\.q_proj",
-    "attn_out": r"layers\.(\d+)\.self_attn\.o_proj",
-    "ffn_in": r"layers\.(\d+)\.mlp\.up_proj",
-    "residual": r"layers\.(\d+)",
-}
-ARCH_PATTERNS: dict[str, dict[str, str]] = {
-    **{arch: _LLAMA_LIKE for arch in ("llama", "gemma", "gemma2", "gemma3", "gemma3_text", "mistral",
-                                      "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3")},
-    "gpt2": {"attn_in": r"h\.(\d+)\.attn\.c_attn", "attn_out": r"h\.(\d+)\.attn\.c_proj",
-             "ffn_in": r"h\.(\d+)\.mlp\.c_fc", "residual": r"h\.(\d+)"},
-    "opt": {"attn_in": r"layers\.(\d+)\.self_attn\.q_proj", "attn_out": r"layers\.(\d+)\.self_attn\.out_proj",
-            "ffn_in": r"layers\.(\d+)\.fc1", "residual": r"decoder\.layers\.(\d+)"},
-    "bert": {"attn_in": r"layer\.(\d+)\.attention\.self\.query",
-             "attn_out": r"layer\.(\d+)\.attention\.output\.dense",
-             "ffn_in": r"layer\.(\d+)\.intermediate\.dense", "residual": r"encoder\.layer\.(\d+)"},
-}
-
 
 @dataclass(frozen=True)
 class CapturePoint:
@@ -78,39 +62,25 @@ def parse_kinds(points: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def _in_features(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.shape[0]  # Conv1D stores (in, out)
-    return None
-
-
-def _linear_summary(model: nn.Module, limit: int = 12) -> str:
-    names = sorted({re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if _in_features(m)})
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", "attn_out", "ffn_in"),
                    patterns: dict[str, str] | None = None) -> list[CapturePoint]:
     """Return the model's capture points of the given kinds, in block order.
 
     Raises:
-        InvalidArgumentError: an architecture the table does not know (the
+        InvalidArgumentError: a family the registry does not know (the
             message lists the linear modules found), a pattern that matches
             nothing, or an empty selection.
     """
     kinds = parse_kinds(kinds) if isinstance(kinds, str) else parse_kinds(tuple(kinds))
     config = getattr(model, "config", None)
+    family = architecture_of(model)
     arch = getattr(config, "model_type", type(model).__name__)
-    table = dict(ARCH_PATTERNS.get(arch, {}))
-    table.update(patterns or {})
+    table = family.capture_patterns() | dict(patterns or {})
     missing = [k for k in kinds if k not in table]
     if missing:
         raise InvalidArgumentError(
             f"no capture-point patterns for architecture {arch!r} (kinds {', '.join(missing)}); "
-            f"its linear modules are: {_linear_summary(model)}. Pass patterns={{kind: regex}} "
+            f"its linear modules are: {linear_summary(model)}. Pass patterns={{kind: regex}} "
             r"with the block index as the first group, e.g. {'attn_in': r'layers\.(\d+)\.attn\.q'}")
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     points: list[CapturePoint] = []
@@ -122,7 +92,7 @@ def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", 
             m = rx.search(name)
             if not m:
                 continue
-            dims = hidden if kind == "residual" else _in_features(module)
+            dims = hidden if kind == "residual" else in_features(module)
             if dims is None:
                 raise InvalidArgumentError(f"capture point {name} ({kind}) is not a linear layer")
             layer = int(m.group(1))
@@ -131,5 +101,5 @@ def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", 
         if not found:
             raise InvalidArgumentError(
                 f"pattern {table[kind]!r} for {kind} matches no module of {arch!r}; "
-                f"its linear modules are: {_linear_summary(model)}")
+                f"its linear modules are: {linear_summary(model)}")
     return sorted(points, key=lambda p: (p.layer, KINDS.index(p.kind)))

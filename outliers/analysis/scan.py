@@ -7,9 +7,9 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CorpusError, InvalidArgumentError
-from .hooks import capture
-from .stats import OutlierStats
+from outliers.errors import CorpusError, InvalidArgumentError
+from outliers.analysis.hooks import capture
+from outliers.analysis.stats import OutlierStats
 
 __all__ = ["scan"]
 

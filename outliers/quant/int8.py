@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InvalidArgumentError
-from .quant import absmax_matmul_dequant, int8_matmul
+from outliers.errors import InvalidArgumentError
+from outliers.quant.quantizers import absmax_matmul_dequant, int8_matmul
 
 __all__ = ["outlier_columns", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_mm_dequant",
            "llm_int8_matmul", "check_threshold"]

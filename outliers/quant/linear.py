@@ -1,19 +1,7 @@
 """``Int8Linear``: a drop-in for ``nn.Linear`` and GPT-2's ``Conv1D`` on real int8 arithmetic.
 
-Methods are the rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339):
-
-==================== ========== ========== ========= =============
-method               quantizer  X          W         decomposition
-==================== ========== ========== ========= =============
-absmax               absmax     tensor     tensor    no
-zeropoint            zeropoint  tensor     tensor    no
-absmax-row           absmax     row        tensor    no
-absmax-vector        absmax     row        channel   no
-zeropoint-vector     zeropoint  row        channel   no
-absmax-row+decomp    absmax     row        tensor    yes
-llm.int8             absmax     row        channel   yes
-zeropoint-llm.int8   zeropoint  row        channel   yes
-==================== ========== ========== ========= =============
+Methods are the rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339),
+declared in ``outliers.quant.methods`` (``method_table()`` prints them).
 
 Weights are stored as int8 codes plus float32 statistics (the memory saving
 is real). With decomposition, columns of X holding any ``|x| >= threshold`` go
@@ -34,14 +22,14 @@ input's dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
-from .int8 import check_threshold, int8_mm_dequant, int8_vectorwise_quant
-from .quant import (
+from outliers.arch.linear import weight_of
+from outliers.errors import InvalidArgumentError
+from outliers.quant.int8 import check_threshold, int8_mm_dequant, int8_vectorwise_quant
+from outliers.quant.methods import Granularity, Scheme, get_method
+from outliers.quant.quantizers import (
     absmax_matmul_dequant,
     dequantize_absmax,
     dequantize_zeropoint,
@@ -51,40 +39,8 @@ from .quant import (
     zeropoint_matmul_dequant,
 )
 
-__all__ = ["Method", "METHODS", "Int8Linear", "NonFiniteInputError", "label", "get_method"]
+__all__ = ["Int8Linear", "NonFiniteInputError", "OUTLIER_WEIGHTS", "BACKENDS", "ROUND_TO"]
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    label: str  # the row name in tables and reports (the paper's Table-1 wording)
-    quantizer: str  # "absmax" | "zeropoint"
-    x_dim: int | None  # None: tensor-wise; -1: per row (token)
-    w_dim: int | None  # None: tensor-wise; -1: per output channel
-    decomposition: bool
-
-    def __post_init__(self) -> None:
-        # a method without a label would vanish from reports: refuse it when the table is built
-        if not self.label:
-            raise ValueError(f"method {self.name!r} needs a label")
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("absmax", "int8 absmax", "absmax", None, None, False),
-    Method("zeropoint", "int8 zeropoint", "zeropoint", None, None, False),
-    Method("absmax-row", "absmax row-wise", "absmax", -1, None, False),
-    Method("absmax-vector", "absmax vector-wise", "absmax", -1, -1, False),
-    Method("zeropoint-vector", "zeropoint vector-wise", "zeropoint", -1, -1, False),
-    Method("absmax-row+decomp", "absmax row-wise + decomposition", "absmax", -1, None, True),
-    Method("llm.int8", "absmax LLM.int8() (vector-wise + decomposition)", "absmax", -1, -1, True),
-    Method("zeropoint-llm.int8", "zeropoint LLM.int8()", "zeropoint", -1, -1, True),
-]}
-FLOAT_LABEL = "32-bit float"  # the unquantized baseline's row, method name "fp32"
-
-
-def label(method: str) -> str:
-    """Return the table label of a method name, ``"fp32"`` included."""
-    return FLOAT_LABEL if method == "fp32" else get_method(method).label
 
 OUTLIER_WEIGHTS = ("int8", "fp")
 BACKENDS = ("auto", "torch", "numba")
@@ -95,26 +51,10 @@ class NonFiniteInputError(InvalidArgumentError):
     """NaN or inf reached an Int8Linear (absmax would silently turn the row into zeros)."""
 
 
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
-
-
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    """Return the weight as ``(out, in)``: nn.Linear's layout; GPT-2's Conv1D stores ``(in, out)``."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.detach().t()
-    raise InvalidArgumentError(f"expected nn.Linear or transformers' Conv1D, got {type(module).__name__}")
-
-
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W stored in int8; see the module docstring for methods."""
 
-    def __init__(self, in_features: int, out_features: int, method: str = "llm.int8",
+    def __init__(self, in_features: int, out_features: int, method: str = "llm.int8", *,
                  threshold: float = 6.0, bias: bool = True, outlier_weights: str = "int8",
                  name: str = "", round_to: str | None = None, backend: str = "auto"):
         super().__init__()
@@ -133,10 +73,10 @@ class Int8Linear(nn.Module):
         self.threshold = t if self.spec.decomposition else 0.0
         self.outlier_weights = outlier_weights
         self.name = name  # the module's path in its model, for error messages
-        n_stats = out_features if self.spec.w_dim is not None else 1
+        n_stats = out_features if self.spec.weights is Granularity.CHANNEL else 1
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(n_stats, dtype=torch.float32))
-        if self.spec.quantizer == "zeropoint":
+        if self.spec.scheme is Scheme.ZEROPOINT:
             self.register_buffer("weight_zero", torch.zeros(n_stats, dtype=torch.int32))
         else:
             self.weight_zero = None
@@ -145,21 +85,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_fp", torch.zeros(out_features, in_features) if needs_fp else None)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, method: str = "llm.int8", threshold: float = 6.0,
+    def from_linear(cls, module: nn.Module, method: str = "llm.int8", *, threshold: float = 6.0,
                     outlier_weights: str = "int8", name: str = "", round_to: str | None = None,
-                    backend: str = "auto") -> "Int8Linear":
+                    backend: str = "auto") -> Int8Linear:
         """Return an Int8Linear quantized from an ``nn.Linear`` or ``Conv1D``."""
-        w = _weight_of(module)
+        w = weight_of(module)
         out_f, in_f = w.shape
         bias = getattr(module, "bias", None)
-        q = cls(in_f, out_f, method, threshold, bias is not None, outlier_weights, name, round_to,
-                backend).to(w.device)
+        q = cls(in_f, out_f, method, threshold=threshold, bias=bias is not None, outlier_weights=outlier_weights,
+                name=name, round_to=round_to, backend=backend).to(w.device)
         spec = q.spec
         w_fp = w
         if round_to:
             w = w.to(ROUND_TO[round_to])
-        if spec.quantizer == "absmax":
-            if spec.w_dim is None:
+        if spec.scheme is Scheme.ABSMAX:
+            if spec.weights is Granularity.TENSOR:
                 codes, stats = quantize_absmax(w)
             else:  # per output channel, as bitsandbytes' int8_vectorwise_quant(W)
                 codes, stats, _ = int8_vectorwise_quant(w, 0.0)
@@ -182,7 +122,7 @@ class Int8Linear(nn.Module):
         """Return the float32 weight ``(out, in)`` that the int8 codes stand for."""
         dim = self.spec.w_dim
         scale = self.weight_scale if dim is not None else self.weight_scale[0]
-        if self.spec.quantizer == "absmax":
+        if self.spec.scheme is Scheme.ABSMAX:
             return dequantize_absmax(self.weight_q, scale, dim)
         zero = self.weight_zero if dim is not None else self.weight_zero[0]
         return dequantize_zeropoint(self.weight_q, scale, zero, dim)
@@ -217,7 +157,8 @@ class Int8Linear(nn.Module):
         spec, t = self.spec, self.threshold
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         bias = None if self.bias is None else self.bias.float()
-        if spec.quantizer == "absmax" and spec.x_dim == -1 and spec.w_dim == -1:
+        if (spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW
+                and spec.weights is Granularity.CHANNEL):
             if self._numba(x):
                 from cuda_kernels.launch import llm_int8_linear
 
@@ -226,7 +167,7 @@ class Int8Linear(nn.Module):
                 self._check_finite(stats, x, cols)
                 return out  # the kernel's epilogue already added the outlier product
             if x.device.type == "cpu" and x.dtype == torch.float32:
-                from ._cpu_kernels import dequantize_into, quantize_rows
+                from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
 
                 codes, stats, cols = quantize_rows(xq, t)
                 self._check_finite(stats, x, cols)
@@ -260,7 +201,7 @@ class Int8Linear(nn.Module):
     def _dequantized_cols(self, cols: torch.Tensor) -> torch.Tensor:
         dim, q = self.spec.w_dim, self.weight_q[:, cols]
         scale = self.weight_scale if dim is not None else self.weight_scale[0]
-        if self.spec.quantizer == "absmax":
+        if self.spec.scheme is Scheme.ABSMAX:
             return dequantize_absmax(q, scale, dim)
         zero = self.weight_zero if dim is not None else self.weight_zero[0]
         return dequantize_zeropoint(q, scale, zero, dim)
@@ -276,7 +217,7 @@ class Int8Linear(nn.Module):
             if cols.numel():
                 xs[:, cols] = 0  # their columns go through the float path only
         w_scale = self.weight_scale if spec.w_dim is not None else self.weight_scale[0]
-        if spec.quantizer == "absmax":
+        if spec.scheme is Scheme.ABSMAX:
             codes, stats = quantize_absmax(xs, spec.x_dim)
             self._check_finite(stats, x, cols)
             out = absmax_matmul_dequant(int8_matmul(codes, self.weight_q), stats, w_scale, bias)

@@ -1,0 +1,11 @@
+"""Stage 3, the phenomena: statistics of hidden states by forward hooks, and what they show.
+
+``points``       capture points, found through the architecture registry
+``hooks``        ``capture``: hooks in a context manager that always removes them
+``stats``        ``OutlierStats``: bounded-memory statistics per (point, dim)
+``cpu_kernels``  the fused one-pass statistics kernel
+``scan``         a corpus through the model under ``capture``
+``criteria``     the paper's criteria, a scale-relative one, massive activations
+``ablate``       zeroing dims, and what it does to perplexity and attention
+``plots``        seaborn figures of the above
+"""

@@ -1,0 +1,154 @@
+"""The architecture registry: what each model family looks like, in one record per family.
+
+Every module that needs to know where things are in a model asks here: the
+capture points (``outliers.analysis.points``), what quantization skips
+(``outliers.quant.model``), which linears share an input and the norm that
+produces it (smoothing folds a per-channel scale into that norm), where keys
+and values are, and which modules ``accelerate`` must not split. Paths are
+relative to a block; ``blocks`` is a regex whose first group is the block
+index, matched at the end of a module's full name.
+
+Adding a family is one ``register_architecture(Architecture(...))`` (see
+``outliers.arch.families``) and one test on a tiny in-process model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+from torch import nn
+
+from outliers.arch.linear import LinearKind, is_linear
+from outliers.errors import InvalidArgumentError
+
+__all__ = ["NormKind", "SharedInput", "KeyValues", "Architecture", "ARCHITECTURES", "GENERIC",
+           "register_architecture", "architecture_of", "blocks", "linear_summary"]
+
+
+class NormKind(str, Enum):
+    """How a norm scales its output, hence how a per-channel factor 1/s folds into it."""
+
+    RMS = "rms"  # y = x / rms(x) * w                 -> w / s
+    RMS_PLUS_ONE = "rms+1"  # Gemma: y = x / rms(x) * (1 + w) -> (1 + w) / s - 1
+    LAYERNORM = "layernorm"  # y = (x - mean) / std * w + b -> w / s, b / s
+
+
+@dataclass(frozen=True)
+class SharedInput:
+    """Linears that read the same input (q/k/v; gate/up), and the norm in the block that produces it.
+
+    ``norm`` is None where no norm of the block precedes the input (BERT's
+    post-norm attention): a per-channel scale then needs its own module.
+    """
+
+    linears: tuple[str, ...]
+    norm: str | None
+    norm_kind: NormKind | None
+
+
+@dataclass(frozen=True)
+class KeyValues:
+    """Where the attention's keys and values are.
+
+    ``keys``/``values`` are the linears whose outputs hold them; where one
+    fused linear makes q, k and v (GPT-2's ``c_attn``, GPT-NeoX's
+    ``query_key_value``) both name it and ``fused`` says its layout.
+    ``key_norm`` is a norm applied to keys before RoPE (Gemma 3, Qwen 3).
+    ``rope`` is "full", "partial" (GPT-NeoX's rotary_pct) or None (learned or
+    absolute positions): keys after RoPE exist only inside the attention's
+    forward, never as a module's output.
+    """
+
+    keys: str
+    values: str
+    fused: str | None = None  # "qkv": [q | k | v] along outputs; "heads,qkv": per head [q k v] (GPT-NeoX)
+    key_norm: str | None = None
+    rope: str | None = "full"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family. See the module docstring; ``model_types`` are transformers' ``config.model_type``."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str | None  # regex, block index first: r"layers\.(\d+)"
+    attention: str | None = None  # the attention sub-module of a block
+    mlp: str | None = None  # the MLP sub-module ("" where its linears sit in the block itself, as in OPT)
+    attn_in: SharedInput | None = None
+    attn_out: str | None = None  # the attention output projection (input: the concatenated heads)
+    ffn_in: SharedInput | None = None
+    down: str | None = None  # the MLP's down projection; its input is the FFN's hidden activation
+    kv: KeyValues | None = None
+    linear: LinearKind = LinearKind.LINEAR
+    skip: tuple[str, ...] = ("lm_head",)  # never quantized (transformers' bitsandbytes integration does the same)
+    no_split: tuple[str, ...] = ()  # module classes accelerate must keep on one device
+    notes: str = ""
+    patterns: Mapping[str, str] = field(default_factory=dict)  # capture-point regexes given by hand (generic)
+
+    def capture_patterns(self) -> dict[str, str]:
+        """Return ``{kind: regex}`` for the capture points this family has (block index as first group)."""
+        out: dict[str, str] = {}
+        if self.blocks is not None:
+            def at(path: str) -> str:
+                return self.blocks + r"\." + re.escape(path)
+
+            if self.attn_in:
+                out["attn_in"] = at(self.attn_in.linears[0])  # q/k/v share the input: hook it once
+            if self.attn_out:
+                out["attn_out"] = at(self.attn_out)
+            if self.ffn_in:
+                out["ffn_in"] = at(self.ffn_in.linears[0])
+            out["residual"] = self.blocks
+        return out | dict(self.patterns)
+
+
+_REGISTRY: dict[str, Architecture] = {}
+_BY_MODEL_TYPE: dict[str, Architecture] = {}
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(_REGISTRY)
+GENERIC = Architecture("generic", (), None, notes="capture points from patterns={kind: regex} only")
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Add a family; its ``model_types`` then resolve to it everywhere."""
+    taken = [t for t in arch.model_types if t in _BY_MODEL_TYPE]
+    if arch.name in _REGISTRY or taken:
+        raise ValueError(f"architecture {arch.name!r} clashes with a registered one (model types {taken})")
+    _REGISTRY[arch.name] = arch
+    _BY_MODEL_TYPE.update(dict.fromkeys(arch.model_types, arch))
+    return arch
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """Return the registered family of a transformers model (by ``config.model_type``), or ``GENERIC``."""
+    import outliers.arch.families  # noqa: F401  (registers the built-in families)
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _BY_MODEL_TYPE.get(model_type, GENERIC) if model_type else GENERIC
+
+
+def blocks(model: nn.Module, arch: Architecture | None = None) -> list[tuple[int, str, nn.Module]]:
+    """Return ``(index, path, module)`` of the model's transformer blocks, in order.
+
+    Raises:
+        InvalidArgumentError: the family does not say where its blocks are, or none match.
+    """
+    arch = arch or architecture_of(model)
+    if arch.blocks is None:
+        raise InvalidArgumentError(f"architecture {arch.name!r} does not say where its blocks are")
+    rx = re.compile(r"(?:^|\.)" + arch.blocks + "$")
+    found = [(int(m.group(1)), name, mod) for name, mod in model.named_modules() if (m := rx.search(name))]
+    if not found:
+        raise InvalidArgumentError(f"no module of this {arch.name} model matches its blocks {arch.blocks!r}")
+    return sorted(found, key=lambda b: b[0])
+
+
+def linear_summary(model: nn.Module, limit: int = 12) -> str:
+    """The model's linear layers with block indices folded, for error messages."""
+    names = sorted({re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if is_linear(m)})
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

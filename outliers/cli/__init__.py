@@ -1,0 +1,50 @@
+"""``outliers`` command line: a thin front end over the Python API.
+
+One module per command (``models``, ``eval``, ``scan``, ``ablate``), each with
+``register(subparsers)`` and ``run(args)``; a new command is a new module
+added to ``COMMANDS``. Errors the toolkit raises on purpose
+(``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
+like argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from outliers.errors import OutliersError
+
+__all__ = ["main", "dispatch", "build_parser", "COMMANDS"]
+
+COMMANDS = ("models", "eval", "scan", "ablate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from outliers import __version__
+
+    parser = argparse.ArgumentParser(prog="outliers", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"outliers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"outliers.cli.{name}").register(sub)
+    return parser
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Run the chosen subcommand; the toolkit's own errors become one line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OutliersError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from outliers.threads import configure_threads
+
+    configure_threads()  # before torch loads: import outliers is lazy
+    return dispatch(build_parser(), argv)
+

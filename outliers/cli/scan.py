@@ -1,0 +1,121 @@
+"""``outliers scan``: outlier-feature statistics by forward hooks, tables and figures."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from outliers.errors import OutputPathError
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="outlier-feature statistics by forward hooks")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="builtin")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--points", default="attn,ffn",
+                   help="capture points: attn (= attn_in,attn_out), ffn, residual, or kinds (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=6.0, help="magnitude cut-off (default: %(default)s)")
+    p.add_argument("--relative-k", type=float, default=6.0,
+                   help="scale-relative cut-off: |x| >= k x rms(token) (default: %(default)s)")
+    p.add_argument("--layers", type=float, default=0.25, help="fraction of layers (default: %(default)s)")
+    p.add_argument("--positions", type=float, default=0.06, help="fraction of positions (default: %(default)s)")
+    p.add_argument("--layer-unit", choices=("block", "point"), default="block")
+    p.add_argument("--position-mode", choices=("union", "max", "mean"), default="union")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bos", choices=("corpus", "window"), default="corpus",
+                   help="window: every window is BOS + window-1 corpus tokens (default: %(default)s)")
+    p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
+    p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
+    p.add_argument("--quiet", action="store_true")
+
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    import pandas as pd
+
+    from outliers.data.corpus import bos_token_id, encode_corpus, load_corpus
+    from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
+    from outliers.models.load import load_model
+    from outliers.analysis.points import parse_kinds
+    from outliers.analysis.scan import scan
+
+    kinds = parse_kinds(args.points)
+    base = Criteria(args.layers, args.positions, args.layer_unit, args.position_mode)  # validates early
+    if args.threshold <= 0:
+        from outliers.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"threshold must be > 0, got {args.threshold}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise OutputPathError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise OutputPathError(f"--out {out} is not writable")
+    progress = not args.quiet
+    corpus = load_corpus(args.corpus)
+    model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    ids = encode_corpus(tokenizer, corpus)
+    bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = scan(model, ids, points=kinds, threshold=args.threshold, relative_k=args.relative_k,
+                     max_tokens=args.max_tokens, window=args.window, batch_size=args.batch_size,
+                     progress=progress, bos_token_id=bos_id,
+                     meta={"model": args.model, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
+                           "architecture": info.architecture, "n_params": info.n_params,
+                           "weights": info.weights, "weights_sha256": info.weights_sha256})
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    spaces = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
+    rows = [summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
+            for s in spaces for scale in ("absolute", "relative")]
+    table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions",
+                                        "tokens"])
+    print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
+          f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
+          f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n")
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    feats = {scale: outlier_features(stats, Criteria(**{**base.__dict__, "scale": scale}))
+             for scale in ("absolute", "relative")} if "hidden" in spaces else {}
+    cols = ["dim", "pct_layers", "pct_positions", "max_abs", "median_layer_max", "mean_outlier_value", "one_sided"]
+    for scale, df in feats.items():
+        shown = cols if scale == "absolute" else cols[:5]  # sidedness is measured at the absolute threshold
+        print(f"\noutlier features, hidden space, {scale} criterion ({len(df)}):")
+        print(df[shown].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+              if len(df) else "  none")
+    massive = massive_activations(stats) if "residual" in kinds else None
+    if massive is not None:
+        print(f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
+              f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else ""))
+    if out is not None:
+        from outliers.cache import save_csv, save_figure
+        from outliers.analysis.plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
+
+        stats.save(out)
+        save_csv(table, out / "summary.csv")
+        for s in spaces:
+            save_csv(per_dim(stats, Criteria(**{**base.__dict__, "space": s})), out / f"per_dim_{s}.csv")
+        for scale, df in feats.items():
+            save_csv(df, out / f"outlier_features_{scale}.csv")
+        save_csv(top_values(stats, tokenizer), out / "top_values.csv")
+        if massive is not None:
+            save_csv(massive, out / "massive_activations.csv")
+        for s in stats.spaces:
+            save_figure(layer_dim_heatmap(stats, s), out / f"heatmap_{s}.png")
+            save_figure(magnitude_histogram(stats, s), out / f"histogram_{s}.png")
+        if "hidden" in spaces:
+            save_figure(layers_vs_positions(stats, base), out / "layers_vs_positions.png")
+            save_figure(layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})),
+                        out / "layers_vs_positions_relative.png")
+        print(f"\nwrote statistics, CSV tables and figures to {out}")
+    return 0

@@ -1,0 +1,168 @@
+"""Load a model by name, folder, GGUF file or hub id: ``load_model(spec)``.
+
+Built-in names map to models that ship inside PyPI packages
+(``outliers.models.builtin``), so everything here works offline; GGUF files
+go through a cached float conversion (``outliers.models.gguf``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from outliers.cache import sha256_file
+from outliers.errors import HubUnavailableError, InvalidArgumentError, ModelFileError
+from outliers.models.builtin import DEFAULT_MODEL
+from outliers.models.gguf import check_gguf, convert_gguf, quiet_loading
+from outliers.models.hub import hub_kwargs
+from outliers.models.source import identity, provenance, resolve
+
+__all__ = ["ModelInfo", "LoadedModel", "load_model", "parse_dtype"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that a study records beside its numbers."""
+
+    name: str  # the spec as given, or the built-in name
+    source: str  # the folder or file the weights came from
+    kind: str  # "causal" or "encoder"
+    architecture: str  # config.model_type, e.g. "llama"
+    model_class: str
+    n_params: int  # tied weights counted once
+    dtype: str
+    device: str
+    hidden_size: int | None
+    num_layers: int | None
+    vocab_size: int | None
+    weights: str = ""  # provenance to print beside every number, e.g. "float32, dequantized from GGUF Q4_1"
+    weights_sha256: str | None = None  # see weights_identity
+    revision: str | None = None  # the hub commit, for hub models
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Return the torch dtype for ``"float32"``, ``"fp32"``, ``"bf16"``, ... or a dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise InvalidArgumentError(f"dtype must be one of {sorted(names)}, got {dtype!r}") from None
+
+
+def _is_causal(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> LoadedModel:
+    """Return ``(model, tokenizer, info)`` for a built-in name, folder, GGUF file or hub id.
+
+    Args:
+        spec: a name from ``BUILTIN_MODELS``, a Hugging Face model folder, a
+            ``.gguf`` file, or a hub id (``ORG/NAME`` or ``hf:NAME``).
+        dtype: weights' dtype; float16 on CPU is refused (CPU fp16 matmul is
+            ~100x slower than fp32; use float32 or bfloat16).
+        device: where the model goes.
+        attn_implementation: passed to transformers ("eager" to get attention
+            probabilities, "sdpa" for speed); None keeps its default.
+        cache: convert GGUF files into a cached float folder (False loads the
+            GGUF directly every time, ~10x slower).
+        progress: show transformers' loading bars.
+
+    Raises:
+        UnknownModelError, MissingPackageError, ModelFileError,
+        HubUnavailableError, InvalidArgumentError.
+    """
+    torch_dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if torch_dtype == torch.float16 and device.type == "cpu":
+        raise InvalidArgumentError(
+            "dtype float16 on CPU is refused: CPU fp16 matmul is ~100x slower than fp32; "
+            "use float32 or bfloat16, or a CUDA device")
+    src = resolve(spec)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    gguf_file = None
+    if src.gguf is not None:
+        if cache:
+            sha = src.gguf_sha256 or sha256_file(src.gguf)
+            where = convert_gguf(src.gguf, sha, progress)
+        else:
+            check_gguf(src.gguf)
+            where, gguf_file = src.gguf.parent, src.gguf.name
+            kwargs["gguf_file"] = gguf_file
+    elif src.folder is not None:
+        where = src.folder
+        if not (where / "config.json").exists():
+            raise ModelFileError(f"folder {where} has no config.json: not a Hugging Face model folder")
+    else:
+        where = src.hub_id
+        kwargs.update(hub_kwargs(src.hub_id))
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with quiet_loading(progress), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
+            config = AutoConfig.from_pretrained(where, **cfg_kwargs)
+            causal = _is_causal(config)
+            auto = AutoModelForCausalLM if causal else AutoModel
+            model = auto.from_pretrained(where, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, **cfg_kwargs)
+    except (HubUnavailableError, InvalidArgumentError):
+        raise
+    except Exception as e:
+        raise ModelFileError(f"could not load model '{spec}' from {where}: {e}") from e
+    model.eval().requires_grad_(False).to(device)
+    config = model.config
+    ident = identity(src)
+    if ident["format"] == "hub" and ident["revision"] is None:  # downloaded just now
+        ident = identity(src)
+    torch_dtype_name = str(torch_dtype).removeprefix("torch.")
+    info = ModelInfo(
+        name=spec,
+        source=str(src.gguf or where),
+        kind="causal" if causal else "encoder",
+        architecture=config.model_type,
+        model_class=type(model).__name__,
+        n_params=sum(p.numel() for p in model.parameters()),
+        dtype=torch_dtype_name,
+        device=str(device),
+        hidden_size=getattr(config, "hidden_size", None),
+        num_layers=getattr(config, "num_hidden_layers", None),
+        vocab_size=getattr(config, "vocab_size", None),
+        weights=provenance(ident, torch_dtype_name),
+        weights_sha256=ident["sha256"],
+        revision=ident["revision"] or getattr(config, "_commit_hash", None),
+    )
+    return LoadedModel(model, tokenizer, info)

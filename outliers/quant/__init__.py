@@ -1,0 +1,10 @@
+"""Stage 4, quantization on real integer arithmetic.
+
+``methods``      the method registry: one frozen record per Table-1 row
+``quantizers``   absmax and zeropoint as pure functions, exact int8 matmul
+``int8``         LLM.int8()'s decomposition, the reference every fast path is tested against
+``cpu_kernels``  fused one-pass Numba kernels for the CPU hot path
+``linear``       ``Int8Linear``, a drop-in for nn.Linear and Conv1D
+``model``        whole-model quantize, quantized copy, save and load
+The CUDA backend is the standalone ``cuda_kernels`` package.
+"""
