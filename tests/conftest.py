@@ -26,7 +26,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-ARCHS = ("llama", "gpt2", "opt")
+from helpers import ARCHS, make_model  # noqa: E402  (the fixtures below build on them)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,38 +56,6 @@ def tokenizer(sample_text):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([sample_text], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-
-
-def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int = 2):
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
-
-    if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, architectures=["LlamaForCausalLM"])
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
-                          n_positions=256, bos_token_id=0, eos_token_id=0,
-                          architectures=["GPT2LMHeadModel"])
-    if arch == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
-                         word_embed_proj_dim=hidden, architectures=["OPTForCausalLM"])
-    if arch == "gemma":  # Gemma-3: (1 + w) norms, a BOS-sensitive family
-        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=8, max_position_embeddings=256, sliding_window=16,
-                                architectures=["Gemma3ForCausalLM"])
-    raise ValueError(f"unknown test architecture {arch!r}")
-
-
-def make_model(arch: str, seed: int = 0, **kw) -> torch.nn.Module:
-    """A tiny causal LM with seeded random weights, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch, **kw))
-    return model.eval()
 
 
 @pytest.fixture(params=ARCHS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from helpers import planted
 from outliers import InvalidArgumentError
 from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
 from outliers.quant.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
@@ -13,14 +14,6 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference 
 import bitsandbytes.functional as BF  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def planted(rows=37, cols=499, outlier_cols=(3, 250, 498), seed=0, scale=9.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, cols, generator=g)
-    for c in outlier_cols:
-        x[:: 3, c] = scale * (1 + torch.rand(len(range(0, rows, 3)), generator=g))
-    return x
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from helpers import make_model
 from outliers import (
     HubUnavailableError,
     InvalidArgumentError,

@@ -4,13 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_model
+from helpers import make_model, planted
 from outliers import InvalidArgumentError, ModelFileError
 from outliers.quant.methods import METHODS
 from outliers.quant.linear import Int8Linear, NonFiniteInputError
 from outliers.quant.model import load_quantized, quantize_model, save_quantized
 
-from test_int8 import planted
 
 ALL = list(METHODS)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import make_model
+from helpers import make_model
 from outliers import CorpusError, InvalidArgumentError, perplexity
 from outliers.eval.windows import PerplexitySettings, spans
 
