@@ -6,6 +6,7 @@ from outliers import InvalidArgumentError
 from outliers.analysis.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
 from outliers.analysis.hooks import capture
 from outliers.analysis.points import resolve_points
+from outliers.analysis.stats import Stat
 
 from test_stats import planted_model
 
@@ -45,7 +46,7 @@ def test_mean_fill_uses_scan_means():
     with torch.inference_mode(), capture(model, "attn_in") as st:
         model(input_ids=x)
     pts = resolve_points(model, "attn_in")
-    means = {p.name: (st.get(p.name, "sum") / st.tokens[p.name]).float() for p in pts}
+    means = {p.name: (st.get(p.name, Stat.SUM) / st.tokens[p.name]).float() for p in pts}
     got = {}
     with torch.inference_mode(), ablate_dims(model, pts, [3], mode="mean", means=means):
         h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: got.setdefault("q", a[0]))

@@ -1,17 +1,24 @@
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import make_model
 from outliers import CorpusError, InvalidArgumentError, ModelFileError
-from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary
+from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
 from outliers.analysis.hooks import capture
-from outliers.analysis.points import resolve_points
+from outliers.analysis.points import CapturePoint, resolve_points
 from outliers.analysis.scan import scan
-from outliers.analysis.stats import OutlierStats, _point_stats_torch
+from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top, _point_stats_torch
 from outliers.analysis.cpu_kernels import point_stats
 
 PLANTED = (3, 17)
+V1 = Path(__file__).parent / "data" / "stats_v1"  # saved by the code before the names were typed
 NORMS = {"llama": ("input_layernorm", "post_attention_layernorm"), "gpt2": ("ln_1", "ln_2"),
          "opt": ("self_attn_layer_norm", "final_layer_norm")}
 
@@ -92,9 +99,9 @@ def test_padding_is_not_counted():
         model(input_ids=x[:1])
         model(input_ids=x[1:, :16])
     assert padded.tokens["L00.attn_in"] == 24 + 16
-    for f in ("count", "pos", "rel_count"):
+    for f in (Stat.COUNT, Stat.POS, Stat.REL_COUNT):
         assert torch.equal(padded.get("L01.ffn_in", f), plain.get("L01.ffn_in", f))
-    assert torch.equal(padded.tensors["hidden/union"], plain.tensors["hidden/union"])
+    assert torch.equal(padded.get_space("hidden", SpaceStat.UNION), plain.get_space("hidden", SpaceStat.UNION))
 
 
 def test_two_partial_scans_merge_into_one(tmp_path):
@@ -109,9 +116,9 @@ def test_two_partial_scans_merge_into_one(tmp_path):
         parts.append(part)
     merged = parts[0].merge(parts[1])
     for k, v in whole.tensors.items():
-        if not k.startswith("top_"):
+        if k not in set(Top):
             torch.testing.assert_close(merged.tensors[k], v, msg=k)
-    torch.testing.assert_close(merged.tensors["top_abs"], whole.tensors["top_abs"])
+    torch.testing.assert_close(merged.get_top(Top.ABS), whole.get_top(Top.ABS))
     assert merged.tokens == whole.tokens
     merged.meta["model"] = "tiny-opt"
     back = OutlierStats.load(merged.save(tmp_path / "scan"))
@@ -135,10 +142,12 @@ def test_fused_cpu_stats_equal_the_torch_path(rows, dims, seed, t, with_nan):
     fast = point_stats(x, t, 2.0, 2.0, 256, u1, r1)
     ref = _point_stats_torch(x, t, 2.0, u2, r2)
     assert torch.equal(u1, u2) and torch.equal(r1, r2)
-    for k in ("absmax", "count", "pos", "rel_count", "hist", "nonfinite", "row_max"):
-        assert torch.equal(fast[k], ref[k].to(fast[k].dtype)), k
-    for k in ("sum", "sumsq", "sum_out"):
-        torch.testing.assert_close(fast[k], ref[k], rtol=1e-9, atol=1e-9)
+    for a, b in ((fast.absmax, ref.absmax), (fast.count, ref.count), (fast.pos, ref.pos),
+                 (fast.rel_count, ref.rel_count), (fast.hist, ref.hist), (fast.nonfinite, ref.nonfinite),
+                 (fast.row_max, ref.row_max)):
+        assert torch.equal(a, b.to(a.dtype))
+    for a, b in ((fast.sum, ref.sum), (fast.sumsq, ref.sumsq), (fast.sum_out, ref.sum_out)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_nonfinite_values_are_counted_and_scan_goes_on():
@@ -212,3 +221,81 @@ def test_scan_with_a_bos_per_window_prepends_it_once():
     assert batch.shape == (3, 32) and (batch[:, 0] == 0).all()  # 93 // 31 windows of BOS + 31 tokens
     assert torch.equal(batch[:, 1:].reshape(-1), torch.arange(1, 94))  # the corpus BOS is not doubled
     assert st.meta["bos"] == "window"
+
+
+def v1_stats() -> OutlierStats:
+    """The scan that tests/data/stats_v1 holds, as saved by the code before typed statistics.
+
+    Every value is a small multiple of 1/4, so every sum is exact in any order:
+    the numbers do not depend on how many threads the CPU kernel splits rows over.
+    """
+    pts = [CapturePoint("L00.attn_in", "blocks.0.q", 0, "attn_in", "hidden", 8),
+           CapturePoint("L00.attn_out", "blocks.0.o", 0, "attn_out", "heads", 6),
+           CapturePoint("L00.residual", "blocks.0", 0, "residual", "residual", 8),
+           CapturePoint("L01.attn_in", "blocks.1.q", 1, "attn_in", "hidden", 8)]
+    st = OutlierStats(pts, threshold=6.0, relative_k=2.0, top_k=4, meta={"model": "fixture"})
+    g = torch.Generator().manual_seed(0)
+    rows = 5
+    for b in range(2):
+        union: dict = {}
+        seq, pos = torch.full((rows,), b), torch.arange(rows)
+        tok = torch.randint(0, 100, (rows,), generator=g)
+        for i, p in enumerate(pts):
+            if p.kind == "residual":
+                x = torch.randint(-1, 2, (rows, p.dims), generator=g).float() / 4
+                x[:, 5] = 300 + torch.arange(rows) + 10 * b
+            else:
+                x = torch.randint(-20, 21, (rows, p.dims), generator=g).float() / 2
+                x[torch.arange(rows), torch.arange(rows) * 3 % p.dims] = \
+                    10.25 + 0.5 * (torch.arange(rows) + rows * (i + 4 * b))
+            if i == 3 and b == 1:
+                x[0, 0], x[1, 2] = float("nan"), float("inf")
+            st.update(p, x, union, seq, pos, tok, i)
+        st.flush_union(union)
+    return st
+
+
+def test_a_file_saved_before_typed_statistics_loads_bit_identically(tmp_path):
+    old, new = OutlierStats.load(V1), v1_stats()
+    assert list(old.tensors) == list(new.tensors)
+    for k, v in new.tensors.items():
+        assert old.tensors[k].dtype == v.dtype and torch.equal(old.tensors[k], v), k
+    assert (old.points, old.tokens, old.nonfinite, old.meta) == (new.points, new.tokens, new.nonfinite, new.meta)
+    assert old.get("L00.residual", Stat.MASSIVE)[5] == 10 and old.nonfinite["L01.attn_in"] == 2
+    assert old.get_top(Top.ABS).tolist() == [314, 313, 312, 311]
+    assert len(per_dim(old, Criteria(space="heads"))) == 6 and len(top_values(old)) == 4
+    assert massive_activations(old).dim.tolist() == [5]
+    again = old.save(tmp_path / "again")  # written back exactly as the old code wrote it
+    assert json.loads((again / "stats.json").read_text()) == json.loads((V1 / "stats.json").read_text())
+    before, after = load_file(V1 / "stats.safetensors"), load_file(again / "stats.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with safe_open(again / "stats.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "outliers.stats/1"}
+
+
+def test_load_says_what_is_wrong_with_a_file(tmp_path):
+    other = Path(shutil.copytree(V1, tmp_path / "v2"))
+    info = json.loads((other / "stats.json").read_text())
+    (other / "stats.json").write_text(json.dumps({**info, "format": "outliers.stats/2"}))
+    with pytest.raises(ModelFileError, match="is 'outliers.stats/2', not 'outliers.stats/1'"):
+        OutlierStats.load(other)
+    odd = Path(shutil.copytree(V1, tmp_path / "odd"))
+    tensors = load_file(odd / "stats.safetensors")
+    tensors["L00.attn_in/absmx"] = tensors.pop("L00.attn_in/absmax")
+    save_file(tensors, odd / "stats.safetensors", metadata={"format": "outliers.stats/1"})
+    with pytest.raises(ModelFileError, match=r"lacks \['L00.attn_in/absmax'\] and holds unknown \['L00.attn_in/absmx"):
+        OutlierStats.load(odd)
+
+
+def test_statistic_names_are_typed():
+    st = v1_stats()
+    assert st.get("L00.attn_in", Stat.ABSMAX) is st.tensors["L00.attn_in/absmax"]
+    assert st.get_space("heads", SpaceStat.HIST) is st.tensors["heads/hist"]
+    assert st.get_top(Top.SEQ) is st.tensors["top_seq"]
+    assert st.get("L00.attn_in", "count") is st.get("L00.attn_in", Stat.COUNT)  # untyped callers still work
+    with pytest.raises(ValueError, match="'absmx' is not a valid Stat"):
+        st.get("L00.attn_in", "absmx")  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        getattr(Stat, "ABSMX")
+    assert {s: s.dtype for s in Stat if s.dtype != torch.int64} == {
+        Stat.ABSMAX: torch.float32, Stat.SUM_OUT: torch.float64, Stat.SUM: torch.float64, Stat.SUMSQ: torch.float64}

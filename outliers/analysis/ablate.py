@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import perplexity
 from outliers.analysis.points import CapturePoint, resolve_points
-from outliers.analysis.stats import OutlierStats
+from outliers.analysis.stats import OutlierStats, Stat
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
 
@@ -116,7 +116,7 @@ def ablation_study(model: nn.Module, ids: torch.Tensor, dims: list[int], *, poin
     if mode == "mean":
         if stats is None:
             raise InvalidArgumentError("mode='mean' needs the scan statistics (stats=...)")
-        means = {p.name: (stats.get(p.name, "sum") / max(stats.tokens[p.name], 1)).float() for p in pts}
+        means = {p.name: (stats.get(p.name, Stat.SUM) / max(stats.tokens[p.name], 1)).float() for p in pts}
     n_dims = pts[0].dims
     gen = torch.Generator().manual_seed(seed)
     pool = torch.tensor([d for d in range(n_dims) if d not in set(dims)])

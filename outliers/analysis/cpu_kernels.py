@@ -3,7 +3,7 @@
 Eager PyTorch takes a pass over each hooked tensor per statistic (per-dim
 maxima, counts, sums, the scale-relative counts, the histogram;
 ``outliers.analysis.stats``); this kernel takes one. Per-thread partial sums
-are merged in torch afterwards.
+are merged in torch afterwards, into a typed ``stats.BatchStats``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import njit, prange
+
+from outliers.analysis.stats import BatchStats
 
 __all__ = ["point_stats"]
 
@@ -62,7 +64,7 @@ def _point_stats(x, t, k_rel, hist_scale, n_chunks, absmax, count, pos, sum_out,
 
 
 def point_stats(x: torch.Tensor, threshold: float, relative_k: float, hist_scale: float, n_bins: int,
-                union: torch.Tensor, rel_union: torch.Tensor) -> dict[str, torch.Tensor]:
+                union: torch.Tensor, rel_union: torch.Tensor) -> BatchStats:
     """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``, in one pass.
 
     ``union``/``rel_union`` (uint8, tokens x dims) get 1 where ``|x| >= t`` /
@@ -71,17 +73,17 @@ def point_stats(x: torch.Tensor, threshold: float, relative_k: float, hist_scale
     rows, dims = x.shape
     chunks = max(1, min(torch.get_num_threads(), rows))
     z = lambda dt: torch.zeros((chunks, dims), dtype=dt)  # noqa: E731
-    out = {"absmax": z(torch.float32), "count": z(torch.int64), "pos": z(torch.int64),
-           "sum_out": z(torch.float64), "sum": z(torch.float64), "sumsq": z(torch.float64),
-           "rel_count": z(torch.int64)}
+    absmax, count, pos, rel_count = z(torch.float32), z(torch.int64), z(torch.int64), z(torch.int64)
+    sum_out, sum_, sumsq = z(torch.float64), z(torch.float64), z(torch.float64)
     hist = torch.zeros((chunks, n_bins), dtype=torch.int64)
     nonfinite = torch.zeros(chunks, dtype=torch.int64)
     row_max = torch.empty(rows, dtype=torch.float32)
     row_arg = torch.empty(rows, dtype=torch.int64)
     _point_stats(x.numpy(), np.float32(threshold), np.float64(relative_k), np.float32(hist_scale), chunks,
-                 *(out[k].numpy() for k in ("absmax", "count", "pos", "sum_out", "sum", "sumsq", "rel_count")),
-                 hist.numpy(), nonfinite.numpy(), union.numpy(), rel_union.numpy(), row_max.numpy(),
+                 absmax.numpy(), count.numpy(), pos.numpy(), sum_out.numpy(), sum_.numpy(), sumsq.numpy(),
+                 rel_count.numpy(), hist.numpy(), nonfinite.numpy(), union.numpy(), rel_union.numpy(), row_max.numpy(),
                  row_arg.numpy())
-    res = {k: (v.amax(0) if k == "absmax" else v.sum(0)) for k, v in out.items()}
-    res.update(hist=hist.sum(0), nonfinite=nonfinite.sum(), row_max=row_max, row_arg=row_arg)
-    return res
+    # per-thread partials: the maximum of the maxima, the sum of the rest
+    return BatchStats(absmax=absmax.amax(0), count=count.sum(0), pos=pos.sum(0), sum_out=sum_out.sum(0),
+                      sum=sum_.sum(0), sumsq=sumsq.sum(0), rel_count=rel_count.sum(0), hist=hist.sum(0),
+                      nonfinite=nonfinite.sum(), row_max=row_max, row_arg=row_arg)

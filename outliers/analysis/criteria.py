@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from outliers.errors import InvalidArgumentError
-from outliers.analysis.stats import OutlierStats
+from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top
 
 __all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "top_values"]
 
@@ -59,8 +59,9 @@ def per_dim(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFram
     if not pts:
         raise InvalidArgumentError(f"no capture points in space {criteria.space!r}; "
                                    f"spaces scanned: {', '.join(stats.spaces)}")
-    field = "count" if criteria.scale == "absolute" else "rel_count"
-    counts = torch.stack([stats.get(p.name, field) for p in pts]).cpu().double()  # (points, dims)
+    absolute = criteria.scale == "absolute"
+    counts = torch.stack([stats.get(p.name, Stat.COUNT if absolute else Stat.REL_COUNT)
+                          for p in pts]).cpu().double()  # (points, dims)
     tokens = torch.tensor([max(stats.tokens[p.name], 1) for p in pts], dtype=torch.float64).unsqueeze(1)
     hit = counts > 0
     if criteria.layer_unit == "block":
@@ -68,16 +69,16 @@ def per_dim(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFram
         hit = torch.stack([hit[[i for i, p in enumerate(pts) if p.layer == l]].any(0) for l in layers])
     pct_layers = hit.double().mean(0)
     if criteria.position_mode == "union":
-        union = stats.tensors[f"{criteria.space}/{'union' if criteria.scale == 'absolute' else 'rel_union'}"]
+        union = stats.get_space(criteria.space, SpaceStat.UNION if absolute else SpaceStat.REL_UNION)
         pct_pos = union.cpu().double() / max(stats.tokens[f"space:{criteria.space}"], 1)
     elif criteria.position_mode == "max":
         pct_pos = (counts / tokens).amax(0)
     else:
         pct_pos = (counts / tokens).mean(0)
-    absmax = torch.stack([stats.get(p.name, "absmax") for p in pts]).cpu().double()
-    pos = torch.stack([stats.get(p.name, "pos") for p in pts]).sum(0).cpu().double()
-    neg = torch.stack([stats.get(p.name, "neg") for p in pts]).sum(0).cpu().double()
-    sum_out = torch.stack([stats.get(p.name, "sum_out") for p in pts]).sum(0).cpu()
+    absmax = torch.stack([stats.get(p.name, Stat.ABSMAX) for p in pts]).cpu().double()
+    pos = torch.stack([stats.get(p.name, Stat.POS) for p in pts]).sum(0).cpu().double()
+    neg = torch.stack([stats.get(p.name, Stat.NEG) for p in pts]).sum(0).cpu().double()
+    sum_out = torch.stack([stats.get(p.name, Stat.SUM_OUT) for p in pts]).sum(0).cpu()
     n_out = pos + neg
     return pd.DataFrame({
         "dim": range(counts.shape[1]),
@@ -121,8 +122,8 @@ def massive_activations(stats: OutlierStats) -> pd.DataFrame:
     for p in stats.points:
         if p.kind != "residual":
             continue
-        massive = stats.get(p.name, "massive").cpu()
-        absmax = stats.get(p.name, "absmax").cpu()
+        massive = stats.get(p.name, Stat.MASSIVE).cpu()
+        absmax = stats.get(p.name, Stat.ABSMAX).cpu()
         for d in torch.nonzero(massive).view(-1).tolist():
             rows.append({"layer": p.layer, "dim": d, "count": int(massive[d]), "max_abs": float(absmax[d])})
     return pd.DataFrame(rows, columns=["layer", "dim", "count", "max_abs"])
@@ -130,14 +131,14 @@ def massive_activations(stats: OutlierStats) -> pd.DataFrame:
 
 def top_values(stats: OutlierStats, tokenizer=None) -> pd.DataFrame:
     """Return the largest |x| seen (one per token and point), where it fired and, with a tokenizer, the token."""
-    T = stats.tensors
+    T = {f: stats.get_top(f) for f in Top}
     rows = []
-    for i in range(len(T["top_abs"])):
-        p = stats.points[int(T["top_point"][i])]
-        tok = int(T["top_token"][i])
-        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T["top_dim"][i]),
-                     "value": float(T["top_value"][i]), "sequence": int(T["top_seq"][i]),
-                     "position": int(T["top_pos"][i]), "token_id": tok,
+    for i in range(len(T[Top.ABS])):
+        p = stats.points[int(T[Top.POINT][i])]
+        tok = int(T[Top.TOKEN][i])
+        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T[Top.DIM][i]),
+                     "value": float(T[Top.VALUE][i]), "sequence": int(T[Top.SEQ][i]),
+                     "position": int(T[Top.POS][i]), "token_id": tok,
                      "token": tokenizer.decode([tok]) if tokenizer is not None else ""})
     return pd.DataFrame(rows, columns=["point", "layer", "kind", "dim", "value", "sequence", "position",
                                        "token_id", "token"])

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.colors import LogNorm
 
 from outliers.analysis.criteria import Criteria, per_dim
-from outliers.analysis.stats import HIST_EDGES, OutlierStats
+from outliers.analysis.stats import HIST_EDGES, OutlierStats, SpaceStat, Stat
 
 __all__ = ["layer_dim_heatmap", "layers_vs_positions", "magnitude_histogram"]
 
@@ -19,7 +19,7 @@ def layer_dim_heatmap(stats: OutlierStats, space: str = "hidden", top: int = 24)
     """Blocks x the ``top`` dims by max |x|: each cell the block's largest |x| in that dim."""
     pts = [p for p in stats.points if p.space == space]
     layers = sorted({p.layer for p in pts})
-    absmax = torch.stack([torch.stack([stats.get(p.name, "absmax").cpu() for p in pts if p.layer == l]).amax(0)
+    absmax = torch.stack([torch.stack([stats.get(p.name, Stat.ABSMAX).cpu() for p in pts if p.layer == l]).amax(0)
                           for l in layers])  # (blocks, dims)
     dims = absmax.amax(0).topk(min(top, absmax.shape[1])).indices.sort().values
     df = pd.DataFrame(absmax[:, dims].numpy(), index=layers, columns=dims.tolist())
@@ -55,7 +55,7 @@ def layers_vs_positions(stats: OutlierStats, criteria: Criteria = Criteria()) ->
 
 def magnitude_histogram(stats: OutlierStats, space: str = "hidden") -> Figure:
     """Counts of |x| over the space's capture points (log scale), the threshold marked."""
-    counts = stats.tensors[f"{space}/hist"].cpu().numpy()
+    counts = stats.get_space(space, SpaceStat.HIST).cpu().numpy()
     centers = ((HIST_EDGES[:-1] + HIST_EDGES[1:]) / 2).numpy()
     last = int(np.nonzero(counts)[0].max()) + 1 if counts.any() else len(counts)
     fig = Figure(figsize=(7, 4), layout="constrained")

@@ -14,30 +14,88 @@ with ``x >= t`` / ``x <= -t`` (one-sidedness); ``sum_out`` of the values with
 criterion); and, for residual points, ``massive`` counts (Sun et al. 2024:
 ``|x| > 100`` and ``> 1000 x`` the token's median magnitude). Per feature
 space, ``union`` counts the positions where a dim reaches ``t`` at *any* point
-of that space in the same forward pass (the paper's "across all hidden states").
+of that space in the same forward pass (Dettmers et al. 2022, §4.1: "across all
+hidden states"), ``rel_union`` the same for ``k * rms``, and ``hist`` the |x| histogram.
+
+Names are enums, so a misspelt one fails in the type checker, not as a KeyError mid-analysis:
+``stats.get(point, Stat.ABSMAX)``, ``.get_space(space, SpaceStat.UNION)``, ``.get_top(Top.ABS)``.
+``tensors`` is the saved layout (``FORMAT``, unchanged): ``"<point>/<stat>"``, ``"<space>/<stat>"``, ``"top_<field>"``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from outliers.errors import InvalidArgumentError, ModelFileError
 from outliers.analysis.points import CapturePoint
 
-__all__ = ["OutlierStats", "FIELDS", "HIST_EDGES", "HIST_WIDTH"]
+__all__ = ["OutlierStats", "Stat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
 
-FIELDS = {"absmax": torch.float32, "count": torch.int64, "pos": torch.int64, "neg": torch.int64,
-          "sum_out": torch.float64, "sum": torch.float64, "sumsq": torch.float64,
-          "rel_count": torch.int64, "rel_union": torch.int64, "massive": torch.int64}
 # |x| histogram per space: bins of 0.5 from 0 to 128; the last bin also takes larger values
 HIST_WIDTH, HIST_BINS = 0.5, 256
 HIST_EDGES = torch.arange(HIST_BINS + 1) * HIST_WIDTH
 FORMAT = "outliers.stats/1"
+
+
+class Stat(StrEnum):
+    """A per-(capture point, dim) statistic, saved as ``"<point>/<value>"``."""
+
+    ABSMAX = "absmax"
+    COUNT = "count"
+    POS = "pos"
+    NEG = "neg"
+    SUM_OUT = "sum_out"
+    SUM = "sum"
+    SUMSQ = "sumsq"
+    REL_COUNT = "rel_count"
+    MASSIVE = "massive"  # residual points only
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {Stat.ABSMAX: torch.float32, Stat.SUM_OUT: torch.float64, Stat.SUM: torch.float64,
+                Stat.SUMSQ: torch.float64}.get(self, torch.int64)
+
+
+class SpaceStat(StrEnum):
+    """A per-(feature space, dim) statistic (``HIST``: per |x| bin), int64, saved as ``"<space>/<value>"``."""
+
+    UNION = "union"
+    REL_UNION = "rel_union"
+    HIST = "hist"
+
+
+class Top(StrEnum):
+    """A field of the largest |x| seen (one per token and point), saved under its value."""
+
+    ABS = "top_abs"
+    VALUE = "top_value"
+    POINT = "top_point"  # index into ``OutlierStats.points``
+    SEQ = "top_seq"
+    POS = "top_pos"
+    TOKEN = "top_token"
+    DIM = "top_dim"
+
+
+class BatchStats(NamedTuple):
+    """One point's sums over a batch of rows: what ``cpu_kernels.point_stats`` and the torch path return."""
+
+    absmax: torch.Tensor
+    count: torch.Tensor
+    pos: torch.Tensor
+    sum_out: torch.Tensor
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    rel_count: torch.Tensor
+    hist: torch.Tensor
+    nonfinite: torch.Tensor  # 0-dim
+    row_max: torch.Tensor  # each row's largest |x|, and its dim
+    row_arg: torch.Tensor
 
 
 @dataclass
@@ -48,7 +106,7 @@ class OutlierStats:
     threshold: float = 6.0
     relative_k: float = 6.0
     top_k: int = 32
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "point/field" and "space/field"
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the saved layout: read it with get*
     tokens: dict[str, int] = field(default_factory=dict)  # per point, and per "space:<s>"
     nonfinite: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -63,19 +121,18 @@ class OutlierStats:
         for p in self.points:
             self.tokens.setdefault(p.name, 0)
             self.nonfinite.setdefault(p.name, 0)
-            for f, dt in FIELDS.items():
-                if f.endswith("union") or (f == "massive" and p.kind != "residual"):
-                    continue
-                self.tensors.setdefault(f"{p.name}/{f}", torch.zeros(p.dims, dtype=dt))
-        for space, dims in self.spaces.items():
+        for key, shape, dt in self._layout():
+            self.tensors.setdefault(key, torch.zeros(shape, dtype=dt))
+        for space in self.spaces:
             self.tokens.setdefault(f"space:{space}", 0)
-            self.tensors.setdefault(f"{space}/union", torch.zeros(dims, dtype=torch.int64))
-            self.tensors.setdefault(f"{space}/rel_union", torch.zeros(dims, dtype=torch.int64))
-            self.tensors.setdefault(f"{space}/hist", torch.zeros(HIST_BINS, dtype=torch.int64))
-        for f, dt in (("top_abs", torch.float32), ("top_value", torch.float32), ("top_point", torch.int64),
-                      ("top_seq", torch.int64), ("top_pos", torch.int64), ("top_token", torch.int64),
-                      ("top_dim", torch.int64)):
-            self.tensors.setdefault(f, torch.empty(0, dtype=dt))
+
+    def _layout(self) -> list[tuple[str, int, torch.dtype]]:
+        """(key, length, dtype) of every tensor: per point, per space, then the top-k list (empty at first)."""
+        out = [(f"{p.name}/{s}", p.dims, s.dtype) for p in self.points for s in Stat
+               if s is not Stat.MASSIVE or p.kind == "residual"]
+        out += [(f"{sp}/{s}", HIST_BINS if s is SpaceStat.HIST else dims, torch.int64)
+                for sp, dims in self.spaces.items() for s in SpaceStat]
+        return out + [(t.value, 0, torch.float32 if t in (Top.ABS, Top.VALUE) else torch.int64) for t in Top]
 
     # ------------------------------------------------------------ shape facts
 
@@ -88,8 +145,17 @@ class OutlierStats:
                 raise InvalidArgumentError(f"points of space {p.space!r} disagree on dims ({out[p.space]} vs {p.dims})")
         return out
 
-    def get(self, point: str, name: str) -> torch.Tensor:
-        return self.tensors[f"{point}/{name}"]
+    def get(self, point: str, stat: Stat) -> torch.Tensor:
+        """``point``'s per-dim ``stat``, e.g. ``stats.get("L03.attn_in", Stat.ABSMAX)``."""
+        return self.tensors[f"{point}/{Stat(stat)}"]
+
+    def get_space(self, space: str, stat: SpaceStat) -> torch.Tensor:
+        """The feature space's ``stat``, e.g. ``stats.get_space("hidden", SpaceStat.UNION)``."""
+        return self.tensors[f"{space}/{SpaceStat(stat)}"]
+
+    def get_top(self, field: Top) -> torch.Tensor:
+        """One field of the top-k list, largest |x| first, e.g. ``stats.get_top(Top.ABS)``."""
+        return self.tensors[Top(field)]
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators (constant in the number of tokens scanned)."""
@@ -126,35 +192,33 @@ class OutlierStats:
         else:
             r = _point_stats_torch(x, self.threshold, self.relative_k, union[point.space],
                                    union[point.space + ":rel"])
-        T = self.tensors
-        key = point.name + "/"
-        T[key + "absmax"] = torch.maximum(T[key + "absmax"], r["absmax"])
-        for f in ("count", "sum_out", "sum", "sumsq", "rel_count"):
-            T[key + f] += r[f]
-        T[key + "pos"] += r["pos"]
-        T[key + "neg"] += r["count"] - r["pos"]
-        T[point.space + "/hist"] += r["hist"]
-        self.nonfinite[point.name] += int(r["nonfinite"])
+        T, key = self.tensors, point.name + "/"
+        T[key + Stat.ABSMAX] = torch.maximum(T[key + Stat.ABSMAX], r.absmax)
+        for stat, v in ((Stat.COUNT, r.count), (Stat.SUM_OUT, r.sum_out), (Stat.SUM, r.sum), (Stat.SUMSQ, r.sumsq),
+                        (Stat.REL_COUNT, r.rel_count), (Stat.POS, r.pos), (Stat.NEG, r.count - r.pos)):
+            T[key + stat] += v
+        T[f"{point.space}/{SpaceStat.HIST}"] += r.hist
+        self.nonfinite[point.name] += int(r.nonfinite)
         self.tokens[point.name] += rows
-        if point.kind == "residual" and bool((r["row_max"] > 100).any()):
+        if point.kind == "residual" and bool((r.row_max > 100).any()):
             # Sun et al.: > 100 and > 1000x the median magnitude of the hidden state
             # (this forward's whole tensor at this point). The median comes from an
             # evenly strided sample of ~8k values: a full sort per point would cost
             # more than the forward pass itself.
             flat = x.reshape(-1)
             med = flat[:: max(1, flat.numel() // 8192)].abs().nan_to_num(0.0, 0.0, 0.0).median()
-            cand = torch.nonzero(r["row_max"] > 100).view(-1)  # only these rows can hold one
+            cand = torch.nonzero(r.row_max > 100).view(-1)  # only these rows can hold one
             a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
-            T[key + "massive"] += ((a > 100) & (a > 1000 * med)).sum(0)
+            T[key + Stat.MASSIVE] += ((a > 100) & (a > 1000 * med)).sum(0)
         if self.top_k and seq_ids is not None and rows:
-            self._update_top(r["row_max"], r["row_arg"], x, point_index, seq_ids, positions, token_ids)
+            self._update_top(r.row_max, r.row_arg, x, point_index, seq_ids, positions, token_ids)
 
     def flush_union(self, union: dict[str, torch.Tensor]) -> None:
         """Count one forward pass's OR-ed ``|x| >= t`` positions per space."""
         for space in self.spaces:
             if space in union:
-                self.tensors[f"{space}/union"] += union[space].sum(0, dtype=torch.int64)
-                self.tensors[f"{space}/rel_union"] += union[space + ":rel"].sum(0, dtype=torch.int64)
+                self.tensors[f"{space}/{SpaceStat.UNION}"] += union[space].sum(0, dtype=torch.int64)
+                self.tensors[f"{space}/{SpaceStat.REL_UNION}"] += union[space + ":rel"].sum(0, dtype=torch.int64)
                 self.tokens[f"space:{space}"] += union[space].shape[0]
 
     def _update_top(self, row_max, row_arg, x, point_index, seq_ids, positions, token_ids) -> None:
@@ -162,14 +226,13 @@ class OutlierStats:
         vals, rows = row_max.topk(k)
         dims = row_arg[rows]
         T = self.tensors
-        cand = {"top_abs": vals.float(), "top_value": x[rows, dims].float(),
-                "top_point": torch.full_like(rows, point_index), "top_seq": seq_ids[rows].to(rows.device),
-                "top_pos": positions[rows].to(rows.device), "top_token": token_ids[rows].to(rows.device),
-                "top_dim": dims}
+        cand = {Top.ABS: vals.float(), Top.VALUE: x[rows, dims].float(),
+                Top.POINT: torch.full_like(rows, point_index), Top.SEQ: seq_ids[rows].to(rows.device),
+                Top.POS: positions[rows].to(rows.device), Top.TOKEN: token_ids[rows].to(rows.device), Top.DIM: dims}
         merged = {f: torch.cat([T[f].to(v.device), v]) for f, v in cand.items()}
-        keep = merged["top_abs"].topk(min(self.top_k, len(merged["top_abs"]))).indices
+        keep = merged[Top.ABS].topk(min(self.top_k, len(merged[Top.ABS]))).indices
         for f, v in merged.items():
-            T[f] = v[keep]
+            T[f.value] = v[keep]
 
     # ------------------------------------------------------------ combine, save, load
 
@@ -179,18 +242,16 @@ class OutlierStats:
                 (self.threshold, self.relative_k) != (other.threshold, other.relative_k):
             raise InvalidArgumentError("can only merge scans of the same capture points and thresholds")
         out = OutlierStats(self.points, self.threshold, self.relative_k, self.top_k, meta=dict(self.meta))
-        for k, v in self.tensors.items():
-            w = other.tensors[k].to(v.device)
-            if k.endswith("/absmax"):
-                out.tensors[k] = torch.maximum(v, w)
-            elif not k.startswith("top_"):
-                out.tensors[k] = v + w
-        top = {f: torch.cat([self.tensors[f], other.tensors[f].to(self.tensors[f].device)])
-               for f in self.tensors if f.startswith("top_")}
-        other_offset = int(self.tensors["top_seq"].max().item()) + 1 if len(self.tensors["top_seq"]) else 0
-        top["top_seq"][len(self.tensors["top_seq"]):] += other_offset  # sequences of the second scan come after
-        keep = top["top_abs"].topk(min(self.top_k, len(top["top_abs"]))).indices
-        out.tensors.update({f: v[keep] for f, v in top.items()})
+        absmax = {f"{p.name}/{Stat.ABSMAX}" for p in self.points}
+        for key, _, _ in self._layout()[:-len(Top)]:  # per point and per space: the maximum or the sum
+            v, w = self.tensors[key], other.tensors[key].to(self.tensors[key].device)
+            out.tensors[key] = torch.maximum(v, w) if key in absmax else v + w
+        mine, theirs = self.tensors, other.tensors
+        top = {f: torch.cat([mine[f], theirs[f].to(mine[f].device)]) for f in Top}
+        other_offset = int(mine[Top.SEQ].max().item()) + 1 if len(mine[Top.SEQ]) else 0
+        top[Top.SEQ][len(mine[Top.SEQ]):] += other_offset  # sequences of the second scan come after
+        keep = top[Top.ABS].topk(min(self.top_k, len(top[Top.ABS]))).indices
+        out.tensors.update({f.value: v[keep] for f, v in top.items()})
         out.tokens = {k: self.tokens[k] + other.tokens[k] for k in self.tokens}
         out.nonfinite = {k: self.nonfinite[k] + other.nonfinite[k] for k in self.nonfinite}
         return out
@@ -224,15 +285,22 @@ class OutlierStats:
         except (OSError, ValueError) as e:
             raise ModelFileError(f"no readable outlier statistics in {folder}: {e}") from e
         if info.get("format") != FORMAT:
-            raise ModelFileError(f"{folder}/stats.json is not '{FORMAT}'")
+            raise ModelFileError(f"{folder}/stats.json is {info.get('format')!r}, not '{FORMAT}'")
         points = [CapturePoint(**p) for p in info["points"]]
-        return cls(points, info["threshold"], info["relative_k"], info["top_k"], tensors,
-                   info["tokens"], info["nonfinite"], info["meta"])
+        st = cls(points, info["threshold"], info["relative_k"], info["top_k"], {},
+                 info["tokens"], info["nonfinite"], info["meta"])
+        layout = [k for k, _, _ in st._layout()]
+        lacks, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
+        if lacks or unknown:
+            raise ModelFileError(f"{folder}/stats.safetensors does not match the points in stats.json: "
+                                 f"it lacks {lacks} and holds unknown {unknown}")
+        st.tensors = {k: tensors[k] for k in layout}
+        return st
 
 
 def _point_stats_torch(x: torch.Tensor, t: float, k_rel: float, union: torch.Tensor,
-                       rel_union: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The same sums as ``_cpu_kernels.point_stats`` in plain torch (any device)."""
+                       rel_union: torch.Tensor) -> BatchStats:
+    """The same sums as ``cpu_kernels.point_stats`` in plain torch (any device)."""
     finite = torch.isfinite(x)
     x0 = torch.where(finite, x, torch.zeros((), device=x.device))
     a = x0.abs()
@@ -243,8 +311,8 @@ def _point_stats_torch(x: torch.Tensor, t: float, k_rel: float, union: torch.Ten
     rel_union |= rel.to(torch.uint8)
     bins = (a[finite] / HIST_WIDTH).long().clamp_(max=HIST_BINS - 1)
     row_max, row_arg = a.max(1)
-    return {"absmax": a.amax(0), "count": ge.sum(0), "pos": (ge & (x0 > 0)).sum(0),
-            "sum_out": torch.where(ge, x0, 0).sum(0, dtype=torch.float64),
-            "sum": x0.sum(0, dtype=torch.float64), "sumsq": (x0 * x0).sum(0, dtype=torch.float64),
-            "rel_count": rel.sum(0), "hist": torch.bincount(bins, minlength=HIST_BINS),
-            "nonfinite": (~finite).sum(), "row_max": row_max, "row_arg": row_arg}
+    return BatchStats(absmax=a.amax(0), count=ge.sum(0), pos=(ge & (x0 > 0)).sum(0),
+                      sum_out=torch.where(ge, x0, 0).sum(0, dtype=torch.float64),
+                      sum=x0.sum(0, dtype=torch.float64), sumsq=(x0 * x0).sum(0, dtype=torch.float64),
+                      rel_count=rel.sum(0), hist=torch.bincount(bins, minlength=HIST_BINS),
+                      nonfinite=(~finite).sum(), row_max=row_max, row_arg=row_arg)
