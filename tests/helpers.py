@@ -66,3 +66,24 @@ def planted(rows=37, cols=499, outlier_cols=(3, 250, 498), seed=0, scale=9.0) ->
     for c in outlier_cols:
         x[::3, c] = scale * (1 + torch.rand(len(range(0, rows, 3)), generator=g))
     return x
+
+
+PLANTED = (3, 17)  # the dims planted_model makes into outlier features
+
+
+def planted_model(arch: str, dims=PLANTED, gain: float = 40.0) -> torch.nn.Module:
+    """A tiny model whose pre-attention and pre-FFN norms scale ``dims`` by ``gain`` in every block.
+
+    Normalized values are ~N(0, 1) and, over 32 dims, never reach 6 in magnitude;
+    scaled by 40 the planted dims reach 6 at most positions, in every block. The
+    norms are the ones the architecture registry names before q/k/v and the FFN.
+    """
+    from outliers.arch.registry import architecture_of, blocks
+
+    model = make_model(arch)
+    family = architecture_of(model)
+    with torch.no_grad():
+        for _, _, block in blocks(model, family):
+            for shared in (family.attn_in, family.ffn_in):
+                block.get_submodule(shared.norm).weight[list(dims)] = gain
+    return model

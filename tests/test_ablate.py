@@ -1,14 +1,13 @@
 import pytest
 import torch
 
-from conftest import make_model
+from helpers import make_model, planted_model
 from outliers import InvalidArgumentError
 from outliers.analysis.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
 from outliers.analysis.hooks import capture
 from outliers.analysis.points import resolve_points
 from outliers.analysis.stats import Stat
 
-from test_stats import planted_model
 
 
 def eager(model):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_model
+from helpers import PLANTED, make_model, planted_model
 from outliers import CorpusError, InvalidArgumentError, ModelFileError
 from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
 from outliers.analysis.hooks import capture
@@ -17,24 +17,7 @@ from outliers.analysis.scan import scan
 from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top, _point_stats_torch
 from outliers.analysis.cpu_kernels import point_stats
 
-PLANTED = (3, 17)
 V1 = Path(__file__).parent / "data" / "stats_v1"  # saved by the code before the names were typed
-NORMS = {"llama": ("input_layernorm", "post_attention_layernorm"), "gpt2": ("ln_1", "ln_2"),
-         "opt": ("self_attn_layer_norm", "final_layer_norm")}
-
-
-def planted_model(arch, dims=PLANTED, gain=40.0):
-    """A tiny model whose pre-attention and pre-FFN norms scale ``dims`` by ``gain`` in every block.
-
-    Normalized values are ~N(0, 1) and, over 32 dims, never reach 6 in magnitude;
-    scaled by 40 the planted dims reach 6 at most positions, in every block.
-    """
-    model = make_model(arch)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in NORMS[arch]:
-                module.weight[list(dims)] = gain
-    return model
 
 
 def ids(n_seq=6, seq=24, seed=0):

@@ -23,24 +23,24 @@ from tqdm.auto import tqdm
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import perplexity
 from outliers.analysis.points import CapturePoint, resolve_points
+from outliers.arch.registry import architecture_of
 from outliers.analysis.stats import OutlierStats, Stat
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
 
-# Modules that read the same input as the hooked one, by the hooked module's last name.
-SIBLINGS = {"q_proj": ("k_proj", "v_proj"), "query": ("key", "value"), "up_proj": ("gate_proj",)}
-
-
 def readers(model: nn.Module, point: CapturePoint) -> list[str]:
-    """Return the module names that read ``point``'s input (the point's own module first)."""
-    parent, _, last = point.module.rpartition(".")
+    """Return the module names that read ``point``'s input (the point's own module first).
+
+    q/k/v share the attention input and up/gate the FFN input: the
+    architecture registry says which (``SharedInput``).
+    """
+    family = architecture_of(model)
+    shared = {"attn_in": family.attn_in, "ffn_in": family.ffn_in}.get(point.kind)
+    if shared is None or not point.module.endswith(shared.linears[0]):
+        return [point.module]
+    block = point.module[: -len(shared.linears[0])]
     names = dict(model.named_modules())
-    out = [point.module]
-    for sib in SIBLINGS.get(last, ()):
-        full = f"{parent}.{sib}" if parent else sib
-        if full in names:
-            out.append(full)
-    return out
+    return [point.module, *(block + lin for lin in shared.linears[1:] if block + lin in names)]
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from outliers.analysis.stats import BatchStats
+from outliers.analysis.fields import BatchStats
 
 __all__ = ["point_stats"]
 
