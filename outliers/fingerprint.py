@@ -54,7 +54,9 @@ def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Return the hex SHA-256 of a file (cached by path, size and mtime)."""
-    return _cached(path, "sha256", sha256_file)
+    digest = _cached(path, "sha256", sha256_file)
+    assert digest is not None  # sha256_file always returns one
+    return digest
 
 
 def folder_sha256(folder: str | os.PathLike) -> str:

@@ -48,9 +48,9 @@ class Criteria:
                                      ("scale", self.scale, ("absolute", "relative"))):
             if value not in allowed:
                 raise InvalidArgumentError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value in (("layers", self.layers), ("positions", self.positions)):
-            if not 0 <= value <= 1:
-                raise InvalidArgumentError(f"{name} is a fraction in [0, 1], got {value!r}")
+        for name, fraction in (("layers", self.layers), ("positions", self.positions)):
+            if not 0 <= fraction <= 1:
+                raise InvalidArgumentError(f"{name} is a fraction in [0, 1], got {fraction!r}")
 
 
 def per_dim(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFrame:

@@ -62,7 +62,7 @@ class BatchStats(NamedTuple):
     """One point's sums over a batch of rows: what ``cpu_kernels.point_stats`` and the torch path return."""
 
     absmax: torch.Tensor
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # shadows tuple.count, on purpose: the statistic's name
     pos: torch.Tensor
     sum_out: torch.Tensor
     sum: torch.Tensor

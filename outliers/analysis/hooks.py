@@ -43,6 +43,10 @@ def pre_hooks(model: nn.Module, names: list[str],
             h.remove()
 
 
+def _keep(seen: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    seen.setdefault(name, x.detach().clone())
+
+
 @torch.inference_mode()
 def record_inputs(model: nn.Module, names: list[str], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run ``model(input_ids)`` once and return the first positional input of each named module.
@@ -51,7 +55,7 @@ def record_inputs(model: nn.Module, names: list[str], input_ids: torch.Tensor) -
     handy for looking at one real layer input (small batches: everything is kept).
     """
     seen: dict[str, torch.Tensor] = {}
-    with pre_hooks(model, names, lambda name, mod, args: seen.setdefault(name, args[0].detach().clone())):
+    with pre_hooks(model, names, lambda name, mod, args: _keep(seen, name, args[0])):
         model(input_ids=input_ids)
     return seen
 

@@ -52,6 +52,7 @@ def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,
     device = next(model.parameters()).device
     windows = ids[: n_windows * (window - prefix)].view(n_windows, window - prefix)
     if prefix:
+        assert bos_token_id is not None  # prefix is 1 only with a BOS id
         windows = torch.cat([torch.full((n_windows, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
     with capture(model, points, threshold=threshold, relative_k=relative_k, top_k=top_k,
                  patterns=patterns, stats=stats) as st:

@@ -32,6 +32,12 @@ def linear_kind(module: nn.Module) -> LinearKind | None:
     return None
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def is_linear(module: nn.Module) -> bool:
     return linear_kind(module) is not None
 
@@ -40,14 +46,16 @@ def in_features(module: nn.Module) -> int | None:
     kind = linear_kind(module)
     if kind is None:
         return None
-    return int(module.weight.shape[1] if kind is LinearKind.LINEAR else module.weight.shape[0])
+    shape = _weight(module).shape
+    return int(shape[1] if kind is LinearKind.LINEAR else shape[0])
 
 
 def out_features(module: nn.Module) -> int | None:
     kind = linear_kind(module)
     if kind is None:
         return None
-    return int(module.weight.shape[0] if kind is LinearKind.LINEAR else module.weight.shape[1])
+    shape = _weight(module).shape
+    return int(shape[0] if kind is LinearKind.LINEAR else shape[1])
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -55,5 +63,5 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     kind = linear_kind(module)
     if kind is None:
         raise InvalidArgumentError(f"expected nn.Linear or transformers' Conv1D, got {type(module).__name__}")
-    w = module.weight.detach()
+    w = _weight(module).detach()
     return w if kind is LinearKind.LINEAR else w.t()

@@ -94,8 +94,10 @@ class Architecture:
         """Return ``{kind: regex}`` for the capture points this family has (block index as first group)."""
         out: dict[str, str] = {}
         if self.blocks is not None:
+            block = self.blocks
+
             def at(path: str) -> str:
-                return self.blocks + r"\." + re.escape(path)
+                return block + r"\." + re.escape(path)
 
             if self.attn_in:
                 out["attn_in"] = at(self.attn_in.linears[0])  # q/k/v share the input: hook it once
@@ -103,7 +105,7 @@ class Architecture:
                 out["attn_out"] = at(self.attn_out)
             if self.ffn_in:
                 out["ffn_in"] = at(self.ffn_in.linears[0])
-            out["residual"] = self.blocks
+            out["residual"] = block
         return out | dict(self.patterns)
 
 

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         stats = scan(model, ids, points=kinds, threshold=args.threshold, max_tokens=args.scan_tokens,
                      window=args.window, progress=progress, meta={"model": args.model})
     if dims is None:
+        assert stats is not None  # scanned just above
         dims = outlier_features(stats, Criteria()).dim.tolist()
         if not dims:
             raise InvalidArgumentError(f"no outlier features found in {args.model} at threshold {args.threshold}; "

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                            "weights": info.weights, "weights_sha256": info.weights_sha256})
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
-    spaces = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
+    spaces: list[str] = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
     rows = [summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
             for s in spaces for scale in ("absolute", "relative")]
     table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions",

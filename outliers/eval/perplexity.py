@@ -159,7 +159,7 @@ def _score_batch(model: _Scorer, ref: _Scorer | None, q_states: torch.Tensor, r_
             tok = -lq.gather(-1, targets).squeeze(-1)
             token_nll.append(tok)
             nll += float(tok.double().sum())
-            if ref is not None:
+            if ref is not None and r_states is not None:
                 lr = ref.log_probs(r_states[row, p - offset : stop - offset])
                 ref_nll += float(-lr.gather(-1, targets).double().sum())
                 kl += float((lr.exp() * (lr - lq)).sum(-1).double().sum())
@@ -229,6 +229,7 @@ def perplexity(
     for batch in batches(windows, settings.batch_size):
         x = torch.stack([corpus_ids[s.begin : s.end] for s in batch])
         if settings.prefix:
+            assert bos_token_id is not None  # window_ids refused bos='window' without one
             x = torch.cat([torch.full((len(batch), 1), bos_token_id, dtype=x.dtype), x], dim=1)
         x = x.to(param.device)
         # Only the scored targets' predictions are needed: the last `keep` positions
@@ -254,7 +255,7 @@ def perplexity(
     nll = sum(sums.nll) / n_scored
     seconds = scorer.seconds
     fields: dict[str, Any] = {}
-    if ref is not None:
+    if ref is not None and reference is not None:
         ref_nll = sum(sums.ref_nll) / n_scored
         fields = dict(
             ref_dtype=_short_dtype(next(reference.parameters()).dtype),

@@ -106,8 +106,9 @@ def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
     if settings.protocol == "chunks":
         out = [Span(b, b + w, b + skip) for b in range(0, n_tokens - w + 1, w)]
     else:
-        prev_end = 0
-        for begin in range(0, n_tokens, settings.stride):
+        prev_end, stride = 0, settings.stride
+        assert stride is not None  # set by PerplexitySettings for sliding
+        for begin in range(0, n_tokens, stride):
             end = min(begin + w, n_tokens)
             span = Span(begin, end, max(prev_end, begin + skip))
             if span.n_scored > 0:  # a 1-token tail window has nothing to score

@@ -8,6 +8,7 @@ go through a cached float conversion (``outliers.models.gguf``).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -112,6 +113,7 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     gguf_file = None
+    where: str | Path
     if src.gguf is not None:
         if cache:
             sha = src.gguf_sha256 or sha256_file(src.gguf)
@@ -125,6 +127,7 @@ def load_model(
         if not (where / "config.json").exists():
             raise ModelFileError(f"folder {where} has no config.json: not a Hugging Face model folder")
     else:
+        assert src.hub_id is not None  # resolve() sets exactly one of gguf, folder, hub_id
         where = src.hub_id
         kwargs.update(hub_kwargs(src.hub_id))
 

@@ -60,6 +60,8 @@ def resolve_builtin(m: BuiltinModel) -> Source:
     if len(paths) == 1:
         return Source(None, paths[0], None, m.sha256)
     # Parts of one file: join them once into the cache, checksum-verified.
+    if m.sha256 is None:
+        raise ModelFileError(f"built-in {m.name} comes in parts but declares no SHA-256 to check them against")
     target = cache_dir("gguf") / m.gguf_name
     if not converted_dir(m.gguf_name, m.sha256).exists():
         assemble(paths, target, m.sha256)
@@ -75,7 +77,7 @@ def identity(src: Source) -> dict[str, str | None]:
                 "format": f"GGUF {gguf_file_type(src.gguf) or ''}".strip()}
     if src.folder is not None:
         return {"sha256": folder_sha256(src.folder), "revision": None, "format": "folder"}
-    snapshot = hub_snapshot(src.hub_id)
+    snapshot = hub_snapshot(src.hub_id) if src.hub_id is not None else None
     if snapshot is None:
         return {"sha256": None, "revision": None, "format": "hub"}
     return {"sha256": folder_sha256(snapshot), "revision": snapshot.name, "format": "hub"}

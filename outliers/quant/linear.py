@@ -54,6 +54,13 @@ class NonFiniteInputError(InvalidArgumentError):
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W stored in int8; see the module docstring for methods."""
 
+    # buffers (declared for the type checker: nn.Module's attribute lookup would say Tensor | Module)
+    weight_q: torch.Tensor  # int8 codes, (out, in)
+    weight_scale: torch.Tensor  # float32 absmax or zeropoint scale, per output channel or one
+    weight_zero: torch.Tensor | None  # int32 zero points (zeropoint methods)
+    bias: torch.Tensor | None
+    weight_fp: torch.Tensor | None  # the float weight, for outlier_weights="fp"
+
     def __init__(self, in_features: int, out_features: int, method: str = "llm.int8", *,
                  threshold: float = 6.0, bias: bool = True, outlier_weights: str = "int8",
                  name: str = "", round_to: str | None = None, backend: str = "auto"):
@@ -109,6 +116,7 @@ class Int8Linear(nn.Module):
             codes, scale, zero = quantize_zeropoint(w, spec.w_dim)
             q.weight_q.copy_(codes)
             q.weight_scale.copy_(scale.reshape(-1))
+            assert q.weight_zero is not None  # registered for zeropoint methods
             q.weight_zero.copy_(zero.reshape(-1))
         if bias is not None:
             q.bias = bias.detach().clone()
@@ -118,14 +126,24 @@ class Int8Linear(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    def _w_stats(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight's scale and zero point as the quantizer functions take them (0-dim when tensor-wise)."""
+        tensor_wise = self.spec.w_dim is None
+        zero = self.weight_zero
+        if zero is not None and tensor_wise:
+            zero = zero[0]
+        return (self.weight_scale[0] if tensor_wise else self.weight_scale), zero
+
+    def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._w_stats()
+        if self.spec.scheme is Scheme.ABSMAX:
+            return dequantize_absmax(codes, scale, self.spec.w_dim)
+        assert zero is not None  # zeropoint methods register weight_zero
+        return dequantize_zeropoint(codes, scale, zero, self.spec.w_dim)
+
     def dequantized_weight(self) -> torch.Tensor:
         """Return the float32 weight ``(out, in)`` that the int8 codes stand for."""
-        dim = self.spec.w_dim
-        scale = self.weight_scale if dim is not None else self.weight_scale[0]
-        if self.spec.scheme is Scheme.ABSMAX:
-            return dequantize_absmax(self.weight_q, scale, dim)
-        zero = self.weight_zero if dim is not None else self.weight_zero[0]
-        return dequantize_zeropoint(self.weight_q, scale, zero, dim)
+        return self._dequantize(self.weight_q)
 
     def _check_finite(self, stats: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> None:
         # NaN propagates into the row statistics; inf passes |x| >= t and lands in
@@ -199,12 +217,7 @@ class Int8Linear(nn.Module):
         return x.is_cuda and available()
 
     def _dequantized_cols(self, cols: torch.Tensor) -> torch.Tensor:
-        dim, q = self.spec.w_dim, self.weight_q[:, cols]
-        scale = self.weight_scale if dim is not None else self.weight_scale[0]
-        if self.spec.scheme is Scheme.ABSMAX:
-            return dequantize_absmax(q, scale, dim)
-        zero = self.weight_zero if dim is not None else self.weight_zero[0]
-        return dequantize_zeropoint(q, scale, zero, dim)
+        return self._dequantize(self.weight_q[:, cols])
 
     def _forward_generic(self, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         spec, t = self.spec, self.threshold
@@ -216,7 +229,7 @@ class Int8Linear(nn.Module):
             xs = x.masked_fill(mask, 0)  # statistics without the outlier elements
             if cols.numel():
                 xs[:, cols] = 0  # their columns go through the float path only
-        w_scale = self.weight_scale if spec.w_dim is not None else self.weight_scale[0]
+        w_scale, w_zero = self._w_stats()
         if spec.scheme is Scheme.ABSMAX:
             codes, stats = quantize_absmax(xs, spec.x_dim)
             self._check_finite(stats, x, cols)
@@ -224,7 +237,7 @@ class Int8Linear(nn.Module):
         else:
             codes, scale, zero = quantize_zeropoint(xs, spec.x_dim)
             self._check_finite(scale, x, cols)
-            w_zero = self.weight_zero if spec.w_dim is not None else self.weight_zero[0]
+            assert w_zero is not None  # zeropoint methods register weight_zero
             out = zeropoint_matmul_dequant(codes, scale, zero, self.weight_q, w_scale, w_zero, bias)
         return out, cols
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outliers.arch.linear import is_linear, out_features, in_features
+from outliers.arch.linear import in_features, is_linear, out_features, weight_of
 from outliers.arch.registry import architecture_of
 from outliers.errors import InvalidArgumentError, ModelFileError
 from outliers.quant.linear import Int8Linear
@@ -186,6 +186,6 @@ def load_quantized(model: nn.Module, path: str | Path, method: str | None = None
         if shape != (spec["out"], spec["in"]):
             raise ModelFileError(f"{path}: {spec['name']} is {spec['out']}x{spec['in']} in the file, "
                                  f"{shape[0]}x{shape[1]} in the model")
-        _set_module(model, spec["name"], shell.to(old.weight.device))
+        _set_module(model, spec["name"], shell.to(weight_of(old).device))
     load_model(model, str(path), strict=True)
     return model
