@@ -15,7 +15,11 @@ max_windows = 8
 thresholds = [6]      # the Table-1 layout's column blocks (default: every threshold of the study)
 ```
 
-Unknown keys, wrong types and unknown methods are errors naming the key and the file.
+The ``[study]`` keys are the study's own (``CORE_SETTINGS``: name, grid,
+how models are loaded and fed) and those of each registered measure
+(``studies.measures``: ``methods``, ``thresholds``, ``protocol``... for
+perplexity, ``outlier_tokens``... for the outlier scan). Unknown keys, wrong
+types and unknown methods are errors naming the key and the file.
 A study folder's ``study.json`` holds the same two tables and is read back
 through the same validation (``read_study``).
 """
@@ -24,121 +28,121 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from outliers.errors import InvalidArgumentError
-from outliers.quant.methods import METHODS
-from outliers.eval.windows import PerplexitySettings
 
-__all__ = ["StudyConfig", "load_config", "parse_config", "read_study", "write_study", "MEASURES"]
+from .settings import Setting, check_table, floats
 
-MEASURES = ("perplexity", "outliers")
+__all__ = ["StudyConfig", "load_config", "parse_config", "read_study", "write_study", "as_tables", "CORE_SETTINGS"]
+
+
+# The study's own keys: what it is, which grid, and how each model is loaded and fed (shared by every
+# measure). Their defaults are StudyConfig's. Each measure's keys are declared in its module.
+CORE_SETTINGS: dict[str, Setting] = {s.key: s for s in (
+    Setting("name", (str,)), Setting("models", (list,), items=(str,)), Setting("corpora", (list,), items=(str,)),
+    Setting("measure", (list,), items=(str,)), Setting("window", (int,)), Setting("batch_size", (int,)),
+    Setting("bos", (str,)), Setting("dtype", (str,)), Setting("description", (str,)),
+    Setting("expected_runtime", (str,)))}
+REPORT_SETTINGS: dict[str, Setting] = {"thresholds": Setting("thresholds", (list,), items=(int, float),
+                                                             convert=floats)}
+# study.json and the report's settings block list the keys in the order they have always had; the keys of
+# measures registered since follow, in registration order.
+_KEY_ORDER = ("name", "models", "corpora", "methods", "thresholds", "protocol", "window", "stride", "max_windows",
+              "batch_size", "measure", "outlier_tokens", "outlier_threshold", "outlier_weights", "round_to", "bos",
+              "dtype", "description", "expected_runtime")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
+    """A validated study.
+
+    The study's own keys are fields; every registered measure's keys are in
+    ``settings`` (defaults filled in) and read as attributes too
+    (``cfg.thresholds``, ``cfg.outlier_tokens``).
+    """
+
     name: str
     models: tuple[str, ...]
     corpora: tuple[str, ...] = ("builtin",)
-    methods: tuple[str, ...] = ("llm.int8",)
-    thresholds: tuple[float, ...] = (6.0,)
-    protocol: str = "chunks"
-    window: int = 512
-    stride: int | None = None
-    max_windows: int | None = 8
-    batch_size: int = 4
     measure: tuple[str, ...] = ("perplexity",)
-    outlier_tokens: int = 4096  # tokens scanned per (model, corpus) when "outliers" is measured
-    outlier_threshold: float = 6.0
-    outlier_weights: str = "int8"
-    round_to: str | None = None
+    window: int = 512
+    batch_size: int = 4
     bos: str = "corpus"
     dtype: str = "float32"
     description: str = ""
     expected_runtime: str = ""
     report_thresholds: tuple[float, ...] | None = None  # [report] thresholds; None: all of `thresholds`
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        PerplexitySettings(self.protocol, self.window, self.stride, self.max_windows, self.batch_size, self.bos)
         from outliers.models.load import parse_dtype
 
+        from .measures import MEASURES, measure_settings
+
+        known = measure_settings()
+        unknown = sorted(set(self.settings) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown setting(s) {unknown}; known: {', '.join(known)}")
+        object.__setattr__(self, "settings", {k: self.settings.get(k, s.default) for k, s in known.items()})
+        for m in MEASURES.values():  # every measure's settings, taken or not: study.json holds them all
+            m.validate(self)
         parse_dtype(self.dtype)
-        if self.report_thresholds is not None:
-            if not self.report_thresholds:
-                raise InvalidArgumentError("[report] thresholds must name at least one threshold")
-            missing = [t for t in self.report_thresholds if t not in self.thresholds]
-            if missing:
-                raise InvalidArgumentError(f"[report] thresholds {missing} are not in the study's thresholds "
-                                           f"{list(self.thresholds)}")
-        for m in self.methods:
-            if m not in METHODS:
-                raise InvalidArgumentError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         for m in self.measure:
             if m not in MEASURES:
                 raise InvalidArgumentError(f"unknown measure {m!r}; choose from {', '.join(MEASURES)}")
-        if any(t < 0 for t in self.thresholds):
-            raise InvalidArgumentError(f"thresholds must be >= 0, got {list(self.thresholds)}")
         if not self.models:
             raise InvalidArgumentError("a study needs at least one model")
 
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "models": (list,), "corpora": (list,), "methods": (list,), "thresholds": (list,),
-    "protocol": (str,), "window": (int,), "stride": (int,), "max_windows": (int,), "batch_size": (int,),
-    "measure": (list,), "outlier_tokens": (int,), "outlier_threshold": (int, float),
-    "outlier_weights": (str,), "round_to": (str,), "bos": (str,), "dtype": (str,), "description": (str,),
-    "expected_runtime": (str,),
-}
-_REPORT_TYPES: dict[str, tuple[type, ...]] = {"thresholds": (list,)}
-_ITEM_TYPES = {"models": (str,), "corpora": (str,), "methods": (str,), "thresholds": (int, float),
-               "measure": (str,)}
+    def __getattr__(self, key: str) -> Any:
+        settings = self.__dict__.get("settings") or {}
+        if key in settings:
+            return settings[key]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
 
-def _check_table(table: Any, name: str, types: dict[str, tuple[type, ...]], source: str) -> None:
-    if not isinstance(table, dict):
-        raise InvalidArgumentError(f"{source}: [{name}] must be a table, got {type(table).__name__}")
-    for key, value in table.items():
-        if key not in types:
-            raise InvalidArgumentError(f"{source}: unknown key {key!r} in [{name}]; known keys: "
-                                       f"{', '.join(sorted(types))}")
-        if isinstance(value, bool) or not isinstance(value, types[key]):
-            want = " or ".join(t.__name__ for t in types[key])
-            raise InvalidArgumentError(f"{source}: [{name}] {key} must be {want}, got {type(value).__name__} {value!r}")
-        items = _ITEM_TYPES.get(key)
-        if items and not all(isinstance(v, items) and not isinstance(v, bool) for v in value):
-            raise InvalidArgumentError(f"{source}: [{name}] {key} must be a list of "
-                                       f"{' or '.join(t.__name__ for t in items)}, got {value!r}")
+def __getattr__(name: str) -> Any:
+    if name == "MEASURES":  # the measure registry (studies.measures), loaded on first use
+        from .measures import MEASURES
+
+        return MEASURES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> StudyConfig:
     """Return the StudyConfig of a parsed TOML document; errors name the key and ``source``."""
+    from .measures import measure_settings
+
     if "study" not in data or set(data) - {"study", "report"}:
         extra = sorted(set(data) - {"study", "report"})
         raise InvalidArgumentError(f"{source}: expected a [study] table and optionally [report]"
                                    + (f", found {extra}" if extra else ""))
     study, report = data["study"], data.get("report", {})
-    known = {f.name for f in fields(StudyConfig)} - {"report_thresholds"}
-    _check_table(study, "study", {k: v for k, v in _TYPES.items() if k in known}, source)
-    _check_table(report, "report", _REPORT_TYPES, source)
+    measures = measure_settings()
+    check_table(study, "study", {**CORE_SETTINGS, **measures}, source)
+    check_table(report, "report", REPORT_SETTINGS, source)
     for key in ("name", "models"):
         if key not in study:
             raise InvalidArgumentError(f"{source}: [study] needs {key!r}")
-    kwargs = {k: tuple(float(x) for x in v) if k == "thresholds" else tuple(v) if isinstance(v, list) else v
-              for k, v in study.items()}
+    kwargs: dict[str, Any] = {k: CORE_SETTINGS[k].parse(v) for k, v in study.items() if k in CORE_SETTINGS}
+    settings = {k: measures[k].parse(v) for k, v in study.items() if k in measures}
     if "thresholds" in report:
-        kwargs["report_thresholds"] = tuple(float(x) for x in report["thresholds"])
+        kwargs["report_thresholds"] = REPORT_SETTINGS["thresholds"].parse(report["thresholds"])
     try:
-        return StudyConfig(**kwargs)
+        return StudyConfig(**kwargs, settings=settings)
     except InvalidArgumentError as e:
         raise InvalidArgumentError(f"{source}: {e}") from None
 
 
 def as_tables(cfg: StudyConfig) -> dict[str, Any]:
     """Return ``cfg`` as the ``{"study": ..., "report": ...}`` tables that ``parse_config`` reads."""
-    study = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "report_thresholds"}
-    study = {k: list(v) if isinstance(v, tuple) else v for k, v in study.items() if v is not None}
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("report_thresholds", "settings")}
+    values |= cfg.settings
+    rank = {k: i for i, k in enumerate(_KEY_ORDER)}
+    keys = sorted(values, key=lambda k: rank.get(k, len(rank)))  # a stable sort: later keys keep their order
+    study = {k: list(v) if isinstance(v, tuple) else v for k in keys if (v := values[k]) is not None}
     report = {"thresholds": list(cfg.report_thresholds)} if cfg.report_thresholds is not None else {}
     return {"study": study, "report": report}
 

@@ -2,16 +2,23 @@
 
 A row is keyed by the cell's *place* in the grid (kind, model, corpus,
 method, threshold) and carries the *fingerprint* of what it measured: the
-weights' and the corpus' hashes, dtype, device, every protocol and method
-setting and the package version (``studies.runner.fingerprint``). A row is
+weights' and the corpus' hashes, dtype, device, every setting its measure
+says can change it and the package version (``studies.planning``). A row is
 reused only while its fingerprint is the one the grid asks for now; a row
 whose inputs changed is *stale*, recomputed by the next run and never
 reported. The git commit of the code that computed a row is provenance:
 it flags rows made by other code without invalidating them.
 
 A study killed at any moment keeps every committed row (SQLite commits are
-atomic). Per-token NLLs are kept beside each perplexity, zlib-compressed
-float32.
+atomic).
+
+``COLUMNS`` is the table every ``results.sqlite`` has had: the cell's place,
+fingerprint, status and provenance, and the built-in measures' columns
+(``ppl`` ... ``token_nll``) at their historical places. A measure that
+declares other columns (``studies.measures``) gets them added after these,
+as an older file gains the columns it lacks (``RESERVED``: the ones the store
+fills itself, which no measure may declare). A ``BLOB`` column holds a
+float32 array, zlib-compressed (per-token NLLs beside each perplexity).
 """
 
 from __future__ import annotations
@@ -25,19 +32,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Store"]
+__all__ = ["Store", "COLUMNS", "RESERVED"]
 
 COLUMNS = {  # name -> SQL type; a store from an older version gains the missing ones (NULL: stale)
     "key": "TEXT PRIMARY KEY",  # place in the grid
     "fingerprint": "TEXT",  # what the cell measured
     "study": "TEXT NOT NULL",
-    "kind": "TEXT NOT NULL",  # 'perplexity' or 'outliers'
+    "kind": "TEXT NOT NULL",  # the measure (studies.measures): 'perplexity', 'outliers', ...
     "model": "TEXT NOT NULL",
     "corpus": "TEXT NOT NULL",
     "method": "TEXT NOT NULL",  # 'fp32' for the baseline
     "threshold": "REAL",
     "status": "TEXT NOT NULL",  # 'done' or 'failed'
-    "ppl": "REAL",
+    "ppl": "REAL",  # the built-in measures' columns (studies.measures)
     "n_tokens": "INTEGER",
     "seconds": "REAL",
     "tokens_per_s": "REAL",
@@ -50,6 +57,7 @@ COLUMNS = {  # name -> SQL type; a store from an older version gains the missing
     "finished_at": "REAL NOT NULL",
     "token_nll": "BLOB",  # per-token NLLs, float32, zlib
 }
+RESERVED = tuple(c for c in COLUMNS if c not in ("ppl", "n_tokens", "seconds", "tokens_per_s", "token_nll"))
 
 
 class Store:
@@ -60,28 +68,39 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
+        from .measures import measure_columns
+
+        self.measured = measure_columns()  # filled from each row's measure, NULL where it has none
+        self.columns = COLUMNS | {k: v for k, v in self.measured.items() if k not in COLUMNS}
         with self.conn:
             cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
             self.conn.execute(f"CREATE TABLE IF NOT EXISTS cells ({cols})")
             have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
-            for name, sql_type in COLUMNS.items():
+            for name, sql_type in self.columns.items():
                 if name not in have:
                     self.conn.execute(f"ALTER TABLE cells ADD COLUMN {name} {sql_type.split()[0]}")
 
     def record(self, key: str, fingerprint: str | None, cell: dict[str, Any], status: str,
                result: dict[str, Any] | None = None, *, error: str | None = None, version: str = "",
                commit: tuple[str | None, bool] = (None, False), provenance: dict[str, Any] | None = None,
-               token_nll: np.ndarray | None = None) -> None:
-        """Write one cell in its own transaction, replacing whatever stood at its place."""
-        r = result or {}
-        blob = None if token_nll is None else zlib.compress(np.asarray(token_nll, dtype=np.float32).tobytes())
+               columns: dict[str, Any] | None = None) -> None:
+        """Write one cell in its own transaction, replacing whatever stood at its place.
+
+        ``result`` is stored as JSON; ``columns`` holds the values of its measure's columns (arrays for
+        ``BLOB`` columns); every other measure column of the row is NULL.
+        """
+        values = dict.fromkeys(self.measured)
+        for name, value in (columns or {}).items():
+            if name not in values:
+                raise KeyError(f"{name!r} is not a measure's column of {self.path}")
+            if self.measured[name] == "BLOB" and value is not None:
+                value = zlib.compress(np.asarray(value, dtype=np.float32).tobytes())
+            values[name] = value
         row = {"key": key, "fingerprint": fingerprint, "study": cell["study"], "kind": cell["kind"],
                "model": cell["model"], "corpus": cell["corpus"], "method": cell["method"],
-               "threshold": cell.get("threshold"), "status": status, "ppl": r.get("ppl"),
-               "n_tokens": r.get("n_tokens"), "seconds": r.get("seconds"), "tokens_per_s": r.get("tokens_per_s"),
-               "result": json.dumps(r, default=str), "error": error, "version": version,
-               "commit_sha": commit[0], "dirty": int(commit[1]), "provenance": json.dumps(provenance or {}),
-               "finished_at": time.time(), "token_nll": blob}
+               "threshold": cell.get("threshold"), "status": status, "result": json.dumps(result or {}, default=str),
+               "error": error, "version": version, "commit_sha": commit[0], "dirty": int(commit[1]),
+               "provenance": json.dumps(provenance or {}), "finished_at": time.time(), **values}
         with self.conn:
             self.conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                               tuple(row.values()))
@@ -90,7 +109,7 @@ class Store:
         """Return every row as a pandas DataFrame (``result`` and ``provenance`` parsed; no token NLLs)."""
         import pandas as pd
 
-        cols = [c for c in COLUMNS if c != "token_nll"]
+        cols = [c for c, t in self.columns.items() if t.split()[0] != "BLOB"]
         df = pd.read_sql_query(f"SELECT {', '.join(cols)} FROM cells ORDER BY finished_at", self.conn)
         for col in ("result", "provenance"):
             df[col] = df[col].map(lambda s: json.loads(s) if s else {})
@@ -98,7 +117,13 @@ class Store:
 
     def token_nll(self, key: str) -> np.ndarray | None:
         """Return the per-token NLLs stored with a cell, or None."""
-        row = self.conn.execute("SELECT token_nll FROM cells WHERE key = ?", (key,)).fetchone()
+        return self.array(key, "token_nll")
+
+    def array(self, key: str, column: str) -> np.ndarray | None:
+        """Return the float32 array a cell stored in a ``BLOB`` column, or None."""
+        if self.columns.get(column) != "BLOB":
+            raise KeyError(f"{column!r} is not a BLOB column of {self.path}")
+        row = self.conn.execute(f"SELECT {column} FROM cells WHERE key = ?", (key,)).fetchone()
         if not row or row[0] is None:
             return None
         return np.frombuffer(zlib.decompress(row[0]), dtype=np.float32)

@@ -249,13 +249,13 @@ def test_study_json_is_validated_when_read_back(tmp_path, model_dir, text_file):
 
 
 def test_cells_of_another_commit_are_kept_and_redone_on_request(tmp_path, model_dir, text_file, monkeypatch):
-    from studies import runner
+    from studies import planning
 
     cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, methods='["absmax"]'))
     out = tmp_path / "out"
-    monkeypatch.setattr(runner, "git_commit", lambda: ("a" * 40, False))
+    monkeypatch.setattr(planning, "git_commit", lambda: ("a" * 40, False))
     run_study(cfg, out, progress=False)
-    monkeypatch.setattr(runner, "git_commit", lambda: ("b" * 40, False))
+    monkeypatch.setattr(planning, "git_commit", lambda: ("b" * 40, False))
     assert set(status(out).state) == {"older"}
     assert run_study(cfg, out, progress=False)["skipped"] == 2
     assert run_study(cfg, out, progress=False, recompute_older=True)["done"] == 2

@@ -1,0 +1,124 @@
+"""The outlier-feature scan: how many hidden dimensions hold large activations, per model.
+
+The paper's Table 4 and Fig. 3 (Dettmers et al. 2022, "LLM.int8()", arXiv
+2208.07339): one scan per (model, corpus) of ``outlier_tokens`` tokens at the
+attention and FFN inputs (``outliers.analysis.scan``), counted under both the
+paper's absolute criterion (``|x| >= outlier_threshold``) and a relative one
+(``outliers.analysis.criteria``), and reported beside the model's fp32 and
+llm.int8 perplexity where the study measured those.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..format import fmt_delta
+from . import Context, Image, Measure, Setting, Table, register_measure
+from .perplexity import ppl_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from studies.config import StudyConfig
+
+__all__ = ["OUTLIERS", "outlier_table", "emergence"]
+
+SETTINGS = (
+    Setting("outlier_tokens", (int,), 4096),  # tokens scanned per (model, corpus)
+    Setting("outlier_threshold", (int, float), 6.0),
+)
+
+
+def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
+    return [{"method": "fp32", "threshold": cfg.outlier_threshold}]
+
+
+def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
+    return {"outlier_tokens": cfg.outlier_tokens, "batch_size": cfg.batch_size, "points": "attn,ffn"}
+
+
+def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    from outliers.analysis.criteria import Criteria, summary
+    from outliers.analysis.scan import scan
+
+    cfg = ctx.cfg
+    st = scan(ctx.model, ctx.ids, points="attn,ffn", threshold=cell["threshold"], max_tokens=cfg.outlier_tokens,
+              window=cfg.window, batch_size=cfg.batch_size, progress=False, meta={"model": cell["model"]},
+              bos_token_id=ctx.bos_token_id)
+    rows = {scale: summary(st, Criteria(scale=scale)) for scale in ("absolute", "relative")}
+    criteria = Criteria()
+    return {"n_params": ctx.info.n_params, "n_tokens": st.meta["tokens_scanned"], "threshold": cell["threshold"],
+            "relative_k": st.relative_k, "layers": criteria.layers, "positions": criteria.positions,
+            "absolute": rows["absolute"], "relative": rows["relative"]}
+
+
+def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None) -> pd.DataFrame:
+    """The paper's Table-4 layout per model (both criteria, as scanned), with fp32 and llm.int8 perplexity.
+
+    ``thresholds``: the llm.int8 decomposition thresholds to show a perplexity column for
+    (default: every one the study has).
+    """
+    import pandas as pd
+
+    scans = df[(df.kind == "outliers") & (df.status == "done")]
+    ppl = ppl_rows(df)
+    int8 = ppl[ppl.method == "llm.int8"]
+    thresholds = thresholds if thresholds is not None else tuple(sorted(int8.threshold.unique()))
+    rows = []
+    for r in scans.itertuples():
+        res = r.result
+        base = ppl[(ppl.model == r.model) & (ppl.method == "fp32")].ppl
+        row = {"model": r.model, "params (M)": res["n_params"] / 1e6,
+               "criterion": res["absolute"]["criterion"], "outlier dims": res["absolute"]["outlier_dims"],
+               "% layers": res["absolute"]["pct_layers"], "% positions": res["absolute"]["pct_positions"],
+               "relative criterion": res["relative"]["criterion"],
+               "dims (relative)": res["relative"]["outlier_dims"],
+               "fp32 ppl": base.iloc[-1] if len(base) else float("nan")}
+        for t in thresholds:
+            q = int8[(int8.model == r.model) & (int8.threshold == t)]
+            row[f"llm.int8 ppl (t={t:g})"] = q.ppl.iloc[-1] if len(q) else float("nan")
+            row[f"llm.int8 vs fp32 (t={t:g})"] = fmt_delta(q.delta_ppl_pct.iloc[-1], q.delta_ppl_pct_ci95.iloc[-1]) \
+                if len(q) else ""
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("params (M)") if rows else pd.DataFrame(rows)
+
+
+def emergence(table: pd.DataFrame) -> Figure:
+    """Outlier dims against parameters and against fp32 perplexity (paper Fig. 3a/3b)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    absolute = table["criterion"].iloc[0] if "criterion" in table else "absolute"
+    relative = table["relative criterion"].iloc[0] if "relative criterion" in table else "relative"
+    for ax, x, scale in ((ax1, "params (M)", "log"), (ax2, "fp32 ppl", "linear")):
+        for col, name in (("outlier dims", absolute), ("dims (relative)", relative)):
+            sns.lineplot(table, x=x, y=col, marker="o", ax=ax, label=name)
+        for _, r in table.iterrows():
+            ax.annotate(r["model"], (r[x], r["outlier dims"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale=scale, ylabel="outlier feature dims", title=f"emergence vs {x}")
+        ax.set_yscale("symlog", linthresh=1)  # absolute counts run from 1 to the whole hidden size
+    ax2.invert_xaxis()  # lower perplexity (better models) to the right, as in the paper
+    return fig
+
+
+def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
+    """The Table-4 layout and, with more than one model, the emergence figure."""
+    if not (df.kind == "outliers").any():
+        return ["No outlier scan is done yet: no Table-4 layout.", ""]
+    t4 = outlier_table(df, cfg.report_thresholds or cfg.thresholds)
+    first = t4.iloc[0]
+    parts: list = [f"## Outlier features (Table-4 layout; {first['criterion']} and {first['relative criterion']}, "
+                   "hidden space, in >= 25 % of layers and >= 6 % of positions)", "",
+                   Table(t4, "table4", ".1f"), ""]
+    if len(t4) > 1:
+        parts += [Image(emergence(t4), "emergence.png", "emergence"), ""]
+    return parts
+
+
+OUTLIERS = register_measure(Measure(
+    name="outliers", compute=compute, settings=SETTINGS, cells=cells, fingerprint=fingerprint,
+    columns={"n_tokens": "INTEGER"}, report=report,
+    absent="No outlier scan was measured (`measure` lacks \"outliers\"): no Table-4 layout."))

@@ -1,0 +1,217 @@
+"""Perplexity per quantization method and threshold, and its agreement with the float model.
+
+The paper's Table 1 (Dettmers et al. 2022, "LLM.int8()", arXiv 2208.07339):
+per (model, corpus) one fp32 baseline and one cell per (method, threshold),
+one per method for methods without decomposition, whose threshold is moot
+(``outliers.quant.methods``). A quantized cell is scored against the float
+model on the same windows (paired delta, KL, top-1 agreement; windows and
+intervals as ``docs/protocols.md`` says); its model shares every unquantized
+tensor with the float one (``outliers.quant.model.quantized_copy``), and the
+float model's final hidden states are kept per (model, corpus), so the
+reference runs once per study. Per-token NLLs are stored beside each row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from outliers.errors import InvalidArgumentError
+from outliers.quant.methods import METHODS, label
+
+from ..format import fmt_delta
+from ..settings import floats
+from . import Context, Image, Measure, Setting, Table, register_measure
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from studies.config import StudyConfig
+
+__all__ = ["PERPLEXITY", "ppl_rows", "perplexity_table", "agreement_table", "threshold_curves"]
+
+SETTINGS = (
+    Setting("methods", (list,), ("llm.int8",), items=(str,)),
+    Setting("thresholds", (list,), (6.0,), items=(int, float), convert=floats),
+    Setting("protocol", (str,), "chunks"),
+    Setting("stride", (int,), None),
+    Setting("max_windows", (int,), 8),
+    Setting("outlier_weights", (str,), "int8"),
+    Setting("round_to", (str,), None),
+)
+
+
+def validate(cfg: StudyConfig) -> None:
+    from outliers.eval.windows import PerplexitySettings
+
+    PerplexitySettings(cfg.protocol, cfg.window, cfg.stride, cfg.max_windows, cfg.batch_size, cfg.bos)
+    if cfg.report_thresholds is not None:
+        if not cfg.report_thresholds:
+            raise InvalidArgumentError("[report] thresholds must name at least one threshold")
+        missing = [t for t in cfg.report_thresholds if t not in cfg.thresholds]
+        if missing:
+            raise InvalidArgumentError(f"[report] thresholds {missing} are not in the study's thresholds "
+                                       f"{list(cfg.thresholds)}")
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise InvalidArgumentError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if any(t < 0 for t in cfg.thresholds):
+        raise InvalidArgumentError(f"thresholds must be >= 0, got {list(cfg.thresholds)}")
+
+
+def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
+    out = [{"method": "fp32", "threshold": None}]
+    for method in cfg.methods:
+        ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
+        out += [{"method": method, "threshold": t} for t in ts]
+    return out
+
+
+def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
+    s = {"protocol": cfg.protocol, "stride": cfg.stride, "max_windows": cfg.max_windows,
+         "batch_size": cfg.batch_size}  # batching moves float sums in the last bits
+    if cell["method"] != "fp32":
+        s |= {"outlier_weights": cfg.outlier_weights, "round_to": cfg.round_to}
+    return s
+
+
+def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    from outliers.eval.perplexity import perplexity
+    from outliers.quant.model import quantized_copy
+
+    cfg, model = ctx.cfg, ctx.model
+    target, report, reference = model, None, None
+    if cell["method"] != "fp32":
+        target, report = quantized_copy(model, cell["method"], cell["threshold"],
+                                        outlier_weights=cfg.outlier_weights, round_to=cfg.round_to)
+        reference = model
+    r = perplexity(target, ctx.ids, protocol=cfg.protocol, window=cfg.window, stride=cfg.stride,
+                   max_windows=cfg.max_windows, batch_size=cfg.batch_size, bos=cfg.bos,
+                   bos_token_id=ctx.bos_token_id, reference=reference,
+                   reference_states=ctx.cache.setdefault("reference_states", {}), progress=ctx.progress,
+                   model_name=cell["model"], corpus_name=cell["corpus"],
+                   method=None if cell["method"] == "fp32" else cell["method"])
+    if not math.isfinite(r.ppl):
+        raise FloatingPointError(f"perplexity is {r.ppl} (mean NLL {r.nll})")
+    result = r.to_dict()
+    if report is not None:
+        result.update(weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after,
+                      replaced=len(report.replaced))
+    result["token_nll"] = r.token_nll
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The done perplexity rows, with the result's interval and agreement fields as columns."""
+    ppl = df[(df.kind == "perplexity") & (df.status == "done")].copy()
+    for col in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "top1_agreement", "n_windows"):
+        ppl[col] = ppl.result.map(lambda r, c=col: r.get(c))
+    return ppl
+
+
+def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The paper's Table-1 layout at one decomposition threshold: one row per method, per model its
+    perplexity and the paired change against fp32 with its 95 % interval.
+
+    Methods without decomposition have one cell each (their threshold is moot) and appear in every
+    threshold's table.
+    """
+    import pandas as pd
+
+    ppl = ppl_rows(df)
+    decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
+    ppl = ppl[(ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold))
+              | (~decomposes & (ppl.method != "fp32"))]
+    order = ["fp32", *METHODS]
+    rows = []
+    for method in sorted(ppl.method.unique(), key=order.index):
+        row = {"method": label(method)}
+        for model, r in ppl[ppl.method == method].groupby("model", sort=False):
+            r = r.iloc[-1]
+            row[model] = r.ppl
+            row[f"{model} vs fp32"] = fmt_delta(r.delta_ppl_pct, r.delta_ppl_pct_ci95)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
+    """KL against the float model and top-1 agreement per quantized cell, each with its interval."""
+    import pandas as pd
+
+    def interval(v, ci, scale, fmt):
+        if v is None:
+            return ""
+        return f"{v * scale:{fmt}}" + (f" [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else "")
+
+    rows = [{"model": r.model, "method": label(r.method), "threshold": f"{r.threshold:g}",
+             "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
+             "top-1 agreement %": interval(r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"),
+                                           100, ".2f")}
+            for r in ppl.itertuples()]
+    return pd.DataFrame(rows)
+
+
+def threshold_curves(df: pd.DataFrame) -> Figure:
+    """Perplexity against the decomposition threshold per method and model, the fp32 line dashed."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    ppl = df[(df.kind == "perplexity") & (df.status == "done")]
+    curves = ppl[ppl.method != "fp32"]
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    sns.lineplot(curves, x="threshold", y="ppl", hue="method", style="model", marker="o", ax=ax)
+    for model, base in ppl[ppl.method == "fp32"].groupby("model"):
+        ax.axhline(base.ppl.iloc[-1], ls="--", c="k", lw=1, label=f"fp32 {model}")
+    ax.set(xlabel="decomposition threshold", ylabel="perplexity", title="Perplexity vs threshold")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
+    """Table-1 blocks (one per reported threshold), the flat perplexity.csv, agreement and threshold curves."""
+    from outliers.eval.intervals import MIN_WINDOWS
+
+    ppl = ppl_rows(df)
+    if not len(ppl):
+        return ["No perplexity cell is done yet: no Table-1 layout.", ""]
+    n_windows = int(ppl.n_windows.dropna().max())
+    thresholds = cfg.report_thresholds or cfg.thresholds
+    parts: list = ["## Perplexity (Table-1 layout)", "",
+                   f"{cfg.protocol} windows of {cfg.window} (bos {cfg.bos}), {n_windows} windows. Beside each "
+                   "perplexity: its change against fp32 on the same windows, with a paired 95 % bootstrap "
+                   "interval over windows."
+                   + (f" Fewer than {MIN_WINDOWS} windows: the intervals are rough." if n_windows < MIN_WINDOWS
+                      else "") + " Adjacent windows of one document are correlated: the intervals speak for "
+                   "this corpus slice.", ""]
+    has_decomp = any(METHODS[m].decomposition for m in cfg.methods)
+    for t in thresholds if has_decomp else thresholds[:1]:
+        heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
+        if has_decomp and not ((ppl.threshold == t) & (ppl.method != "fp32")).any():
+            parts += [heading, "", f"No decomposition cell at threshold {t:g} is done.", ""]
+            continue
+        stem = f"table1_t{t:g}" if has_decomp else "table1"
+        parts += [heading, "", Table(perplexity_table(df, t), stem, ".3f"), ""]
+    flat = ppl[["model", "corpus", "method", "threshold", "ppl", "delta_ppl_pct", "kl_vs_ref",
+                "top1_agreement", "n_tokens", "tokens_per_s"]]
+    parts.append(Table(flat, "perplexity", csv_only=True))
+    quantized = ppl[ppl.method != "fp32"]
+    if len(quantized):
+        parts += ["## Agreement with the float model", "",
+                  "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
+                  "top-1 token is the same, with 95 % bootstrap intervals over windows.", "",
+                  Table(agreement_table(quantized), "agreement", ".4f"), ""]
+    if len(quantized) and quantized.threshold.nunique() > 1:
+        parts += ["## Perplexity vs threshold", "",
+                  Image(threshold_curves(df), "threshold_curves.png", "threshold curves"), ""]
+    return parts
+
+
+PERPLEXITY = register_measure(Measure(
+    name="perplexity", compute=compute, settings=SETTINGS, cells=cells, fingerprint=fingerprint,
+    columns={"ppl": "REAL", "n_tokens": "INTEGER", "seconds": "REAL", "tokens_per_s": "REAL", "token_nll": "BLOB"},
+    report=report, validate=validate,
+    absent="No perplexity was measured (`measure` lacks \"perplexity\"): no Table-1 layout."))
