@@ -1,12 +1,17 @@
-"""``studies`` command line: run, list, status and report studies."""
+"""``studies`` command line: run, list, status and report studies.
+
+An entry point: it sets the process's environment (thread pools,
+``outliers.threads``; Ray's authentication mode for a private local
+cluster) before the library runs, and the library only reads it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 
 __all__ = ["main"]
 
@@ -23,6 +28,9 @@ def _resolve(config: str) -> Path:
 def _cmd_run(args) -> int:
     from .config import load_config
     from .runner import run_study
+
+    if args.backend == "ray" and args.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token files
 
     path = _resolve(args.config)
     cfg = load_config(path)

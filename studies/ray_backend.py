@@ -2,7 +2,10 @@
 
 Only the study's own process writes to SQLite: actors return results, and
 ``ray_results`` yields them as they finish. Without ``address`` a private
-local cluster is started for the study and shut down after it.
+local cluster is started for the study and shut down after it. Ray reads its
+authentication mode from the environment (``RAY_AUTH_MODE``), which library
+code leaves alone: the ``studies`` command line sets it to ``disabled`` for a
+private local cluster (``studies.cli``); other callers set it themselves.
 """
 
 from __future__ import annotations
@@ -27,10 +30,6 @@ def ray_results(cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | N
 
     started = False
     if not ray.is_initialized():
-        if address is None:
-            import os
-
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token files
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started = True
     try:

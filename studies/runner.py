@@ -31,7 +31,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backe
     inputs changed) are recomputed and counted in ``stale`` as well as in
     ``done``/``failed``. ``backend="local"`` runs in this process; ``"ray"``
     runs one Ray actor per model (on a local cluster started on demand, or the
-    one at ``address``); either
+    one at ``address``; Ray reads ``RAY_AUTH_MODE`` from the environment); either
     way only this process writes to SQLite, one transaction per cell. A cell
     that raises (a model that will not load, NaN perplexity, out of memory) is
     stored as ``failed`` with its error, and the study goes on.

@@ -136,6 +136,22 @@ def test_cli_list_status_and_errors(tmp_path, capsys):
     assert "cannot read study config" in capsys.readouterr().err
 
 
+def test_cli_sets_ray_auth_mode_for_a_private_cluster_only(tmp_path, monkeypatch):
+    """The entry point sets RAY_AUTH_MODE; run_study (library code) only reads the environment."""
+    from studies import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_study", lambda *a, **kw: seen.append(os.environ.get("RAY_AUTH_MODE"))
+                        or {"done": 0, "failed": 0, "skipped": 0, "stale": 0})
+    monkeypatch.setenv("RAY_AUTH_MODE", "unset")
+    monkeypatch.delenv("RAY_AUTH_MODE")  # restored to its state before the test when it ends
+    path = write_config(tmp_path, "m", "builtin")
+    assert main(["run", str(path), "--out", str(tmp_path / "a"), "--backend", "ray", "--address", "auto"]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "b")]) == 0
+    assert main(["run", str(path), "--out", str(tmp_path / "c"), "--backend", "ray"]) == 0
+    assert seen == [None, None, "disabled"]
+
+
 def test_ray_backend_matches_local(tmp_path, model_dir, text_file, monkeypatch):
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
