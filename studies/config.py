@@ -87,8 +87,8 @@ class StudyConfig:
         if unknown:
             raise InvalidArgumentError(f"unknown setting(s) {unknown}; known: {', '.join(known)}")
         object.__setattr__(self, "settings", {k: self.settings.get(k, s.default) for k, s in known.items()})
-        for m in MEASURES.values():  # every measure's settings, taken or not: study.json holds them all
-            m.validate(self)
+        for measure in MEASURES.values():  # every measure's settings, taken or not: study.json holds them all
+            measure.validate(self)
         parse_dtype(self.dtype)
         for m in self.measure:
             if m not in MEASURES:

@@ -34,7 +34,7 @@ def ray_results(cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | N
         started = True
     try:
         # an actor holds one CPU: one torch/MKL/Numba thread, and idle OpenMP threads sleep (outliers/threads.py)
-        worker_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": thread_env(1)})(Worker)
+        worker_cls: Any = ray.remote(num_cpus=1, runtime_env={"env_vars": thread_env(1)})(Worker)
         measures = {name: MEASURES[name] for name in cfg.measure}
         groups: dict[str, list] = {}
         for cell, key in todo:

@@ -9,8 +9,9 @@ once and each corpus is tokenized once per model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -54,6 +55,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backe
     bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
     pairs = [(p.cell, p.key) for p in todo]
     fps = {p.key: p.fingerprint for p in todo}
+    results: Iterator[tuple[dict[str, Any], str, tuple[str, dict[str, Any] | None, str | None]]]
     if backend == "local":
         from .worker import Worker
 

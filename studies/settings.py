@@ -57,6 +57,6 @@ def check_table(table: Any, name: str, settings: Mapping[str, Setting], source: 
         if isinstance(value, bool) or not isinstance(value, s.types):
             raise InvalidArgumentError(f"{source}: [{name}] {key} must be {_names(s.types)}, "
                                        f"got {type(value).__name__} {value!r}")
-        if s.items and not all(isinstance(v, s.items) and not isinstance(v, bool) for v in value):
+        if s.items and not all(isinstance(v, s.items) and not isinstance(v, bool) for v in table[key]):
             raise InvalidArgumentError(f"{source}: [{name}] {key} must be a list of {_names(s.items)}, "
                                        f"got {value!r}")

@@ -61,7 +61,7 @@ def validate(cfg: StudyConfig) -> None:
 
 
 def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
-    out = [{"method": "fp32", "threshold": None}]
+    out: list[dict[str, Any]] = [{"method": "fp32", "threshold": None}]
     for method in cfg.methods:
         ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
         out += [{"method": method, "threshold": t} for t in ts]
@@ -69,7 +69,7 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
 
 
 def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
-    s = {"protocol": cfg.protocol, "stride": cfg.stride, "max_windows": cfg.max_windows,
+    s: dict[str, Any] = {"protocol": cfg.protocol, "stride": cfg.stride, "max_windows": cfg.max_windows,
          "batch_size": cfg.batch_size}  # batching moves float sums in the last bits
     if cell["method"] != "fp32":
         s |= {"outlier_weights": cfg.outlier_weights, "round_to": cfg.round_to}
