@@ -18,8 +18,11 @@ A measure is one module (``perplexity``, ``outliers``) declaring
 The runner, the store, the config and the report loop over ``MEASURES`` in
 registration order; a measure added with ``register_measure`` (from any
 module, a test included) is planned, run, stored and reported like the
-built-in ones. The perplexity and agreement measures follow Dettmers et al.
-2022, "LLM.int8()" (arXiv 2208.07339), Table 1; the outlier scan its Table 4.
+built-in ones. A built-in measure is a module here that ends with
+``register_measure(Measure(...))``, named in ``BUILTIN`` (its place there is
+its place in the report); ``tests/test_measures.py`` registers a toy one.
+The perplexity and agreement measures follow Dettmers et al. 2022,
+"LLM.int8()" (arXiv 2208.07339), Table 1; the outlier scan its Table 4.
 """
 
 from __future__ import annotations
