@@ -68,7 +68,7 @@ def test_without_registration_its_key_and_name_are_unknown():
 
 
 def test_a_registered_measure_runs_stores_and_reports(params_measure, tmp_path, model_dir, text_file):
-    from conftest import make_model
+    from helpers import make_model
 
     n_params = sum(p.numel() for p in make_model("llama").parameters())
     cfg = parse_config(_study(model_dir("llama"), text_file))

@@ -206,7 +206,7 @@ def test_a_changed_corpus_is_recomputed_and_reported(tmp_path, model_dir, sample
 
 
 def test_changed_weights_in_a_model_folder_are_recomputed(tmp_path, text_file, tokenizer):
-    from conftest import make_model
+    from helpers import make_model
 
     folder = tmp_path / "model"
     make_model("gpt2", seed=0).save_pretrained(folder)
