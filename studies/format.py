@@ -15,13 +15,14 @@ __all__ = ["markdown", "fmt_delta"]
 
 
 def markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    """A GitHub Markdown table (no tabulate dependency)."""
-    def cell(v):
+    """A GitHub Markdown table (no tabulate dependency); a ``|`` inside a cell (``|x| >= 6``) is escaped."""
+
+    def cell(v) -> str:
         if isinstance(v, float) and math.isnan(v):
             return ""
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
+        return (format(v, floatfmt) if isinstance(v, float) else str(v)).replace("|", "\\|")
 
-    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    head = "| " + " | ".join(cell(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])

@@ -276,3 +276,12 @@ def test_cells_of_another_commit_are_kept_and_redone_on_request(tmp_path, model_
     assert run_study(cfg, out, progress=False)["skipped"] == 2
     assert run_study(cfg, out, progress=False, recompute_older=True)["done"] == 2
     assert set(status(out).state) == {"done"}
+
+
+def test_markdown_tables_escape_pipes_inside_cells():
+    import pandas as pd
+
+    from studies.format import markdown
+
+    md = markdown(pd.DataFrame({"criterion": ["|x| >= 6"], "dims": [1.5]}), ".1f")
+    assert md.splitlines() == ["| criterion | dims |", "|---|---|", "| \\|x\\| >= 6 | 1.5 |"]
