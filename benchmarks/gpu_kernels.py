@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     cols = ["fp16 nn.Linear", "torch._int_mm+dequant", "numba simt+dequant", "numba mma+dequant", "numba LLM.int8 t=6",
             "bnb Linear8bitLt t=6"]
     lines = [f"# Numba LLM.int8() kernels on {name}", "",
-             f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; {args.outlier_cols} outlier columns at t=6", "",
+             f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; "
+             f"{args.outlier_cols} outlier columns at t=6; {L.default_tiles()}", "",
              f"LLM.int8 uses gemm='auto' ({auto} here). Ratios are throughputs: "
              "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast). "
              "The Numba epilogues write fp16, torch._int_mm's dequant float32.", "",

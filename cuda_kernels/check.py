@@ -4,7 +4,8 @@ The simulator runs kernels as Python and skips Numba's CUDA type checks, so a ke
 can pass every simulated test and still fail to compile. This builds each kernel, for
 each argument type the launchers pass, the way numba-cuda does at first launch: Numba
 to LTO-IR, the CUDA C of ``mma_s8_16x8x32.cu`` through NVRTC, both linked by nvJitLink
-into a cubin for each compute capability asked for. It prints what ptxas reports
+into a cubin for each compute capability asked for. It builds the kernels of
+``PRODUCTION_TILES``, the tiling the launchers use on a GPU. It prints what ptxas reports
 (registers, spills, stack) and exits 1 when a kernel fails to build or spills.
 
 Needs numba-cuda with the CUDA 12 toolkit wheels (``pip install 'outliers[cuda]'``),
@@ -18,6 +19,8 @@ import contextlib
 import re
 import sys
 import types
+
+from .tiles import PRODUCTION_TILES, TileConfig
 
 MISSING = 3
 
@@ -64,8 +67,8 @@ def _device_of(cc: tuple[int, int]):
         dispatcher.get_current_device = real
 
 
-def build(name: str, sig: tuple, cc: tuple[int, int]) -> str:
-    """Return ptxas' info log for kernel ``name`` built for ``sig`` on compute capability ``cc``."""
+def build(name: str, sig: tuple, cc: tuple[int, int], tiles: TileConfig = PRODUCTION_TILES) -> str:
+    """Return ptxas' info log for kernel ``name`` of ``tiles`` built for ``sig`` on compute capability ``cc``."""
     from cuda.core import Linker, LinkerOptions, ObjectCode
     from numba import cuda
     from numba.cuda.cudadrv import nvrtc
@@ -73,8 +76,8 @@ def build(name: str, sig: tuple, cc: tuple[int, int]) -> str:
     from . import kernels, mma
 
     with _device_of(cc):
-        ltoir, _ = cuda.compile(getattr(kernels, name).py_func, sig, cc=cc, device=False, abi="numba",
-                                output="ltoir")
+        kernel = getattr(kernels.build(tiles), name)
+        ltoir, _ = cuda.compile(kernel.py_func, sig, cc=cc, device=False, abi="numba", output="ltoir")
     parts = [ObjectCode.from_ltoir(ltoir)]
     if name in LINKS_MMA:
         with open(mma.MMA_SOURCE) as f:
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(pip install 'outliers[cuda]'): {e}")
         return MISSING
     ccs = [tuple(int(v) for v in c.split(".")) for c in args.cc]
+    print(f"building {PRODUCTION_TILES}")
     failed = 0
     for cc in ccs:
         for name, sigs in signatures().items():

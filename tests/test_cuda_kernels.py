@@ -1,8 +1,9 @@
 """The Numba CUDA kernels against the CPU reference (``outliers.quant.int8``).
 
 Without a GPU they run in Numba's CUDA simulator (conftest sets
-NUMBA_ENABLE_CUDASIM=1): shapes stay tiny and are not tile multiples
-(TILE=16). On a GPU the same tests run unsimulated on CUDA tensors.
+NUMBA_ENABLE_CUDASIM=1) with the launchers' default there, ``SMALL_TILES``: shapes
+stay tiny and are not tile multiples. On a GPU the same tests run unsimulated on CUDA
+tensors with ``PRODUCTION_TILES``; test_cuda_tiling.py runs those in the simulator too.
 """
 
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from cuda_kernels import KernelArgumentError
 from cuda_kernels import launch as L
 from outliers import InvalidArgumentError
 from outliers.quant.int8 import int8_vectorwise_quant, llm_int8_matmul, outlier_columns
@@ -127,7 +129,7 @@ def test_llm_int8_linear_writes_the_asked_dtype():
     for dt in (torch.float16, torch.bfloat16):
         got, _, _ = L.llm_int8_linear(x, cb, scb, None, 6.0, out_dtype=dt)
         assert got.dtype == dt and torch.equal(got, ref.to(dt))
-    with pytest.raises(InvalidArgumentError, match="out_dtype must be one of"):
+    with pytest.raises(KernelArgumentError, match="out_dtype must be one of"):
         L.llm_int8_linear(x, cb, scb, None, 6.0, out_dtype=torch.float64)
 
 
@@ -160,18 +162,18 @@ def test_int8linear_numba_backend_equals_torch_backend():
 def test_launchers_refuse_bad_input(monkeypatch):
     cb, scb = weight(7, 23)
     x = planted(3, 23)
-    with pytest.raises(InvalidArgumentError, match="a must be torch.int8, got torch.float32"):
+    with pytest.raises(KernelArgumentError, match="a must be torch.int8, got torch.float32"):
         L.int8_matmul(x, cb)
-    with pytest.raises(InvalidArgumentError, match="inner dimensions differ"):
+    with pytest.raises(KernelArgumentError, match="inner dimensions differ"):
         L.int8_matmul(cb[:, :20].contiguous(), cb)
-    with pytest.raises(InvalidArgumentError, match="x is not contiguous"):
+    with pytest.raises(KernelArgumentError, match="x is not contiguous"):
         L.quantize_rows(planted(23, 3).t(), 6.0)
-    with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
+    with pytest.raises(KernelArgumentError, match="threshold must be >= 0"):
         L.quantize_rows(x, -1.0)
-    with pytest.raises(InvalidArgumentError, match="x must be torch.float32 or torch.float16, got torch.int8"):
+    with pytest.raises(KernelArgumentError, match="x must be torch.float32 or torch.float16, got torch.int8"):
         L.quantize_rows(cb, 0.0)
     monkeypatch.setattr(L, "simulated", lambda: False)
-    with pytest.raises(InvalidArgumentError, match="must be a CUDA tensor, got one on cpu"):
+    with pytest.raises(KernelArgumentError, match="must be a CUDA tensor, got one on cpu"):
         L.quantize_rows(torch.randn(2, 3), 0.0)
     with pytest.raises(InvalidArgumentError, match="backend='numba' needs CUDA tensors"):
         Int8Linear(3, 2, backend="numba")(torch.randn(2, 3))
@@ -205,6 +207,7 @@ def test_mma_llm_int8_linear_equals_reference():
 
 
 def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
+    real = L.build_kernels
     monkeypatch.setattr(L, "_VERIFIED", {})
     assert L.mma_verified()
     monkeypatch.setattr(L, "_VERIFIED", {})
@@ -214,7 +217,7 @@ def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
             return lambda *args: args[-1].fill(0) if L.simulated() else args[-1][:].copy_to_device(
                 np.zeros(args[-1].shape, np.int32))
 
-    monkeypatch.setattr(L, "int8_gemm_mma_kernel", Zeros())
+    monkeypatch.setattr(L, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Zeros()))
     with pytest.warns(RuntimeWarning, match="tensor-core int8 GEMM gave wrong products"):
         assert not L.mma_verified()
     assert not L.mma_verified()  # decided once per device
@@ -224,27 +227,30 @@ def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
             raise RuntimeError("NVRTC not found")
 
     monkeypatch.setattr(L, "_VERIFIED", {})
-    monkeypatch.setattr(L, "int8_gemm_mma_kernel", Unbuildable())
+    monkeypatch.setattr(L, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Unbuildable()))
     with pytest.warns(RuntimeWarning, match=r"could not run \(RuntimeError: NVRTC not found\)"):
         assert not L.mma_verified()
     a = torch.ones(20, 32, dtype=torch.int8, device=DEV)
     monkeypatch.setattr(L, "simulated", lambda: False)  # let 'auto' consult the self-check, as on a GPU
     monkeypatch.setattr(L, "mma_supported", lambda device=None: None)
+    key = (str(a.device), L.PRODUCTION_TILES)  # decided per device and tiles; a GPU runs these by default
+    L._VERIFIED[key] = False
     assert L.pick_gemm("auto", a, a) == "simt"
-    L._VERIFIED[str(a.device)] = True
+    L._VERIFIED[key] = True
     assert L.pick_gemm("auto", a, a) == "mma"
+    assert L.pick_gemm("auto", a, a, tiles=L.SMALL_TILES) == "simt"  # its own check failed above
     assert L.pick_gemm("auto", a[:, :30].contiguous(), a[:, :30].contiguous()) == "simt"  # K % 4 == 2
 
 
 def test_mma_refuses_what_it_cannot_run():
     a = torch.zeros(3, 10, dtype=torch.int8, device=DEV)
-    with pytest.raises(InvalidArgumentError, match="words of 4 along K, got K = 10"):
+    with pytest.raises(KernelArgumentError, match="words of 4 along K, got K = 10"):
         L.int8_matmul(a, a, gemm="mma")
     assert torch.equal(L.int8_matmul(a, a, gemm="auto").cpu(), torch.zeros(3, 3, dtype=torch.int32))
     shifted = torch.zeros(25, dtype=torch.int8, device=DEV)[1:].view(3, 8)  # contiguous, offset 1 byte
-    with pytest.raises(InvalidArgumentError, match="starts mid-word"):
+    with pytest.raises(KernelArgumentError, match="starts mid-word"):
         L.int8_matmul(shifted, shifted.clone(), gemm="mma")
-    with pytest.raises(InvalidArgumentError, match="gemm must be one of"):
+    with pytest.raises(KernelArgumentError, match="gemm must be one of"):
         L.int8_matmul(a, a, gemm="wmma")
 
 
