@@ -181,6 +181,16 @@ def test_launchers_refuse_bad_input(monkeypatch):
         Int8Linear(3, 2, backend="triton")
 
 
+def test_int8linear_names_its_layer_when_a_kernel_refuses_its_arguments(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise KernelArgumentError("cb must be a CUDA tensor, got one on cpu")
+
+    monkeypatch.setattr(L, "llm_int8_linear", refuse)
+    q = Int8Linear.from_linear(torch.nn.Linear(23, 7), "llm.int8", backend="numba", name="model.layers.0.mlp.up_proj")
+    with pytest.raises(InvalidArgumentError, match=r"model\.layers\.0\.mlp\.up_proj: cb must be a CUDA tensor"):
+        q(planted(4, 23).to(DEV))
+
+
 # The tensor-core GEMM. Under the simulator, mma runs as an emulation of the PTX fragment
 # layout (cuda_kernels/mma.py); on a GPU these same tests run the real instruction.
 MMA_SHAPES = [(1, 64, 7), (33, 96, 40), (70, 32, 9)]  # one token; 2 blocks in N and a partial K stage; 2 in M

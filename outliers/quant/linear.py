@@ -178,10 +178,14 @@ class Int8Linear(nn.Module):
         if (spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW
                 and spec.weights is Granularity.CHANNEL):
             if self._numba(x):
+                from cuda_kernels.errors import KernelArgumentError
                 from cuda_kernels.launch import llm_int8_linear
 
-                out, cols, stats = llm_int8_linear(xq, self.weight_q, self.weight_scale, bias, t, x_float=x,
-                                                   outlier_weight=self.weight_fp, out_dtype=x.dtype)
+                try:
+                    out, cols, stats = llm_int8_linear(xq, self.weight_q, self.weight_scale, bias, t, x_float=x,
+                                                       outlier_weight=self.weight_fp, out_dtype=x.dtype)
+                except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
+                    raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
                 self._check_finite(stats, x, cols)
                 return out  # the kernel's epilogue already added the outlier product
             if x.device.type == "cpu" and x.dtype == torch.float32:
