@@ -27,8 +27,11 @@ def bnb_model(folder: str, threshold: float):
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, device_map="cpu",
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold))
+        folder,
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold),
+    )
 
 
 def main(argv=None) -> int:
@@ -59,22 +62,27 @@ def main(argv=None) -> int:
     ppl: dict[str, float] = {}
     for r in range(args.rounds):
         for name, m in configs.items():
-            res = outliers.perplexity(m, ids, window=args.window, max_windows=args.windows,
-                                      batch_size=args.batch_size, progress=False)
+            res = outliers.perplexity(
+                m, ids, window=args.window, max_windows=args.windows, batch_size=args.batch_size, progress=False
+            )
             speeds[name].append(res.tokens_per_s)
             ppl[name] = res.ppl
             print(f"round {r + 1}: {name:<24} {res.tokens_per_s:7.0f} tok/s", file=sys.stderr, flush=True)
 
     best = {k: max(v) for k, v in speeds.items()}
-    print(f"\n{info.name}, {args.windows} windows x {args.window} tokens, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds\n")
+    print(
+        f"\n{info.name}, {args.windows} windows x {args.window} tokens, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds\n"
+    )
     print("| config | tokens/s (best) | tokens/s (median) | x fp32 | x bitsandbytes, same t | perplexity |")
     print("|---|---|---|---|---|---|")
     for name in configs:
         peer = "bitsandbytes t=6" if "t=6" in name else "bitsandbytes t=0"
         vs_bnb = f"{best[name] / best[peer]:.2f}" if peer in best and name.startswith("ours") else ""
-        print(f"| {name} | {best[name]:.0f} | {statistics.median(speeds[name]):.0f} | "
-              f"{best[name] / best['fp32']:.2f} | {vs_bnb} | {ppl[name]:.3f} |")
+        print(
+            f"| {name} | {best[name]:.0f} | {statistics.median(speeds[name]):.0f} | "
+            f"{best[name] / best['fp32']:.2f} | {vs_bnb} | {ppl[name]:.3f} |"
+        )
 
     if args.profile:
         from torch.profiler import profile

@@ -57,8 +57,10 @@ def main(argv=None) -> int:
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported below
         tokens, shapes, args.save, args.outlier_cols = (1, 17), ((32, 24),), False, 2
     elif not torch.cuda.is_available():
-        print("gpu_kernels.py needs a CUDA GPU; none is available here (--smoke runs it in the simulator)",
-              file=sys.stderr)
+        print(
+            "gpu_kernels.py needs a CUDA GPU; none is available here (--smoke runs it in the simulator)",
+            file=sys.stderr,
+        )
         return 1
     from cuda_kernels import launch as L
     from outliers.quant.int8 import int8_mm_dequant
@@ -90,35 +92,50 @@ def main(argv=None) -> int:
                 row["fp16 nn.Linear"] = timed(lambda: lin(x))
                 for gemm in ("simt", "mma"):
                     row[f"numba {gemm}+dequant"] = timed(
-                        lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias, out_dtype=half, gemm=gemm))
+                        lambda: L.int8_matmul_dequant(codes, cb, rs, scb, bias, out_dtype=half, gemm=gemm)
+                    )
                 if t > 16:  # cuBLASLt's int8 path wants m > 16
                     exact = torch._int_mm(codes, cb.t())
                     for gemm in ("simt", "mma"):
                         if not torch.equal(L.int8_matmul(codes, cb, gemm=gemm), exact):
                             raise SystemExit(f"numba {gemm} GEMM differs from torch._int_mm at {t}x{k}x{n}")
                     row["torch._int_mm+dequant"] = timed(
-                        lambda: int8_mm_dequant(torch._int_mm(codes, cb.t()), rs, scb, bias))
+                        lambda: int8_mm_dequant(torch._int_mm(codes, cb.t()), rs, scb, bias)
+                    )
                 row["numba LLM.int8 t=6"] = timed(lambda: L.llm_int8_linear(x, cb, scb, bias, 6.0, out_dtype=half))
                 if ref_bnb is not None:
                     row["bnb Linear8bitLt t=6"] = timed(lambda: ref_bnb(x))
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
-    cols = ["fp16 nn.Linear", "torch._int_mm+dequant", "numba simt+dequant", "numba mma+dequant", "numba LLM.int8 t=6",
-            "bnb Linear8bitLt t=6"]
-    lines = [f"# Numba LLM.int8() kernels on {name}", "",
-             f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; "
-             f"{args.outlier_cols} outlier columns at t=6; {L.default_tiles()}", "",
-             f"LLM.int8 uses gemm='auto' ({auto} here). Ratios are throughputs: "
-             "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast). "
-             "The Numba epilogues write fp16, torch._int_mm's dequant float32.", "",
-             "| tokens | in→out | " + " | ".join(cols) + " | numba mma / _int_mm | LLM.int8 / fp16 |",
-             "|---" * (len(cols) + 4) + "|"]
+    cols = [
+        "fp16 nn.Linear",
+        "torch._int_mm+dequant",
+        "numba simt+dequant",
+        "numba mma+dequant",
+        "numba LLM.int8 t=6",
+        "bnb Linear8bitLt t=6",
+    ]
+    lines = [
+        f"# Numba LLM.int8() kernels on {name}",
+        "",
+        f"torch {torch.__version__}, median ms of {1 if args.smoke else 20} runs; "
+        f"{args.outlier_cols} outlier columns at t=6; {L.default_tiles()}",
+        "",
+        f"LLM.int8 uses gemm='auto' ({auto} here). Ratios are throughputs: "
+        "_int_mm time / numba mma time, fp16 time / LLM.int8 time (1.00x = as fast). "
+        "The Numba epilogues write fp16, torch._int_mm's dequant float32.",
+        "",
+        "| tokens | in→out | " + " | ".join(cols) + " | numba mma / _int_mm | LLM.int8 / fp16 |",
+        "|---" * (len(cols) + 4) + "|",
+    ]
     for r in rows:
         vals = [f"{r[c]:.3f}" if c in r else "–" for c in cols]
-        ratio = (f"{r['torch._int_mm+dequant'] / r['numba mma+dequant']:.2f}x"
-                 if "torch._int_mm+dequant" in r else "–")
-        lines.append(f"| {r['tokens']} | {r['in']}→{r['out']} | " + " | ".join(vals)
-                     + f" | {ratio} | {r['fp16 nn.Linear'] / r['numba LLM.int8 t=6']:.2f}x |")
+        ratio = f"{r['torch._int_mm+dequant'] / r['numba mma+dequant']:.2f}x" if "torch._int_mm+dequant" in r else "–"
+        lines.append(
+            f"| {r['tokens']} | {r['in']}→{r['out']} | "
+            + " | ".join(vals)
+            + f" | {ratio} | {r['fp16 nn.Linear'] / r['numba LLM.int8 t=6']:.2f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.save:

@@ -49,8 +49,10 @@ def main(argv=None) -> int:
         for name, points in configs.items():
             times[name].append(run(points))
     base = min(times["plain forward"])
-    print(f"\n{info.name}, {args.batch} x {args.window} tokens, {torch.get_num_threads()} threads, "
-          f"best and median of {args.rounds} interleaved rounds\n")
+    print(
+        f"\n{info.name}, {args.batch} x {args.window} tokens, {torch.get_num_threads()} threads, "
+        f"best and median of {args.rounds} interleaved rounds\n"
+    )
     print("| config | best s | median s | overhead (best) |")
     print("|---|---|---|---|")
     for name, ts in times.items():

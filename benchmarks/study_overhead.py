@@ -32,9 +32,18 @@ def main(argv=None) -> int:
     from studies.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_config({"study": {"name": "overhead", "models": [args.model], "methods": ["llm.int8"],
-                                      "thresholds": list(THRESHOLDS), "window": 512,
-                                      "max_windows": args.windows}})
+        cfg = parse_config(
+            {
+                "study": {
+                    "name": "overhead",
+                    "models": [args.model],
+                    "methods": ["llm.int8"],
+                    "thresholds": list(THRESHOLDS),
+                    "window": 512,
+                    "max_windows": args.windows,
+                }
+            }
+        )
         start = time.perf_counter()
         run_study(cfg, tmp, progress=False)
         study_wall = time.perf_counter() - start
@@ -45,9 +54,27 @@ def main(argv=None) -> int:
         for t in THRESHOLDS:
             out = Path(tmp) / f"t{t}.json"
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "outliers.cli", "eval", "--model", args.model, "--method",
-                            "llm.int8", "--threshold", str(t), "--max-windows", str(args.windows), "--quiet",
-                            "--json", str(out)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "outliers.cli",
+                    "eval",
+                    "--model",
+                    args.model,
+                    "--method",
+                    "llm.int8",
+                    "--threshold",
+                    str(t),
+                    "--max-windows",
+                    str(args.windows),
+                    "--quiet",
+                    "--json",
+                    str(out),
+                ],
+                check=True,
+                capture_output=True,
+            )
             singles_wall += time.perf_counter() - start
             singles_eval += json.loads(out.read_text())["seconds"]
     n = len(THRESHOLDS)
@@ -59,8 +86,10 @@ def main(argv=None) -> int:
     print(f"| {n} single `outliers eval` runs: evaluation seconds | {singles_eval:.1f} |")
     print(f"| {n} single `outliers eval` runs: wall time | {singles_wall:.1f} |")
     base = float(rows[rows.method == "fp32"].seconds.sum())
-    print(f"\nstudy wall / single runs' evaluation time: {study_wall / singles_eval:.2f} "
-          f"(includes the fp32 baseline's {base:.1f} s, which the single runs do not compute)")
+    print(
+        f"\nstudy wall / single runs' evaluation time: {study_wall / singles_eval:.2f} "
+        f"(includes the fp32 baseline's {base:.1f} s, which the single runs do not compute)"
+    )
     print(f"study wall without the baseline / single runs' evaluation time: {(study_wall - base) / singles_eval:.2f}")
     print(f"study wall / single runs' wall time: {study_wall / singles_wall:.2f}")
     return 0

@@ -35,16 +35,27 @@ def signatures():
     f32 = T.float32
 
     def gemm_tail(out):  # out: float32, float16, or int16 holding bfloat16 bits
-        return (arr(f32, 1), arr(f32, 1), arr(f32, 1), T.boolean, arr(f32, 2), arr(f32, 2), T.boolean, T.boolean,
-                arr(out, 2), arr(T.int32, 2))
+        return (
+            arr(f32, 1),
+            arr(f32, 1),
+            arr(f32, 1),
+            T.boolean,
+            arr(f32, 2),
+            arr(f32, 2),
+            T.boolean,
+            T.boolean,
+            arr(out, 2),
+            arr(T.int32, 2),
+        )
 
     outs = (f32, T.float16, T.int16)
     floats = (f32, T.float16)
     return {
         "outlier_columns_kernel": [(arr(x, 2), f32, arr(T.uint8, 1)) for x in floats],
         "quantize_rows_kernel": [(arr(x, 2), f32, arr(T.uint8, 1), arr(T.int8, 2), arr(f32, 1)) for x in floats],
-        "gather_columns_kernel": [(arr(x, 2), arr(T.int64, 1), arr(f32, 1), T.boolean, arr(f32, 2))
-                                  for x in (*floats, T.int8)],
+        "gather_columns_kernel": [
+            (arr(x, 2), arr(T.int64, 1), arr(f32, 1), T.boolean, arr(f32, 2)) for x in (*floats, T.int8)
+        ],
         "int8_gemm_dequant_kernel": [(arr(T.int8, 2), arr(T.int8, 2), *gemm_tail(o)) for o in outs],
         "int8_gemm_mma_kernel": [(arr(T.int32, 2), arr(T.int32, 2), *gemm_tail(o)) for o in outs],
     }
@@ -82,19 +93,24 @@ def build(name: str, sig: tuple, cc: tuple[int, int], tiles: TileConfig = PRODUC
     if name in LINKS_MMA:
         with open(mma.MMA_SOURCE) as f:
             parts.append(nvrtc.compile(f.read(), "mma_s8_16x8x32.cu", cc, ltoir=True)[0])
-    linker = Linker(*parts, options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", link_time_optimization=True,
-                                                  verbose=True))
+    linker = Linker(*parts, options=LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", link_time_optimization=True, verbose=True))
     linker.link("cubin")
     return linker.get_info_log()
 
 
 def resources(log: str) -> dict:
     """Registers, spill bytes and stack bytes from ptxas' info log."""
+
     def num(pattern):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
-    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
-            "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+
+    return {
+        "registers": num(r"Used (\d+) registers"),
+        "spill_stores": num(r"(\d+) bytes spill stores"),
+        "spill_loads": num(r"(\d+) bytes spill loads"),
+        "stack": num(r"(\d+) bytes stack frame"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         import cuda.core  # noqa: F401  (numba-cuda's dependency: NVRTC and nvJitLink bindings)
         import numba_cuda  # noqa: F401
     except ImportError as e:
-        print(f"cuda_kernels.check: needs numba-cuda and the CUDA 12 toolkit wheels "
-              f"(pip install 'outliers[cuda]'): {e}")
+        print(
+            f"cuda_kernels.check: needs numba-cuda and the CUDA 12 toolkit wheels (pip install 'outliers[cuda]'): {e}"
+        )
         return MISSING
     ccs = [tuple(int(v) for v in c.split(".")) for c in args.cc]
     print(f"building {PRODUCTION_TILES}")
@@ -129,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 spills = r["spill_stores"] + r["spill_loads"]
                 failed += bool(spills)
-                print(f"{'SPILL' if spills else 'ok  '} {label}: {r['registers']} registers, "
-                      f"{r['stack']} B stack, {spills} B spilled")
-    print(f"{'all kernels built' if not failed else f'{failed} failed'} for "
-          + ", ".join(f"sm_{a}{b}" for a, b in ccs))
+                print(
+                    f"{'SPILL' if spills else 'ok  '} {label}: {r['registers']} registers, "
+                    f"{r['stack']} B stack, {spills} B spilled"
+                )
+    print(f"{'all kernels built' if not failed else f'{failed} failed'} for " + ", ".join(f"sm_{a}{b}" for a, b in ccs))
     return 1 if failed else 0
 
 

@@ -49,8 +49,14 @@ def build(tiles: TileConfig) -> Kernels:
     """Return the kernels for ``tiles``; each compiles at its first launch, once per argument types."""
     if not isinstance(tiles, TileConfig):
         raise KernelArgumentError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
-    return Kernels(tiles, outlier_columns_kernel, _quantize_rows_kernel(tiles.quant_threads),
-                   gather_columns_kernel, _simt_gemm_kernel(tiles.simt_tile), _mma_gemm_kernel(tiles))
+    return Kernels(
+        tiles,
+        outlier_columns_kernel,
+        _quantize_rows_kernel(tiles.quant_threads),
+        gather_columns_kernel,
+        _simt_gemm_kernel(tiles.simt_tile),
+        _mma_gemm_kernel(tiles),
+    )
 
 
 @cuda.jit
@@ -256,8 +262,18 @@ def _mma_gemm_kernel(tiles: TileConfig):
                 for j in range(MMA_TILES):
                     mt = j // MMA_NT
                     nt = j % MMA_NT
-                    d = mma_s8(af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], bf[nt, 0], bf[nt, 1],
-                               acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3])
+                    d = mma_s8(
+                        af[mt, 0],
+                        af[mt, 1],
+                        af[mt, 2],
+                        af[mt, 3],
+                        bf[nt, 0],
+                        bf[nt, 1],
+                        acc[j, 0],
+                        acc[j, 1],
+                        acc[j, 2],
+                        acc[j, 3],
+                    )
                     acc[j, 0] = d[0]
                     acc[j, 1] = d[1]
                     acc[j, 2] = d[2]

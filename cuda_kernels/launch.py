@@ -32,9 +32,25 @@ from .kernels import Kernels, gather_columns_kernel, outlier_columns_kernel
 from .kernels import build as build_kernels
 from .tiles import PRODUCTION_TILES, SMALL_TILES, TileConfig
 
-__all__ = ["simulated", "available", "default_tiles", "GEMMS", "pick_gemm", "mma_supported", "mma_verified",
-           "outlier_columns", "quantize_rows", "gather_columns", "int8_matmul", "int8_matmul_dequant",
-           "llm_int8_linear", "KernelArgumentError", "TileConfig", "PRODUCTION_TILES", "SMALL_TILES"]
+__all__ = [
+    "simulated",
+    "available",
+    "default_tiles",
+    "GEMMS",
+    "pick_gemm",
+    "mma_supported",
+    "mma_verified",
+    "outlier_columns",
+    "quantize_rows",
+    "gather_columns",
+    "int8_matmul",
+    "int8_matmul_dequant",
+    "llm_int8_linear",
+    "KernelArgumentError",
+    "TileConfig",
+    "PRODUCTION_TILES",
+    "SMALL_TILES",
+]
 
 FLOATS = (torch.float32, torch.float16)
 GEMMS = ("auto", "simt", "mma")
@@ -122,8 +138,9 @@ def _outlier_flags(x: torch.Tensor, t: float) -> torch.Tensor:
     return flags
 
 
-def quantize_rows(x: torch.Tensor, threshold: float = 0.0, *,
-                  tiles: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    x: torch.Tensor, threshold: float = 0.0, *, tiles: TileConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(codes int8, row_stats float32, outlier_cols)``: LLM.int8()'s vector-wise quantization.
 
     ``x``: float32 or float16 ``(rows, features)`` (bfloat16 is converted to float32).
@@ -138,8 +155,16 @@ def quantize_rows(x: torch.Tensor, threshold: float = 0.0, *,
     codes = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        _launch(kernels.quantize_rows_kernel, rows, kernels.tiles.quant_threads, _view(x), t, _view(flags),
-                _view(codes), _view(row_stats))
+        _launch(
+            kernels.quantize_rows_kernel,
+            rows,
+            kernels.tiles.quant_threads,
+            _view(x),
+            t,
+            _view(flags),
+            _view(codes),
+            _view(row_stats),
+        )
     return codes, row_stats, torch.nonzero(flags).view(-1)
 
 
@@ -153,8 +178,16 @@ def gather_columns(src: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor | 
     if out.numel():
         sc = scale if scale is not None else torch.empty(1, dtype=torch.float32, device=src.device)
         _check(sc, "scale", (torch.float32,), 1)
-        _launch(gather_columns_kernel, (math.ceil(out.shape[0] / 16), math.ceil(out.shape[1] / 16)), (16, 16),
-                _view(src), _view(cols), _view(sc), scale is not None, _view(out))
+        _launch(
+            gather_columns_kernel,
+            (math.ceil(out.shape[0] / 16), math.ceil(out.shape[1] / 16)),
+            (16, 16),
+            _view(src),
+            _view(cols),
+            _view(sc),
+            scale is not None,
+            _view(out),
+        )
     return out
 
 
@@ -200,8 +233,12 @@ def mma_verified(device: torch.device | None = None, *, tiles: TileConfig | None
             problem = f"could not run ({type(e).__name__}: {e})"
         _VERIFIED[key] = problem is None
         if problem:
-            warnings.warn(f"the tensor-core int8 GEMM {problem} on {where}; gemm='auto' uses the SIMT "
-                          "kernel instead. Please report this.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the tensor-core int8 GEMM {problem} on {where}; gemm='auto' uses the SIMT "
+                "kernel instead. Please report this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _VERIFIED[key]
 
 
@@ -224,16 +261,29 @@ def pick_gemm(gemm: str, a: torch.Tensor, b: torch.Tensor, *, tiles: TileConfig 
     return "mma" if why is None and not simulated() and mma_verified(a.device, tiles=tiles) else "simt"
 
 
-def _gemm(a, b, *, row_stats=None, col_stats=None, bias=None, xo=None, wo=None, raw=False, gemm="auto",
-          out_dtype=torch.float32, tiles=None):
+def _gemm(
+    a,
+    b,
+    *,
+    row_stats=None,
+    col_stats=None,
+    bias=None,
+    xo=None,
+    wo=None,
+    raw=False,
+    gemm="auto",
+    out_dtype=torch.float32,
+    tiles=None,
+):
     """Check, pick the kernel, launch. ``raw``: write the int32 accumulators (no epilogue, no stats)."""
     kernels = _kernels(tiles)
     tiles = kernels.tiles
     _check(a, "a", (torch.int8,), 2)
     _check(b, "b", (torch.int8,), 2)
     if a.shape[1] != b.shape[1]:
-        raise KernelArgumentError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} "
-                                   "(b is the weight, stored (out, in))")
+        raise KernelArgumentError(
+            f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)} (b is the weight, stored (out, in))"
+        )
     m, n = a.shape[0], b.shape[0]
     dev = a.device
     empty = torch.empty((0,), dtype=torch.float32, device=dev)
@@ -241,8 +291,10 @@ def _gemm(a, b, *, row_stats=None, col_stats=None, bias=None, xo=None, wo=None, 
         _check(row_stats, "row_stats", (torch.float32,), 1)
         _check(col_stats, "col_stats", (torch.float32,), 1)
         if row_stats.shape[0] != m or col_stats.shape[0] != n:
-            raise KernelArgumentError(f"row_stats {tuple(row_stats.shape)} / col_stats {tuple(col_stats.shape)} "
-                                       f"do not fit a ({m} rows) and b ({n} rows)")
+            raise KernelArgumentError(
+                f"row_stats {tuple(row_stats.shape)} / col_stats {tuple(col_stats.shape)} "
+                f"do not fit a ({m} rows) and b ({n} rows)"
+            )
     if bias is not None:
         _check(bias, "bias", (torch.float32,), 1)
     xo = xo if xo is not None else torch.empty((m, 0), dtype=torch.float32, device=dev)
@@ -260,24 +312,45 @@ def _gemm(a, b, *, row_stats=None, col_stats=None, bias=None, xo=None, wo=None, 
     out_i32 = torch.empty((m, n) if raw else (0, 0), dtype=torch.int32, device=dev)
     if m and n:
         # the kernels' parameters after a and b, in order (kernels take no keywords)
-        args = (_view(row_stats if row_stats is not None else empty),
-                _view(col_stats if col_stats is not None else empty), _view(bias if has_bias else empty),
-                has_bias, _view(xo), _view(wo), raw, bf16,
-                _view(out.view(torch.int16) if bf16 else out), _view(out_i32))
+        args = (
+            _view(row_stats if row_stats is not None else empty),
+            _view(col_stats if col_stats is not None else empty),
+            _view(bias if has_bias else empty),
+            has_bias,
+            _view(xo),
+            _view(wo),
+            raw,
+            bf16,
+            _view(out.view(torch.int16) if bf16 else out),
+            _view(out_i32),
+        )
         if kernel == "mma":
             # zero-copy int32 views: each word holds four int8 along K
             grid = (math.ceil(n / tiles.mma_bn), math.ceil(m / tiles.mma_bm))
-            _launch(kernels.int8_gemm_mma_kernel, grid, tiles.mma_threads, _view(a.view(torch.int32)),
-                    _view(b.view(torch.int32)), *args)
+            _launch(
+                kernels.int8_gemm_mma_kernel,
+                grid,
+                tiles.mma_threads,
+                _view(a.view(torch.int32)),
+                _view(b.view(torch.int32)),
+                *args,
+            )
         else:
             t = tiles.simt_tile
-            _launch(kernels.int8_gemm_dequant_kernel, (math.ceil(n / t), math.ceil(m / t)), (t, t),
-                    _view(a), _view(b), *args)
+            _launch(
+                kernels.int8_gemm_dequant_kernel,
+                (math.ceil(n / t), math.ceil(m / t)),
+                (t, t),
+                _view(a),
+                _view(b),
+                *args,
+            )
     return out_i32 if raw else out
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor, gemm: str = "auto", *,
-                tiles: TileConfig | None = None) -> torch.Tensor:
+def int8_matmul(
+    a: torch.Tensor, b: torch.Tensor, gemm: str = "auto", *, tiles: TileConfig | None = None
+) -> torch.Tensor:
     """Return the int32 ``a @ b.T`` of int8 ``a (m, k)`` and ``b (n, k)`` (the GEMM kernel, no epilogue).
 
     ``gemm``: "simt" (shared-memory tiles, any GPU), "mma" (int8 tensor cores, compute
@@ -287,25 +360,52 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, gemm: str = "auto", *,
     return _gemm(a, b, raw=True, gemm=gemm, tiles=tiles)
 
 
-def int8_matmul_dequant(a: torch.Tensor, b: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-                        bias: torch.Tensor | None = None, xo: torch.Tensor | None = None,
-                        wo: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                        gemm: str = "auto", *, tiles: TileConfig | None = None) -> torch.Tensor:
+def int8_matmul_dequant(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    xo: torch.Tensor | None = None,
+    wo: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    gemm: str = "auto",
+    *,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
     """Return ``(a @ b.T) * row_stats ⊗ col_stats / 127² + bias + xo @ wo.T`` in one kernel.
 
     The epilogue computes in float32 and writes ``out_dtype`` (float32, float16 or
     bfloat16, rounded to nearest even as ``.to(out_dtype)`` would). ``gemm`` and ``tiles``
     as in ``int8_matmul``.
     """
-    return _gemm(a, b, row_stats=row_stats, col_stats=col_stats, bias=bias, xo=xo, wo=wo, gemm=gemm,
-                 out_dtype=out_dtype, tiles=tiles)
+    return _gemm(
+        a,
+        b,
+        row_stats=row_stats,
+        col_stats=col_stats,
+        bias=bias,
+        xo=xo,
+        wo=wo,
+        gemm=gemm,
+        out_dtype=out_dtype,
+        tiles=tiles,
+    )
 
 
-def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                    threshold: float, x_float: torch.Tensor | None = None,
-                    outlier_weight: torch.Tensor | None = None, gemm: str = "auto",
-                    out_dtype: torch.dtype = torch.float32, *,
-                    tiles: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def llm_int8_linear(
+    x: torch.Tensor,
+    cb: torch.Tensor,
+    scb: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    x_float: torch.Tensor | None = None,
+    outlier_weight: torch.Tensor | None = None,
+    gemm: str = "auto",
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    tiles: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(out, outlier_cols, row_stats)``: LLM.int8() of ``x @ W.T`` on the kernels.
 
     ``row_stats`` (X's per-row absmax without outliers) is NaN for rows holding NaN.
@@ -326,7 +426,10 @@ def llm_int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: 
     xo = wo = None
     if cols.numel():
         xo = gather_columns(x_float if x_float is not None else x, cols)
-        wo = (gather_columns(outlier_weight.contiguous(), cols) if outlier_weight is not None
-              else gather_columns(cb, cols, scb))
+        wo = (
+            gather_columns(outlier_weight.contiguous(), cols)
+            if outlier_weight is not None
+            else gather_columns(cb, cols, scb)
+        )
     out = int8_matmul_dequant(codes, cb, row_stats, scb, bias, xo, wo, out_dtype=out_dtype, gemm=gemm, tiles=tiles)
     return out, cols, row_stats

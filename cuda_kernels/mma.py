@@ -55,12 +55,16 @@ if numba.config.ENABLE_CUDASIM:
         regs[flat] = (a0, a1, a2, a3, b0, b1)
         cuda.syncthreads()
         warp0 = flat - flat % 32
-        by = regs[warp0:warp0 + 32].view(np.int8).reshape(32, 6, 4).astype(np.int64)  # little-endian bytes
+        by = regs[warp0 : warp0 + 32].view(np.int8).reshape(32, 6, 4).astype(np.int64)  # little-endian bytes
         d = by[_A_AT] @ by[_B_AT]
         g, t = (flat % 32) // 4, flat % 4
         cuda.syncthreads()  # nobody overwrites regs before every lane has read them
-        return (np.int32(c0 + d[g, 2 * t]), np.int32(c1 + d[g, 2 * t + 1]),
-                np.int32(c2 + d[g + 8, 2 * t]), np.int32(c3 + d[g + 8, 2 * t + 1]))
+        return (
+            np.int32(c0 + d[g, 2 * t]),
+            np.int32(c1 + d[g, 2 * t + 1]),
+            np.int32(c2 + d[g + 8, 2 * t]),
+            np.int32(c3 + d[g + 8, 2 * t + 1]),
+        )
 
     def linkable() -> bool:
         return True

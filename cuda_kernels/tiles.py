@@ -53,13 +53,18 @@ class TileConfig:
             raise KernelArgumentError(f"TileConfig.quant_threads must be a power of two, got {self.quant_threads}")
         if self.mma_k_words % 8:
             raise KernelArgumentError(f"TileConfig.mma_k_words must be a multiple of 8, got {self.mma_k_words}")
-        for what, n in (("simt_tile**2", self.simt_tile ** 2), ("quant_threads", self.quant_threads),
-                        ("mma_threads", self.mma_threads)):
+        for what, n in (
+            ("simt_tile**2", self.simt_tile**2),
+            ("quant_threads", self.quant_threads),
+            ("mma_threads", self.mma_threads),
+        ):
             if n > MAX_THREADS:
                 raise KernelArgumentError(f"TileConfig: {what} = {n} threads per block, more than {MAX_THREADS}")
         if self.mma_shared_bytes > MAX_STATIC_SHARED:
-            raise KernelArgumentError(f"TileConfig: the tensor-core GEMM's tiles take {self.mma_shared_bytes} B "
-                                      f"of shared memory, more than {MAX_STATIC_SHARED}")
+            raise KernelArgumentError(
+                f"TileConfig: the tensor-core GEMM's tiles take {self.mma_shared_bytes} B "
+                f"of shared memory, more than {MAX_STATIC_SHARED}"
+            )
 
     @property
     def mma_bm(self) -> int:

@@ -18,12 +18,21 @@ import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
-__all__ = ["cache_dir", "sha256_file", "atomic_path", "atomic_file", "atomic_write", "atomic_dir", "save_csv",
-           "save_figure"]
+__all__ = [
+    "cache_dir",
+    "sha256_file",
+    "atomic_path",
+    "atomic_file",
+    "atomic_write",
+    "atomic_dir",
+    "save_csv",
+    "save_figure",
+]
 
 
 def cache_dir(*parts: str) -> Path:

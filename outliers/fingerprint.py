@@ -14,8 +14,9 @@ import json
 import os
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from outliers.cache import cache_dir, sha256_file
 
@@ -40,8 +41,7 @@ def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | 
     try:
         with conn:
             conn.execute(_SCHEMA)
-        row = conn.execute("SELECT value FROM facts WHERE path=? AND size=? AND mtime_ns=? AND name=?",
-                           key).fetchone()
+        row = conn.execute("SELECT value FROM facts WHERE path=? AND size=? AND mtime_ns=? AND name=?", key).fetchone()
         if row:
             return row[0]
         value = compute(Path(real))
@@ -95,9 +95,11 @@ def git_commit(where: str | os.PathLike | None = None) -> tuple[str | None, bool
     """
     where = Path(where or Path(__file__).resolve().parent)
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
 
         commit = git("rev-parse", "HEAD")
         diff = git("diff", "HEAD")

@@ -35,11 +35,19 @@ def _cmd_run(args) -> int:
     path = _resolve(args.config)
     cfg = load_config(path)
     out = Path(args.out or Path("studies_out") / cfg.name)
-    counts = run_study(cfg, out, progress=not args.quiet, backend=args.backend, address=args.address,
-                       recompute_older=args.recompute_older)
+    counts = run_study(
+        cfg,
+        out,
+        progress=not args.quiet,
+        backend=args.backend,
+        address=args.address,
+        recompute_older=args.recompute_older,
+    )
     stale = f" ({counts['stale']} of them stale: their inputs had changed)" if counts["stale"] else ""
-    print(f"{cfg.name}: {counts['done']} cells done{stale}, {counts['failed']} failed, {counts['skipped']} already "
-          f"done (results in {out / 'results.sqlite'})")
+    print(
+        f"{cfg.name}: {counts['done']} cells done{stale}, {counts['failed']} failed, {counts['skipped']} already "
+        f"done (results in {out / 'results.sqlite'})"
+    )
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -60,11 +68,15 @@ def _cmd_status(args) -> int:
     counts = df.state.value_counts()
     print(", ".join(f"{s} {counts.get(s, 0)}" for s in STATES))
     if counts.get("stale", 0):
-        print(f"{counts['stale']} stale: computed from other inputs (corpus, weights or settings); "
-              "'studies run' recomputes them")
+        print(
+            f"{counts['stale']} stale: computed from other inputs (corpus, weights or settings); "
+            "'studies run' recomputes them"
+        )
     if counts.get("older", 0):
-        print(f"{counts['older']} computed by another commit of the code; kept, or redone with "
-              "'studies run --recompute-older'")
+        print(
+            f"{counts['older']} computed by another commit of the code; kept, or redone with "
+            "'studies run --recompute-older'"
+        )
     if args.verbose:
         print(df.to_string(index=False))
     return 0
@@ -83,11 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run (or resume) a study")
     p.add_argument("config", help="a TOML file or a built-in name (see 'studies list')")
     p.add_argument("--out", help="output folder (default: studies_out/NAME)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="ray: one actor per model on a local cluster started on demand, or --address")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: one actor per model on a local cluster started on demand, or --address",
+    )
     p.add_argument("--address", help="an existing Ray cluster (e.g. ray://host:10001 or auto)")
-    p.add_argument("--recompute-older", action="store_true",
-                   help="also redo cells whose inputs are unchanged but were computed by another commit")
+    p.add_argument(
+        "--recompute-older",
+        action="store_true",
+        help="also redo cells whose inputs are unchanged but were computed by another commit",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("list", help="the built-in study configs")

@@ -41,18 +41,45 @@ __all__ = ["StudyConfig", "load_config", "parse_config", "read_study", "write_st
 
 # The study's own keys: what it is, which grid, and how each model is loaded and fed (shared by every
 # measure). Their defaults are StudyConfig's. Each measure's keys are declared in its module.
-CORE_SETTINGS: dict[str, Setting] = {s.key: s for s in (
-    Setting("name", (str,)), Setting("models", (list,), items=(str,)), Setting("corpora", (list,), items=(str,)),
-    Setting("measure", (list,), items=(str,)), Setting("window", (int,)), Setting("batch_size", (int,)),
-    Setting("bos", (str,)), Setting("dtype", (str,)), Setting("description", (str,)),
-    Setting("expected_runtime", (str,)))}
-REPORT_SETTINGS: dict[str, Setting] = {"thresholds": Setting("thresholds", (list,), items=(int, float),
-                                                             convert=floats)}
+CORE_SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in (
+        Setting("name", (str,)),
+        Setting("models", (list,), items=(str,)),
+        Setting("corpora", (list,), items=(str,)),
+        Setting("measure", (list,), items=(str,)),
+        Setting("window", (int,)),
+        Setting("batch_size", (int,)),
+        Setting("bos", (str,)),
+        Setting("dtype", (str,)),
+        Setting("description", (str,)),
+        Setting("expected_runtime", (str,)),
+    )
+}
+REPORT_SETTINGS: dict[str, Setting] = {"thresholds": Setting("thresholds", (list,), items=(int, float), convert=floats)}
 # study.json and the report's settings block list the keys in the order they have always had; the keys of
 # measures registered since follow, in registration order.
-_KEY_ORDER = ("name", "models", "corpora", "methods", "thresholds", "protocol", "window", "stride", "max_windows",
-              "batch_size", "measure", "outlier_tokens", "outlier_threshold", "outlier_weights", "round_to", "bos",
-              "dtype", "description", "expected_runtime")
+_KEY_ORDER = (
+    "name",
+    "models",
+    "corpora",
+    "methods",
+    "thresholds",
+    "protocol",
+    "window",
+    "stride",
+    "max_windows",
+    "batch_size",
+    "measure",
+    "outlier_tokens",
+    "outlier_threshold",
+    "outlier_weights",
+    "round_to",
+    "bos",
+    "dtype",
+    "description",
+    "expected_runtime",
+)
 
 
 @dataclass(frozen=True)
@@ -117,8 +144,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StudyConfig:
 
     if "study" not in data or set(data) - {"study", "report"}:
         extra = sorted(set(data) - {"study", "report"})
-        raise InvalidArgumentError(f"{source}: expected a [study] table and optionally [report]"
-                                   + (f", found {extra}" if extra else ""))
+        raise InvalidArgumentError(
+            f"{source}: expected a [study] table and optionally [report]" + (f", found {extra}" if extra else "")
+        )
     study, report = data["study"], data.get("report", {})
     measures = measure_settings()
     check_table(study, "study", {**CORE_SETTINGS, **measures}, source)

@@ -23,8 +23,17 @@ from .config import StudyConfig
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["cells", "cell_key", "expand_models", "Fingerprints", "plan", "PlannedCell", "STATES", "code_commit",
-           "version"]
+__all__ = [
+    "cells",
+    "cell_key",
+    "expand_models",
+    "Fingerprints",
+    "plan",
+    "PlannedCell",
+    "STATES",
+    "code_commit",
+    "version",
+]
 
 STATES = ("done", "older", "stale", "failed", "pending")
 
@@ -47,8 +56,9 @@ def expand_models(models: tuple[str, ...]) -> list[str]:
 
     out: list[str] = []
     for m in models:
-        names = [r["name"] for r in list_models() if r["installed"] and r["kind"] == "causal"] \
-            if m == "installed" else [m]
+        names = (
+            [r["name"] for r in list_models() if r["installed"] and r["kind"] == "causal"] if m == "installed" else [m]
+        )
         out += [n for n in names if n not in out]
     return out
 
@@ -63,8 +73,10 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
         for corpus in cfg.corpora:
             base = {"study": cfg.name, "model": model, "corpus": corpus}
             for measure in taken:
-                out += [{**base, "kind": measure.name, "method": c["method"], "threshold": c["threshold"]}
-                        for c in measure.cells(cfg)]
+                out += [
+                    {**base, "kind": measure.name, "method": c["method"], "threshold": c["threshold"]}
+                    for c in measure.cells(cfg)
+                ]
     return out
 
 
@@ -125,9 +137,16 @@ class Fingerprints:
         weights, text = self.model(cell["model"]), self.corpus(cell["corpus"])
         if weights.get("sha256") is None or text is None:
             return None
-        return digest({"cell": {k: cell[k] for k in ("kind", "method", "threshold")},
-                       "weights": weights["sha256"], "revision": weights.get("revision"), "corpus": text,
-                       "settings": _settings(cell, self.cfg), "version": self.version})[:32]
+        return digest(
+            {
+                "cell": {k: cell[k] for k in ("kind", "method", "threshold")},
+                "weights": weights["sha256"],
+                "revision": weights.get("revision"),
+                "corpus": text,
+                "settings": _settings(cell, self.cfg),
+                "version": self.version,
+            }
+        )[:32]
 
 
 @dataclass(frozen=True)
@@ -138,8 +157,12 @@ class PlannedCell:
     state: str  # one of STATES
 
 
-def plan(cfg: StudyConfig, store: Store, fingerprints: Fingerprints | None = None,
-         commit: tuple[str | None, bool] | None = None) -> list[PlannedCell]:
+def plan(
+    cfg: StudyConfig,
+    store: Store,
+    fingerprints: Fingerprints | None = None,
+    commit: tuple[str | None, bool] | None = None,
+) -> list[PlannedCell]:
     """Return every cell of the grid with its state against what ``store`` holds.
 
     ``done``: stored with the same fingerprint by this code (the same commit

@@ -18,8 +18,9 @@ from .config import StudyConfig
 __all__ = ["ray_results"]
 
 
-def ray_results(cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | None
-                ) -> Iterator[tuple[dict[str, Any], str, tuple[str, dict | None, str | None]]]:
+def ray_results(
+    cfg: StudyConfig, todo: list[tuple[dict, str]], address: str | None
+) -> Iterator[tuple[dict[str, Any], str, tuple[str, dict | None, str | None]]]:
     """Yield ``(cell, key, (status, result, error))`` as Ray actors (one per model) finish cells."""
     import ray
 

@@ -23,8 +23,18 @@ from .measures.outliers import emergence, outlier_table
 from .measures.perplexity import agreement_table, perplexity_table, threshold_curves
 from .store import Store
 
-__all__ = ["status", "current_results", "perplexity_table", "agreement_table", "threshold_curves", "outlier_table",
-           "emergence", "write_report", "markdown", "fmt_delta"]
+__all__ = [
+    "status",
+    "current_results",
+    "perplexity_table",
+    "agreement_table",
+    "threshold_curves",
+    "outlier_table",
+    "emergence",
+    "write_report",
+    "markdown",
+    "fmt_delta",
+]
 
 
 def _load(folder: str | Path) -> tuple[StudyConfig, list, pd.DataFrame]:
@@ -43,9 +53,20 @@ def status(folder: str | Path) -> pd.DataFrame:
     """One row per cell of the grid: kind, model, corpus, method, threshold, state, commit."""
     _, planned, frame = _load(folder)
     commits = dict(zip(frame.key, frame.commit_sha, strict=True))
-    return pd.DataFrame([{"kind": p.cell["kind"], "model": p.cell["model"], "corpus": p.cell["corpus"],
-                          "method": p.cell["method"], "threshold": p.cell["threshold"], "state": p.state,
-                          "commit": (commits.get(p.key) or "")[:10]} for p in planned])
+    return pd.DataFrame(
+        [
+            {
+                "kind": p.cell["kind"],
+                "model": p.cell["model"],
+                "corpus": p.cell["corpus"],
+                "method": p.cell["method"],
+                "threshold": p.cell["threshold"],
+                "state": p.state,
+                "commit": (commits.get(p.key) or "")[:10],
+            }
+            for p in planned
+        ]
+    )
 
 
 def current_results(folder: str | Path) -> tuple[StudyConfig, pd.DataFrame, dict[str, int]]:
@@ -69,9 +90,11 @@ def _provenance_lines(df: pd.DataFrame) -> list[str]:
     for model, rows in df.groupby("model", sort=False):
         p = rows.provenance.iloc[-1] or {}
         sha = (p.get("weights_sha256") or "")[:12]
-        lines.append(f"- `{model}`: {p.get('weights', 'weights of unknown provenance')}"
-                     + (f" (SHA-256 {sha})" if sha else "")
-                     + (f", revision {p['revision']}" if p.get("revision") else ""))
+        lines.append(
+            f"- `{model}`: {p.get('weights', 'weights of unknown provenance')}"
+            + (f" (SHA-256 {sha})" if sha else "")
+            + (f", revision {p['revision']}" if p.get("revision") else "")
+        )
     return lines
 
 
@@ -108,21 +131,39 @@ def write_report(folder: str | Path) -> Path:
     cfg, planned, frame = _load(folder)
     df, counts = _current(planned, frame)
     failed = frame[frame.status == "failed"]
-    parts = [f"# Study: {cfg.name}", "", cfg.description, "",
-             f"{counts['done'] + counts['older']} cells current, {counts['failed']} failed, "
-             f"{counts['stale']} stale, {counts['pending']} pending.", ""]
+    parts = [
+        f"# Study: {cfg.name}",
+        "",
+        cfg.description,
+        "",
+        f"{counts['done'] + counts['older']} cells current, {counts['failed']} failed, "
+        f"{counts['stale']} stale, {counts['pending']} pending.",
+        "",
+    ]
     if counts["stale"]:
-        parts += [f"{counts['stale']} cell(s) were computed from other inputs (corpus text, weights or settings "
-                  "changed) and are left out; `studies run` recomputes them.", ""]
+        parts += [
+            f"{counts['stale']} cell(s) were computed from other inputs (corpus text, weights or settings "
+            "changed) and are left out; `studies run` recomputes them.",
+            "",
+        ]
     if counts["older"]:
-        parts += [f"{counts['older']} current cell(s) were computed by another commit of the code "
-                  "(`studies status -v` lists them; `studies run --recompute-older` redoes them).", ""]
+        parts += [
+            f"{counts['older']} current cell(s) were computed by another commit of the code "
+            "(`studies status -v` lists them; `studies run --recompute-older` redoes them).",
+            "",
+        ]
     if len(df):
         # the hash each row recorded when it ran (the plan has checked it is still the corpus' hash)
         hashes = {r.corpus: (r.provenance or {}).get("corpus_sha256") or "unknown" for r in df.itertuples()}
         corpora = ", ".join(f"`{c}` (SHA-256 {sha[:12]})" for c, sha in hashes.items())
-        parts += ["Weights (every number below was measured on these):", "", *_provenance_lines(df), "",
-                  f"Corpora: {corpora}.", ""]
+        parts += [
+            "Weights (every number below was measured on these):",
+            "",
+            *_provenance_lines(df),
+            "",
+            f"Corpora: {corpora}.",
+            "",
+        ]
 
     for measure in MEASURES.values():
         if measure.name in cfg.measure:
@@ -132,12 +173,24 @@ def write_report(folder: str | Path) -> Path:
             parts += [measure.absent, ""]
 
     if len(failed):
-        parts += ["## Failed cells", ""] + [f"- {r.model} {r.method} t={r.threshold}: {str(r.error).splitlines()[0]}"
-                                             for r in failed.itertuples()] + [""]
-    commits = sorted({(c or "unknown")[:10] + ("+dirty" if d else "")
-                      for c, d in zip(df.commit_sha, df.dirty, strict=True)})
-    parts += ["## Settings", "", "```json", json.dumps(as_tables(cfg), indent=1), "```", "",
-              f"Computed by outliers {outliers.__version__} (commit {', '.join(commits) or 'unknown'}); "
-              f"report by torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"Python {platform.python_version()}, {platform.machine()}.", ""]
+        parts += (
+            ["## Failed cells", ""]
+            + [f"- {r.model} {r.method} t={r.threshold}: {str(r.error).splitlines()[0]}" for r in failed.itertuples()]
+            + [""]
+        )
+    commits = sorted(
+        {(c or "unknown")[:10] + ("+dirty" if d else "") for c, d in zip(df.commit_sha, df.dirty, strict=True)}
+    )
+    parts += [
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(as_tables(cfg), indent=1),
+        "```",
+        "",
+        f"Computed by outliers {outliers.__version__} (commit {', '.join(commits) or 'unknown'}); "
+        f"report by torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {platform.machine()}.",
+        "",
+    ]
     return atomic_write(folder / "report.md", "\n".join(parts))

@@ -22,9 +22,16 @@ from .store import Store
 __all__ = ["cells", "cell_key", "run_study", "expand_models", "Fingerprints", "plan", "PlannedCell", "STATES"]
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backend: str = "local",
-              address: str | None = None, recompute_older: bool = False,
-              on_cell: Callable[[dict, str], None] | None = None) -> dict[str, int]:
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    backend: str = "local",
+    address: str | None = None,
+    recompute_older: bool = False,
+    on_cell: Callable[[dict, str], None] | None = None,
+) -> dict[str, int]:
     """Run every cell that is not done; return counts of ``done``, ``failed``, ``skipped`` and ``stale`` cells.
 
     Cells done with the same fingerprint are skipped (``skipped``), also when
@@ -50,8 +57,12 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backe
     planned = plan(cfg, store, fingerprints, commit)
     skip = {"done", "older"} if not recompute_older else {"done"}
     todo = [p for p in planned if p.state not in skip]
-    counts = {"done": 0, "failed": 0, "skipped": len(planned) - len(todo),
-              "stale": sum(p.state == "stale" for p in todo)}
+    counts = {
+        "done": 0,
+        "failed": 0,
+        "skipped": len(planned) - len(todo),
+        "stale": sum(p.state == "stale" for p in todo),
+    }
     bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
     pairs = [(p.cell, p.key) for p in todo]
     fps = {p.key: p.fingerprint for p in todo}
@@ -74,8 +85,18 @@ def run_study(cfg: StudyConfig, out: str | Path, *, progress: bool = True, backe
             if fp is None and status == "done":  # a hub model fetched by this run: now it has an identity
                 fingerprints.weights.pop(cell["model"], None)
                 fp = fingerprints(cell)
-            store.record(key, fp, cell, status, result, error=error, version=version(), commit=commit,
-                         provenance=provenance, columns=columns)
+            store.record(
+                key,
+                fp,
+                cell,
+                status,
+                result,
+                error=error,
+                version=version(),
+                commit=commit,
+                provenance=provenance,
+                columns=columns,
+            )
             counts[status] += 1
             if on_cell:
                 on_cell(cell, status)

@@ -51,12 +51,13 @@ def check_table(table: Any, name: str, settings: Mapping[str, Setting], source: 
         raise InvalidArgumentError(f"{source}: [{name}] must be a table, got {type(table).__name__}")
     for key, value in table.items():
         if key not in settings:
-            raise InvalidArgumentError(f"{source}: unknown key {key!r} in [{name}]; known keys: "
-                                       f"{', '.join(sorted(settings))}")
+            raise InvalidArgumentError(
+                f"{source}: unknown key {key!r} in [{name}]; known keys: {', '.join(sorted(settings))}"
+            )
         s = settings[key]
         if isinstance(value, bool) or not isinstance(value, s.types):
-            raise InvalidArgumentError(f"{source}: [{name}] {key} must be {_names(s.types)}, "
-                                       f"got {type(value).__name__} {value!r}")
+            raise InvalidArgumentError(
+                f"{source}: [{name}] {key} must be {_names(s.types)}, got {type(value).__name__} {value!r}"
+            )
         if s.items and not all(isinstance(v, s.items) and not isinstance(v, bool) for v in table[key]):
-            raise InvalidArgumentError(f"{source}: [{name}] {key} must be a list of {_names(s.items)}, "
-                                       f"got {value!r}")
+            raise InvalidArgumentError(f"{source}: [{name}] {key} must be a list of {_names(s.items)}, got {value!r}")

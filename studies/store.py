@@ -80,10 +80,20 @@ class Store:
                 if name not in have:
                     self.conn.execute(f"ALTER TABLE cells ADD COLUMN {name} {sql_type.split()[0]}")
 
-    def record(self, key: str, fingerprint: str | None, cell: dict[str, Any], status: str,
-               result: dict[str, Any] | None = None, *, error: str | None = None, version: str = "",
-               commit: tuple[str | None, bool] = (None, False), provenance: dict[str, Any] | None = None,
-               columns: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        key: str,
+        fingerprint: str | None,
+        cell: dict[str, Any],
+        status: str,
+        result: dict[str, Any] | None = None,
+        *,
+        error: str | None = None,
+        version: str = "",
+        commit: tuple[str | None, bool] = (None, False),
+        provenance: dict[str, Any] | None = None,
+        columns: dict[str, Any] | None = None,
+    ) -> None:
         """Write one cell in its own transaction, replacing whatever stood at its place.
 
         ``result`` is stored as JSON; ``columns`` holds the values of its measure's columns (arrays for
@@ -96,14 +106,30 @@ class Store:
             if self.measured[name] == "BLOB" and value is not None:
                 value = zlib.compress(np.asarray(value, dtype=np.float32).tobytes())
             values[name] = value
-        row = {"key": key, "fingerprint": fingerprint, "study": cell["study"], "kind": cell["kind"],
-               "model": cell["model"], "corpus": cell["corpus"], "method": cell["method"],
-               "threshold": cell.get("threshold"), "status": status, "result": json.dumps(result or {}, default=str),
-               "error": error, "version": version, "commit_sha": commit[0], "dirty": int(commit[1]),
-               "provenance": json.dumps(provenance or {}), "finished_at": time.time(), **values}
+        row = {
+            "key": key,
+            "fingerprint": fingerprint,
+            "study": cell["study"],
+            "kind": cell["kind"],
+            "model": cell["model"],
+            "corpus": cell["corpus"],
+            "method": cell["method"],
+            "threshold": cell.get("threshold"),
+            "status": status,
+            "result": json.dumps(result or {}, default=str),
+            "error": error,
+            "version": version,
+            "commit_sha": commit[0],
+            "dirty": int(commit[1]),
+            "provenance": json.dumps(provenance or {}),
+            "finished_at": time.time(),
+            **values,
+        }
         with self.conn:
-            self.conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                              tuple(row.values()))
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO cells ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
 
     def frame(self):
         """Return every row as a pandas DataFrame (``result`` and ``provenance`` parsed; no token NLLs)."""

@@ -84,10 +84,16 @@ class Worker:
             result = measure.compute(cell, Context(self.cfg, model, tok, info, ids, bos_id, cache, self.progress))
             result["n_params"] = info.n_params
             result["provenance"] = {
-                "weights": info.weights, "weights_sha256": info.weights_sha256, "revision": info.revision,
-                "corpus_sha256": corpus_sha256, "token_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "machine": platform.machine()}
+                "weights": info.weights,
+                "weights_sha256": info.weights_sha256,
+                "revision": info.revision,
+                "corpus_sha256": corpus_sha256,
+                "token_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            }
             return "done", result, None
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -7,44 +7,96 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("llama", "gpt2", "opt")  # the families most tests run on: RMSNorm + RoPE, Conv1D, LayerNorm + learned positions
+ARCHS = (
+    "llama",
+    "gpt2",
+    "opt",
+)  # the families most tests run on: RMSNorm + RoPE, Conv1D, LayerNorm + learned positions
 
 
 def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int = 2):
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, architectures=["LlamaForCausalLM"])
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            architectures=["LlamaForCausalLM"],
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4,
-                          n_positions=256, bos_token_id=0, eos_token_id=0,
-                          architectures=["GPT2LMHeadModel"])
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+            architectures=["GPT2LMHeadModel"],
+        )
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
-                         word_embed_proj_dim=hidden, architectures=["OPTForCausalLM"])
+        return OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            architectures=["OPTForCausalLM"],
+        )
     if arch == "gemma":  # Gemma-3: (1 + w) norms, a BOS-sensitive family
-        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=8, max_position_embeddings=256, sliding_window=16,
-                                architectures=["Gemma3ForCausalLM"])
+        return Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            sliding_window=16,
+            architectures=["Gemma3ForCausalLM"],
+        )
     if arch in ("mistral", "qwen2", "qwen3", "gemma1", "gemma2"):
         import transformers
 
-        cls = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-               "gemma1": "GemmaConfig", "gemma2": "Gemma2Config"}[arch]
+        cls = {
+            "mistral": "MistralConfig",
+            "qwen2": "Qwen2Config",
+            "qwen3": "Qwen3Config",
+            "gemma1": "GemmaConfig",
+            "gemma2": "Gemma2Config",
+        }[arch]
         extra = {"head_dim": 8} if arch in ("qwen3", "gemma1", "gemma2") else {}
-        return getattr(transformers, cls)(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=256, **extra)
+        return getattr(transformers, cls)(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **extra,
+        )
     if arch == "gpt_neox":
         from transformers import GPTNeoXConfig
 
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
-                             rotary_pct=0.25, architectures=["GPTNeoXForCausalLM"])
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            rotary_pct=0.25,
+            architectures=["GPTNeoXForCausalLM"],
+        )
     raise ValueError(f"unknown test architecture {arch!r}")
 
 
@@ -55,8 +107,6 @@ def make_model(arch: str, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch, **kw))
     return model.eval()
-
-
 
 
 def planted(rows=37, cols=499, outlier_cols=(3, 250, 498), seed=0, scale=9.0) -> torch.Tensor:

@@ -1,13 +1,12 @@
 import pytest
 import torch
-
 from helpers import make_model, planted_model
+
 from outliers import InvalidArgumentError
 from outliers.analysis.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
 from outliers.analysis.hooks import capture
 from outliers.analysis.points import resolve_points
 from outliers.analysis.stats import Stat
-
 
 
 def eager(model):
@@ -19,9 +18,11 @@ def test_readers_cover_every_module_sharing_the_input(arch):
     model = make_model(arch)
     by_kind = {p.kind: readers(model, p) for p in resolve_points(model, "attn,ffn") if p.layer == 0}
     ends = {k: sorted(n.rsplit(".", 1)[-1] for n in v) for k, v in by_kind.items()}
-    expected = {"llama": {"attn_in": ["k_proj", "q_proj", "v_proj"], "ffn_in": ["gate_proj", "up_proj"]},
-                "gpt2": {"attn_in": ["c_attn"], "ffn_in": ["c_fc"]},
-                "opt": {"attn_in": ["k_proj", "q_proj", "v_proj"], "ffn_in": ["fc1"]}}[arch]
+    expected = {
+        "llama": {"attn_in": ["k_proj", "q_proj", "v_proj"], "ffn_in": ["gate_proj", "up_proj"]},
+        "gpt2": {"attn_in": ["c_attn"], "ffn_in": ["c_fc"]},
+        "opt": {"attn_in": ["k_proj", "q_proj", "v_proj"], "ffn_in": ["fc1"]},
+    }[arch]
     assert {k: ends[k] for k in expected} == expected
 
 
@@ -57,8 +58,7 @@ def test_mean_fill_uses_scan_means():
 def test_removing_planted_dims_hurts_more_than_random_dims():
     model = eager(planted_model("llama", gain=60.0))
     ids = torch.randint(0, 384, (4 * 32,), generator=torch.Generator().manual_seed(0))
-    df = ablation_study(model, ids, [3, 17], controls=2, window=32, max_windows=4, attention_windows=2,
-                        progress=False)
+    df = ablation_study(model, ids, [3, 17], controls=2, window=32, max_windows=4, attention_windows=2, progress=False)
     assert list(df.condition) == ["baseline", "selected", "random #1", "random #2"]
     assert df.delta_ppl_pct[0] == 0
     sel = abs(df.delta_top1_pct[1])

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import make_model
 from torch import nn
 
-from helpers import make_model
 from outliers import InvalidArgumentError
 from outliers.analysis.hooks import capture
 from outliers.analysis.points import resolve_points
@@ -20,8 +20,19 @@ from outliers.arch.registry import ARCHITECTURES, Architecture, NormKind, Shared
 from outliers.quant.model import quantize_model
 
 # registry entry -> the tiny config tests build for it (tests/helpers.py)
-TINY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma1",
-        "gemma2": "gemma2", "gemma3": "gemma", "gpt2": "gpt2", "opt": "opt", "gpt_neox": "gpt_neox", "bert": "bert"}
+TINY = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma1",
+    "gemma2": "gemma2",
+    "gemma3": "gemma",
+    "gpt2": "gpt2",
+    "opt": "opt",
+    "gpt_neox": "gpt_neox",
+    "bert": "bert",
+}
 
 
 def tiny(family: str) -> nn.Module:
@@ -29,8 +40,16 @@ def tiny(family: str) -> nn.Module:
         from transformers import BertConfig, BertModel
 
         torch.manual_seed(0)
-        return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, max_position_embeddings=64)).eval()
+        return BertModel(
+            BertConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        ).eval()
     return make_model(TINY[family])
 
 
@@ -48,8 +67,18 @@ def test_every_path_of_an_entry_exists_in_each_block(family):
     found = blocks(model, arch)
     assert [i for i, _, _ in found] == list(range(model.config.num_hidden_layers))
     for _, _, block in found:
-        paths = [arch.attention, arch.attn_out, arch.down, arch.kv.keys, arch.kv.values, arch.kv.key_norm,
-                 *arch.attn_in.linears, arch.attn_in.norm, *arch.ffn_in.linears, arch.ffn_in.norm]
+        paths = [
+            arch.attention,
+            arch.attn_out,
+            arch.down,
+            arch.kv.keys,
+            arch.kv.values,
+            arch.kv.key_norm,
+            *arch.attn_in.linears,
+            arch.attn_in.norm,
+            *arch.ffn_in.linears,
+            arch.ffn_in.norm,
+        ]
         if arch.mlp:
             paths.append(arch.mlp)
         for path in filter(None, paths):
@@ -136,10 +165,20 @@ def test_a_new_family_is_one_entry(monkeypatch):
     model = ToyModel().eval()
     with pytest.raises(InvalidArgumentError, match="no capture-point patterns for architecture 'toy'"):
         resolve_points(model, "attn_in")
-    registry.register_architecture(Architecture(
-        "toy", ("toy",), blocks=r"stack\.(\d+)", attention="", mlp="",
-        attn_in=SharedInput(("qkv",), "norm", NormKind.LAYERNORM), attn_out="out",
-        ffn_in=SharedInput(("fc",), None, None), down="proj", skip=("head",)))
+    registry.register_architecture(
+        Architecture(
+            "toy",
+            ("toy",),
+            blocks=r"stack\.(\d+)",
+            attention="",
+            mlp="",
+            attn_in=SharedInput(("qkv",), "norm", NormKind.LAYERNORM),
+            attn_out="out",
+            ffn_in=SharedInput(("fc",), None, None),
+            down="proj",
+            skip=("head",),
+        )
+    )
     pts = resolve_points(model, "attn,ffn,residual")
     assert [p.name for p in pts[:4]] == ["L00.attn_in", "L00.attn_out", "L00.ffn_in", "L00.residual"]
     x = torch.randn(2, 4, 8)

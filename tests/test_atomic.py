@@ -24,6 +24,7 @@ def leftovers(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------- files
 
+
 def test_atomic_file_replaces_the_target_whole(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old and longer than the new text")
@@ -91,6 +92,7 @@ def test_concurrent_writers_of_one_file_each_leave_a_whole_copy(tmp_path):
 
 
 # ---------------------------------------------------------------- folders
+
 
 def test_atomic_dir_moves_the_folder_or_nothing(tmp_path):
     target = tmp_path / "models" / "m"
@@ -172,6 +174,7 @@ def test_concurrent_assemblers_both_succeed(tmp_path):
 
 # ---------------------------------------------------------------- two processes
 
+
 def write_llama_gguf(path: Path, tokenizer, hidden: int = 32, ffn: int = 64) -> np.ndarray:
     """Write a one-layer llama GGUF with ``tokenizer``'s BPE that transformers can load; return its embedding."""
     from gguf import GGUFWriter, TokenType
@@ -206,11 +209,17 @@ def write_llama_gguf(path: Path, tokenizer, hidden: int = 32, ffn: int = 64) -> 
     embedding = rand(len(tokens), hidden)
     kv = hidden * kv_heads // heads
     w.add_tensor("token_embd.weight", embedding)
-    for name, array in [("attn_norm", np.ones(hidden, np.float32)), ("ffn_norm", np.ones(hidden, np.float32)),
-                        ("attn_q", rand(hidden, hidden)), ("attn_k", rand(kv, hidden)),
-                        ("attn_v", rand(kv, hidden)), ("attn_output", rand(hidden, hidden)),
-                        ("ffn_gate", rand(ffn, hidden)), ("ffn_up", rand(ffn, hidden)),
-                        ("ffn_down", rand(hidden, ffn))]:
+    for name, array in [
+        ("attn_norm", np.ones(hidden, np.float32)),
+        ("ffn_norm", np.ones(hidden, np.float32)),
+        ("attn_q", rand(hidden, hidden)),
+        ("attn_k", rand(kv, hidden)),
+        ("attn_v", rand(kv, hidden)),
+        ("attn_output", rand(hidden, hidden)),
+        ("ffn_gate", rand(ffn, hidden)),
+        ("ffn_up", rand(ffn, hidden)),
+        ("ffn_down", rand(hidden, ffn)),
+    ]:
         w.add_tensor(f"blk.0.{name}.weight", array)
     w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     w.write_header_to_file()
@@ -267,17 +276,29 @@ def test_two_processes_tokenize_and_convert_the_same_thing(tmp_path, tokenizer, 
     embedding = write_llama_gguf(gguf, tokenizer)
     cache, sync = tmp_path / "cache", tmp_path / "sync"
     sync.mkdir()
-    env = {**os.environ, "OUTLIERS_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(sync), str(i), str(tok_dir), str(text_file),
-                                  str(gguf)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for i in range(2)]
+    env = {
+        **os.environ,
+        "OUTLIERS_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(sync), str(i), str(tok_dir), str(text_file), str(gguf)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outs = [c.communicate(timeout=120) for c in children]
     finally:
         for c in children:
             c.kill()  # only if still running (a timeout)
-    for child, (out, err) in zip(children, outs):
+    for child, (_, err) in zip(children, outs, strict=True):
         assert child.returncode == 0, err[-3000:]
     lines = [out.split() for out, _ in outs]
     assert lines[0] == lines[1]  # same ids, same converted folder

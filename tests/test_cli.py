@@ -12,8 +12,13 @@ from outliers.cli import main
 
 def run_cli(*args, timeout=60):
     """The installed entry point in a fresh process, as a user would call it."""
-    return subprocess.run([sys.executable, "-m", "outliers.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "outliers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
 
 
 def test_models_lists_builtins(capsys):
@@ -26,13 +31,41 @@ def test_models_lists_builtins(capsys):
 def test_eval_prints_and_writes_json(model_dir, text_file, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     folder = str(model_dir("gpt2"))
-    code = main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "64",
-                 "--max-windows", "3", "--json", str(out_json), "--quiet"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            folder,
+            "--corpus",
+            str(text_file),
+            "--window",
+            "64",
+            "--max-windows",
+            "3",
+            "--json",
+            str(out_json),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     record = json.loads(out_json.read_text())
-    for key in ("ppl", "tokens_per_s", "n_tokens", "seconds", "protocol", "window", "max_windows",
-                "batch_size", "model", "corpus", "dtype", "method", "model_info", "corpus_sha256"):
+    for key in (
+        "ppl",
+        "tokens_per_s",
+        "n_tokens",
+        "seconds",
+        "protocol",
+        "window",
+        "max_windows",
+        "batch_size",
+        "model",
+        "corpus",
+        "dtype",
+        "method",
+        "model_info",
+        "corpus_sha256",
+    ):
         assert key in record
     assert record["n_windows"] == 3 and record["window"] == 64 and record["model_info"]["architecture"] == "gpt2"
     assert f"{record['ppl']:.4f}" in printed
@@ -51,13 +84,17 @@ def test_no_such_model_exits_2_fast_with_one_line():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--window", "1"], "window must be an integer >= 2"),
-    (["--protocol", "sliding", "--window", "8", "--stride", "9"], "stride must be <= window"),
-    (["--json", "/no/such/dir/out.json"], "folder /no/such/dir does not exist"),
-    (["--model", "/no/such/model.gguf"], "does not exist"),
-    (["--corpus", "/no/such/corpus.txt"], "corpus file /no/such/corpus.txt does not exist"),
-], ids=["window", "stride", "json", "model-path", "corpus-path"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "1"], "window must be an integer >= 2"),
+        (["--protocol", "sliding", "--window", "8", "--stride", "9"], "stride must be <= window"),
+        (["--json", "/no/such/dir/out.json"], "folder /no/such/dir does not exist"),
+        (["--model", "/no/such/model.gguf"], "does not exist"),
+        (["--corpus", "/no/such/corpus.txt"], "corpus file /no/such/corpus.txt does not exist"),
+    ],
+    ids=["window", "stride", "json", "model-path", "corpus-path"],
+)
 def test_bad_input_exits_2_with_one_line(args, message, capsys):
     assert main(["eval", *args, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -96,8 +133,16 @@ def test_encoder_refused_for_perplexity(tmp_path, tokenizer, text_file, capsys):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=64, architectures=["BertModel"])).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(
+            vocab_size=384,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            architectures=["BertModel"],
+        )
+    ).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert main(["eval", "--model", str(tmp_path), "--corpus", str(text_file), "--quiet"]) == 2
     assert "is an encoder (bert)" in capsys.readouterr().err
@@ -106,8 +151,29 @@ def test_encoder_refused_for_perplexity(tmp_path, tokenizer, text_file, capsys):
 def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
     folder = str(model_dir("opt"))
     out = tmp_path / "all.json"
-    assert main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2",
-                 "--method", "all", "--threshold", "1.5", "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                folder,
+                "--corpus",
+                str(text_file),
+                "--window",
+                "32",
+                "--max-windows",
+                "2",
+                "--method",
+                "all",
+                "--threshold",
+                "1.5",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     records = json.loads(out.read_text())
     assert [r["method"] for r in records][:2] == ["fp32", "absmax"] and len(records) == 9
@@ -118,20 +184,70 @@ def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
     assert all(r["ref_ppl"] == pytest.approx(records[0]["ppl"]) for r in records[1:])
     assert llm["extra"]["threshold"] == 1.5 and llm["extra"]["skipped"] == ["lm_head"]
     assert llm["extra"]["weight_bytes_after"] < llm["extra"]["weight_bytes_before"] / 3
-    assert main(["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2",
-                 "--method", "llm.int8", "--round-to", "float16", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                folder,
+                "--corpus",
+                str(text_file),
+                "--window",
+                "32",
+                "--max-windows",
+                "2",
+                "--method",
+                "llm.int8",
+                "--round-to",
+                "float16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "llm.int8 (threshold 6.0)" in capsys.readouterr().out
 
 
 def test_eval_quantized_writes_intervals_and_agreement(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "q.json"
-    assert main(["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32",
-                 "--max-windows", "6", "--method", "llm.int8", "--threshold", "0.5", "--round-to", "float16",
-                 "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir("llama")),
+                "--corpus",
+                str(text_file),
+                "--window",
+                "32",
+                "--max-windows",
+                "6",
+                "--method",
+                "llm.int8",
+                "--threshold",
+                "0.5",
+                "--round-to",
+                "float16",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     r = json.loads(out.read_text())
-    for key in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "kl_vs_ref_ci95",
-                "top1_agreement", "top1_agreement_ci95", "window_nll", "window_tokens"):
+    for key in (
+        "ppl_ci95",
+        "delta_ppl_pct",
+        "delta_ppl_pct_ci95",
+        "kl_vs_ref",
+        "kl_vs_ref_ci95",
+        "top1_agreement",
+        "top1_agreement_ci95",
+        "window_nll",
+        "window_tokens",
+    ):
         assert r[key] is not None, key
     assert r["ref_dtype"] == "fp32" and len(r["window_nll"]) == 6
     assert r["ppl_ci95"][0] <= r["ppl"] <= r["ppl_ci95"][1]
@@ -141,15 +257,36 @@ def test_eval_quantized_writes_intervals_and_agreement(model_dir, text_file, tmp
 
 
 def test_eval_bos_window_needs_a_bos_token(model_dir, text_file, capsys):
-    assert main(["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32",
-                 "--max-windows", "2", "--bos", "window", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir("llama")),
+                "--corpus",
+                str(text_file),
+                "--window",
+                "32",
+                "--max-windows",
+                "2",
+                "--bos",
+                "window",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--bos window needs a BOS token" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "int4"], "unknown method 'int4'"),
-    (["--method", "llm.int8", "--threshold", "-2"], "threshold must be >= 0"),
-], ids=["method", "threshold"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "int4"], "unknown method 'int4'"),
+        (["--method", "llm.int8", "--threshold", "-2"], "threshold must be >= 0"),
+    ],
+    ids=["method", "threshold"],
+)
 def test_bad_method_arguments(args, message, capsys):
     assert main(["eval", *args, "--quiet"]) == 2
     assert message in capsys.readouterr().err
@@ -157,14 +294,44 @@ def test_bad_method_arguments(args, message, capsys):
 
 def test_scan_writes_tables_and_figures(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "scan"
-    assert main(["scan", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--max-tokens", "256",
-                 "--window", "64", "--points", "attn,ffn,residual", "--threshold", "1.5", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                str(model_dir("llama")),
+                "--corpus",
+                str(text_file),
+                "--max-tokens",
+                "256",
+                "--window",
+                "64",
+                "--points",
+                "attn,ffn,residual",
+                "--threshold",
+                "1.5",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "outlier features, hidden space, absolute criterion" in printed and "|x| >= 1.5" in printed
-    for f in ("stats.json", "stats.safetensors", "summary.csv", "per_dim_hidden.csv", "per_dim_heads.csv",
-              "outlier_features_absolute.csv", "top_values.csv", "massive_activations.csv",
-              "heatmap_hidden.png", "histogram_hidden.png", "layers_vs_positions.png"):
+    for f in (
+        "stats.json",
+        "stats.safetensors",
+        "summary.csv",
+        "per_dim_hidden.csv",
+        "per_dim_heads.csv",
+        "outlier_features_absolute.csv",
+        "top_values.csv",
+        "massive_activations.csv",
+        "heatmap_hidden.png",
+        "histogram_hidden.png",
+        "layers_vs_positions.png",
+    ):
         assert (out / f).stat().st_size > 0, f
     import pandas as pd
 
@@ -172,12 +339,16 @@ def test_scan_writes_tables_and_figures(model_dir, text_file, tmp_path, capsys):
     assert {"point", "layer", "dim", "value", "position", "token"} <= set(top.columns) and len(top) == 32
 
 
-@pytest.mark.parametrize("args, message", [
-    (["scan", "--threshold", "0"], "threshold must be > 0"),
-    (["scan", "--points", "mlp"], "unknown capture point 'mlp'"),
-    (["scan", "--layers", "25"], "layers is a fraction in [0, 1]"),
-    (["ablate", "--dims", "a,b"], "--dims must be 'auto' or a comma list"),
-], ids=["threshold", "points", "layers", "dims"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["scan", "--threshold", "0"], "threshold must be > 0"),
+        (["scan", "--points", "mlp"], "unknown capture point 'mlp'"),
+        (["scan", "--layers", "25"], "layers is a fraction in [0, 1]"),
+        (["ablate", "--dims", "a,b"], "--dims must be 'auto' or a comma list"),
+    ],
+    ids=["threshold", "points", "layers", "dims"],
+)
 def test_scan_and_ablate_bad_input(args, message, capsys):
     assert main([*args, "--quiet"]) == 2
     assert message in capsys.readouterr().err
@@ -185,10 +356,48 @@ def test_scan_and_ablate_bad_input(args, message, capsys):
 
 def test_ablate_cli_on_explicit_dims(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "ablate.json"
-    assert main(["ablate", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--dims", "3,5",
-                 "--window", "32", "--max-windows", "2", "--controls", "1", "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                str(model_dir("opt")),
+                "--corpus",
+                str(text_file),
+                "--dims",
+                "3,5",
+                "--window",
+                "32",
+                "--max-windows",
+                "2",
+                "--controls",
+                "1",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert [r["condition"] for r in rows] == ["baseline", "selected", "random #1"] and rows[1]["dims"] == [3, 5]
-    assert main(["ablate", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--dims", "99",
-                 "--window", "32", "--max-windows", "1", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                str(model_dir("opt")),
+                "--corpus",
+                str(text_file),
+                "--dims",
+                "99",
+                "--window",
+                "32",
+                "--max-windows",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "out of range" in capsys.readouterr().err

@@ -89,11 +89,10 @@ def test_encode_is_cached_on_disk(tokenizer, text_file, monkeypatch, tmp_path):
 
 
 def test_fingerprint_tells_tokenizers_apart(tokenizer):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     other = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tokenizer)
-    assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(
-        PreTrainedTokenizerFast(tokenizer_object=other))
+    assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(PreTrainedTokenizerFast(tokenizer_object=other))

@@ -22,8 +22,13 @@ from cuda_kernels.check import MISSING
 
 def test_every_kernel_builds_for_sm80_and_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    r = subprocess.run([sys.executable, "-m", "cuda_kernels.check", "--cc", "8.0", "9.0"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "cuda_kernels.check", "--cc", "8.0", "9.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode == MISSING:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
@@ -39,6 +44,11 @@ def test_cuda_kernels_imports_nothing_from_outliers():
     # the package stands alone (numba, numpy, torch): usable, and testable, apart from the toolkit
     for path in sorted(Path(cuda_kernels.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             assert not [n for n in names if n.split(".")[0] in ("outliers", "studies")], (path.name, names)

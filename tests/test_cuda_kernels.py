@@ -55,8 +55,12 @@ def test_quantize_rows_edge_cases(case):
     if case == "all-columns-outliers":
         x = (torch.full((4, 6), 8.0) * torch.tensor([1.0, -1, 1, -1, 1, 1])).to(DEV)
     else:
-        x = planted(5, 23, outlier_cols=() if case == "no-outliers" else (3,),
-                    dtype=torch.float16 if case == "fp16" else torch.float32)
+        x = planted(
+            5,
+            23,
+            outlier_cols=() if case == "no-outliers" else (3,),
+            dtype=torch.float16 if case == "fp16" else torch.float32,
+        )
     t = 0.0 if case == "threshold=0" else 6.0
     got = L.quantize_rows(x, t)
     ref = int8_vectorwise_quant(x.cpu(), t)
@@ -74,15 +78,15 @@ def test_threshold_compares_in_float32_like_torch(monkeypatch):
     x = x.to(DEV)
     launched = []
     real = L._launch
-    monkeypatch.setattr(L, "_launch", lambda kernel, grid, block, *args: (launched.append(args[1]),
-                                                                          real(kernel, grid, block, *args)))
+    monkeypatch.setattr(
+        L, "_launch", lambda kernel, grid, block, *args: (launched.append(args[1]), real(kernel, grid, block, *args))
+    )
     assert L.outlier_columns(x, 0.7).tolist() == outlier_columns(x.cpu(), 0.7).tolist() == [2]
     assert L.quantize_rows(x, 0.7)[2].tolist() == [2]
     assert launched and all(type(t) is np.float32 for t in launched)
 
 
-@pytest.mark.parametrize("m, k, n", [(5, 23, 7), (33, 23, 7), (1, 23, 7), (17, 40, 19)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m, k, n", [(5, 23, 7), (33, 23, 7), (1, 23, 7), (17, 40, 19)], ids=lambda v: str(v))
 def test_int8_gemm_accumulators_are_exact(m, k, n):
     g = torch.Generator().manual_seed(m * k * n)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
@@ -97,7 +101,7 @@ def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
     bias = torch.randn(7)
     xo, wo = torch.randn(9, 2), torch.randn(7, 2)
     got = L.int8_matmul_dequant(codes.to(DEV), cb, rs.to(DEV), scb, bias.to(DEV), xo.to(DEV), wo.to(DEV))
-    ref = int8_matmul(codes, cb.cpu()) * (rs[:, None] / 127 ** 2) * scb.cpu() + bias + xo @ wo.t()
+    ref = int8_matmul(codes, cb.cpu()) * (rs[:, None] / 127**2) * scb.cpu() + bias + xo @ wo.t()
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -107,8 +111,26 @@ def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
 def test_epilogue_writes_half_precision_rounded_like_torch(out_dtype, gemm):
     # a = 0 makes out = bias exactly, so chosen float32 values reach the epilogue's rounding:
     # ties to even both ways, overflow, inf, NaN, -0, subnormals, and ordinary values
-    f = torch.tensor([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 3.4e38, 65519.0, 65520.0,
-                      float("inf"), -float("inf"), float("nan"), -0.0, 1e-40, -1e-30, 0.1, -123.456])
+    f = torch.tensor(
+        [
+            1.0,
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+            3.4e38,
+            65519.0,
+            65520.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            -0.0,
+            1e-40,
+            -1e-30,
+            0.1,
+            -123.456,
+        ]
+    )
     bias = torch.cat([f, torch.randn(4, generator=torch.Generator().manual_seed(5)) * 100])
     n = bias.numel()
     a = torch.zeros(3, 32, dtype=torch.int8)
@@ -224,8 +246,9 @@ def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
 
     class Zeros:  # a broken kernel: writes zeros where the products go
         def __getitem__(self, config):
-            return lambda *args: args[-1].fill(0) if L.simulated() else args[-1][:].copy_to_device(
-                np.zeros(args[-1].shape, np.int32))
+            return lambda *args: (
+                args[-1].fill(0) if L.simulated() else args[-1][:].copy_to_device(np.zeros(args[-1].shape, np.int32))
+            )
 
     monkeypatch.setattr(L, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Zeros()))
     with pytest.warns(RuntimeWarning, match="tensor-core int8 GEMM gave wrong products"):
@@ -266,7 +289,13 @@ def test_mma_refuses_what_it_cannot_run():
 
 def test_gpu_benchmark_script_runs_in_the_simulator():
     # a GPU session should spend its minutes measuring, not fixing the script
-    r = subprocess.run([sys.executable, "benchmarks/gpu_kernels.py", "--smoke"], capture_output=True, text=True,
-                       timeout=300, cwd=Path(__file__).parents[1], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    r = subprocess.run(
+        [sys.executable, "benchmarks/gpu_kernels.py", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| 17 | 32→24 |" in r.stdout and "gemm='auto' (simt here)" in r.stdout

@@ -33,11 +33,13 @@ def test_default_tiles_and_one_build_per_configuration():
 
 
 def test_invalid_tiles_are_refused():
-    for bad, match in [({"simt_tile": 0}, "simt_tile must be a positive int"),
-                       ({"quant_threads": 96}, "power of two"),
-                       ({"mma_k_words": 12}, "multiple of 8"),
-                       ({"mma_warps_m": 8, "mma_warps_n": 8}, "threads per block"),
-                       ({"mma_mt": 8, "mma_nt": 8}, "shared memory")]:
+    for bad, match in [
+        ({"simt_tile": 0}, "simt_tile must be a positive int"),
+        ({"quant_threads": 96}, "power of two"),
+        ({"mma_k_words": 12}, "multiple of 8"),
+        ({"mma_warps_m": 8, "mma_warps_n": 8}, "threads per block"),
+        ({"mma_mt": 8, "mma_nt": 8}, "shared memory"),
+    ]:
         with pytest.raises(KernelArgumentError, match=match):
             TileConfig(**bad)
     a = torch.zeros(2, 4, dtype=torch.int8, device=DEV)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import make_model
+
 from outliers import InvalidArgumentError
 from outliers.analysis.hooks import pre_hooks, record_inputs
 

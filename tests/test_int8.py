@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from helpers import planted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from outliers import InvalidArgumentError
 from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
 from outliers.quant.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
@@ -53,8 +54,12 @@ def test_input_is_not_mutated():
     assert torch.equal(x, before)
 
 
-@given(rows=st.integers(1, 33), cols=st.integers(1, 70), seed=st.integers(0, 2**16),
-       threshold=st.sampled_from([0.0, 1.5, 6.0]))
+@given(
+    rows=st.integers(1, 33),
+    cols=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+    threshold=st.sampled_from([0.0, 1.5, 6.0]),
+)
 @settings(max_examples=80, deadline=None)
 def test_fused_cpu_quant_is_bit_identical_to_reference(rows, cols, seed, threshold):
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +88,7 @@ def test_fused_dequant_matches_reference():
 
 def test_mm_dequant_equals_bitsandbytes():
     g = torch.Generator().manual_seed(4)
-    c = torch.randint(-2**20, 2**20, (17, 9), dtype=torch.int32, generator=g)
+    c = torch.randint(-(2**20), 2**20, (17, 9), dtype=torch.int32, generator=g)
     rs, cs = torch.rand(17, generator=g) * 5, torch.rand(9, generator=g) * 5
     ref = torch.ops.bitsandbytes.int8_mm_dequant(c, rs, cs, dtype=torch.float32)  # the public one returns fp16
     # bitsandbytes multiplies by 6.200124e-05 where 1/127² is 6.2000124e-05: 1.8e-5 relative apart

@@ -24,8 +24,12 @@ def ids(smollm2):
 def layer_inputs(smollm2, ids):
     # On the built-in corpus's first 256 tokens layer 0's q_proj input has no feature >= 6, the others do
     # (layer 0's down_proj 8 features, layer 20's q_proj 1 massive one, layer 25's down_proj 115).
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.20.self_attn.q_proj",
-             "model.layers.25.mlp.down_proj"]
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.20.self_attn.q_proj",
+        "model.layers.25.mlp.down_proj",
+    ]
     return record_inputs(smollm2.model, names, ids[None, :256])
 
 
@@ -51,8 +55,11 @@ def bnb_model(smollm2):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     peer = AutoModelForCausalLM.from_pretrained(
-        smollm2.model.name_or_path, dtype=torch.float32, device_map="cpu",
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
+        smollm2.model.name_or_path,
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
+    )
     assert isinstance(peer.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt) and not peer.training
     return peer
 
@@ -83,8 +90,11 @@ def test_kl_and_top1_vs_float_agree_with_bitsandbytes(vs_fp32, our_int8, bnb_mod
     direct = perplexity(our_int8, ids, reference=bnb_model, **WINDOWS)  # ours scored against bitsandbytes'
     print(f"\nSmolLM2-135M, llm.int8 threshold 6, {ours.n_windows} windows of {ours.window} ({ours.n_tokens} tokens)")
     print(f"{'':26} {'ppl':>7} {'dppl %':>7} {'KL nats/tok':>12} {'top-1':>7}")
-    for label, r in [("ours (fp16 round) vs fp32", ours), ("bitsandbytes vs fp32", peer),
-                     ("ours vs bitsandbytes", direct)]:
+    for label, r in [
+        ("ours (fp16 round) vs fp32", ours),
+        ("bitsandbytes vs fp32", peer),
+        ("ours vs bitsandbytes", direct),
+    ]:
         print(f"{label:26} {r.ppl:7.3f} {r.delta_ppl_pct:+7.3f} {r.kl_vs_ref:12.5f} {100 * r.top1_agreement:6.2f}%")
     assert ours.ref_ppl == peer.ref_ppl  # the same windows, the same float reference
     assert abs(ours.kl_vs_ref - peer.kl_vs_ref) / peer.kl_vs_ref < 0.15

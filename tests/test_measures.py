@@ -17,8 +17,10 @@ from studies.store import Store
 
 
 def _compute(cell, ctx):
-    return {"param_count": sum(p.numel() for p in ctx.model.parameters()) // ctx.cfg.params_unit,
-            "n_tokens": int(len(ctx.ids))}
+    return {
+        "param_count": sum(p.numel() for p in ctx.model.parameters()) // ctx.cfg.params_unit,
+        "n_tokens": int(len(ctx.ids)),
+    }
 
 
 def _validate(cfg):
@@ -33,17 +35,33 @@ def _report(frame, cfg):
 
 @pytest.fixture
 def params_measure():
-    measure = register_measure(Measure(
-        name="params", compute=_compute, settings=(Setting("params_unit", (int,), 1),),
-        columns={"param_count": "INTEGER", "n_tokens": "INTEGER"}, report=_report, validate=_validate,
-        absent="No parameter count (`measure` lacks \"params\")."))
+    measure = register_measure(
+        Measure(
+            name="params",
+            compute=_compute,
+            settings=(Setting("params_unit", (int,), 1),),
+            columns={"param_count": "INTEGER", "n_tokens": "INTEGER"},
+            report=_report,
+            validate=_validate,
+            absent='No parameter count (`measure` lacks "params").',
+        )
+    )
     yield measure
     del MEASURES["params"]
 
 
 def _study(model, corpus, **extra):
-    study = {"name": "toy", "models": [str(model)], "corpora": [str(corpus)], "methods": ["absmax"],
-             "measure": ["perplexity", "params"], "window": 32, "max_windows": 2, "batch_size": 2, **extra}
+    study = {
+        "name": "toy",
+        "models": [str(model)],
+        "corpora": [str(corpus)],
+        "methods": ["absmax"],
+        "measure": ["perplexity", "params"],
+        "window": 32,
+        "max_windows": 2,
+        "batch_size": 2,
+        **extra,
+    }
     return {"study": study}
 
 
@@ -99,24 +117,38 @@ def test_a_registered_measure_runs_stores_and_reports(params_measure, tmp_path, 
 
 
 def test_a_study_without_it_names_it_absent(params_measure, tmp_path, model_dir, text_file):
-    cfg = parse_config({"study": {"name": "scan", "models": [str(model_dir("llama"))], "corpora": [str(text_file)],
-                                  "measure": ["outliers"], "window": 32, "outlier_tokens": 64}})
+    cfg = parse_config(
+        {
+            "study": {
+                "name": "scan",
+                "models": [str(model_dir("llama"))],
+                "corpora": [str(text_file)],
+                "measure": ["outliers"],
+                "window": 32,
+                "outlier_tokens": 64,
+            }
+        }
+    )
     out = tmp_path / "out"
     assert run_study(cfg, out, progress=False)["done"] == 1
     text = write_report(out).read_text()
-    assert "No parameter count (`measure` lacks \"params\")." in text and "Table-4 layout" in text
+    assert 'No parameter count (`measure` lacks "params").' in text and "Table-4 layout" in text
     assert not (out / "params.csv").exists()
 
 
-@pytest.mark.parametrize("measure, message", [
-    (Measure("perplexity", _compute), "already registered"),
-    (Measure("toy", _compute, settings=(Setting("window", (int,)),)), "setting 'window' is already taken"),
-    (Measure("toy", _compute, settings=(Setting("thresholds", (list,)),)), "setting 'thresholds' is already taken"),
-    (Measure("toy", _compute, columns={"status": "TEXT"}), "column 'status' TEXT is reserved"),
-    (Measure("toy", _compute, columns={"ppl": "TEXT"}), "already REAL"),
-    (Measure("toy", _compute, columns={"a b": "REAL"}), "not a name"),
-    (Measure("toy", _compute, columns={"x": "FLOAT"}), "not one of INTEGER"),
-], ids=["name", "core-setting", "measure-setting", "reserved-column", "column-type", "column-name", "sql-type"])
+@pytest.mark.parametrize(
+    "measure, message",
+    [
+        (Measure("perplexity", _compute), "already registered"),
+        (Measure("toy", _compute, settings=(Setting("window", (int,)),)), "setting 'window' is already taken"),
+        (Measure("toy", _compute, settings=(Setting("thresholds", (list,)),)), "setting 'thresholds' is already taken"),
+        (Measure("toy", _compute, columns={"status": "TEXT"}), "column 'status' TEXT is reserved"),
+        (Measure("toy", _compute, columns={"ppl": "TEXT"}), "already REAL"),
+        (Measure("toy", _compute, columns={"a b": "REAL"}), "not a name"),
+        (Measure("toy", _compute, columns={"x": "FLOAT"}), "not one of INTEGER"),
+    ],
+    ids=["name", "core-setting", "measure-setting", "reserved-column", "column-type", "column-name", "sql-type"],
+)
 def test_registration_refuses_clashes(measure, message):
     with pytest.raises(ValueError, match=message):
         register_measure(measure)

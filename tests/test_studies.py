@@ -17,8 +17,13 @@ from studies.store import Store
 
 def write_config(tmp_path, model, corpus, **extra):
     lines = ["[study]", 'name = "tiny"', f'models = ["{model}"]', f'corpora = ["{corpus}"]']
-    defaults = {"methods": '["llm.int8", "absmax"]', "thresholds": "[0, 2, 6]", "window": "32",
-                "max_windows": "2", "batch_size": "2"}
+    defaults = {
+        "methods": '["llm.int8", "absmax"]',
+        "thresholds": "[0, 2, 6]",
+        "window": "32",
+        "max_windows": "2",
+        "batch_size": "2",
+    }
     defaults.update(extra)
     lines += [f"{k} = {v}" for k, v in defaults.items()]
     path = tmp_path / "study.toml"
@@ -38,19 +43,26 @@ def test_installed_expands_to_installed_causal_builtins(monkeypatch):
     from outliers.models import builtin as models_mod
     from studies.runner import expand_models
 
-    rows = [{"name": "a", "installed": True, "kind": "causal"}, {"name": "b", "installed": False, "kind": "causal"},
-            {"name": "c", "installed": True, "kind": "encoder"}]
+    rows = [
+        {"name": "a", "installed": True, "kind": "causal"},
+        {"name": "b", "installed": False, "kind": "causal"},
+        {"name": "c", "installed": True, "kind": "encoder"},
+    ]
     monkeypatch.setattr(models_mod, "list_models", lambda: rows)
     assert expand_models(("installed", "org/hub-model", "a")) == ["a", "org/hub-model"]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("colour = 3", "unknown key 'colour' in [study]"),
-    ("window = \"512\"", "[study] window must be int, got str"),
-    ("methods = [\"int4\"]", "unknown method 'int4'"),
-    ("thresholds = [\"six\"]", "thresholds must be a list of int or float"),
-    ("window = 1", "window must be an integer >= 2"),
-], ids=["unknown-key", "type", "method", "item-type", "range"])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("colour = 3", "unknown key 'colour' in [study]"),
+        ('window = "512"', "[study] window must be int, got str"),
+        ('methods = ["int4"]', "unknown method 'int4'"),
+        ('thresholds = ["six"]', "thresholds must be a list of int or float"),
+        ("window = 1", "window must be an integer >= 2"),
+    ],
+    ids=["unknown-key", "type", "method", "item-type", "range"],
+)
 def test_bad_configs_name_key_and_file(tmp_path, line, message):
     path = tmp_path / "bad.toml"
     path.write_text(f'[study]\nname = "x"\nmodels = ["m"]\n{line}\n')
@@ -94,12 +106,15 @@ def test_failed_cells_are_recorded_and_the_study_goes_on(tmp_path, model_dir, te
 
 def test_a_killed_study_keeps_its_rows_and_resumes(tmp_path, model_dir, text_file):
     """SIGKILL a study in a child process after its first stored cell, then finish it."""
-    cfg_path = write_config(tmp_path, model_dir("gpt2"), text_file, thresholds="[0, 1, 2, 3, 4, 6]",
-                            max_windows="4")
+    cfg_path = write_config(tmp_path, model_dir("gpt2"), text_file, thresholds="[0, 1, 2, 3, 4, 6]", max_windows="4")
     out = tmp_path / "out"
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    child = subprocess.Popen([sys.executable, "-m", "studies.cli", "run", str(cfg_path), "--out", str(out),
-                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "studies.cli", "run", str(cfg_path), "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db = out / "results.sqlite"
     deadline = time.monotonic() + 60
     n_before = 0
@@ -117,7 +132,7 @@ def test_a_killed_study_keeps_its_rows_and_resumes(tmp_path, model_dir, text_fil
     total = len(cells(load_config(cfg_path)))
     rows = Store(out).frame()
     assert 2 <= len(rows) < total, "the child was killed mid-study"
-    kept = dict(zip(rows.key, rows.finished_at))
+    kept = dict(zip(rows.key, rows.finished_at, strict=True))
     counts = run_study(load_config(cfg_path), out, progress=False)
     assert counts["skipped"] == len(kept) and counts["done"] == total - len(kept)
     after = Store(out).frame()
@@ -141,8 +156,13 @@ def test_cli_sets_ray_auth_mode_for_a_private_cluster_only(tmp_path, monkeypatch
     from studies import runner
 
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda *a, **kw: seen.append(os.environ.get("RAY_AUTH_MODE"))
-                        or {"done": 0, "failed": 0, "skipped": 0, "stale": 0})
+    monkeypatch.setattr(
+        runner,
+        "run_study",
+        lambda *a, **kw: (
+            seen.append(os.environ.get("RAY_AUTH_MODE")) or {"done": 0, "failed": 0, "skipped": 0, "stale": 0}
+        ),
+    )
     monkeypatch.setenv("RAY_AUTH_MODE", "unset")
     monkeypatch.delenv("RAY_AUTH_MODE")  # restored to its state before the test when it ends
     path = write_config(tmp_path, "m", "builtin")
@@ -158,8 +178,9 @@ def test_ray_backend_matches_local(tmp_path, model_dir, text_file, monkeypatch):
     import ray
 
     path = write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]', thresholds="[2, 6]")
-    text = path.read_text().replace(f'models = ["{model_dir("llama")}"]',
-                                    f'models = ["{model_dir("llama")}", "{model_dir("opt")}"]')
+    text = path.read_text().replace(
+        f'models = ["{model_dir("llama")}"]', f'models = ["{model_dir("llama")}", "{model_dir("opt")}"]'
+    )
     path.write_text(text)
     cfg = load_config(path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -176,6 +197,7 @@ def test_ray_backend_matches_local(tmp_path, model_dir, text_file, monkeypatch):
 
 
 # ---------------------------------------------------------------- cell identity and reports for any grid
+
 
 def _ppl(out, method="fp32", threshold=None):
     from studies.report import current_results
@@ -222,8 +244,16 @@ def test_changed_weights_in_a_model_folder_are_recomputed(tmp_path, text_file, t
 
 
 def test_thresholds_3_only_gets_llm_int8_in_every_table(tmp_path, model_dir, text_file):
-    cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]',
-                                   thresholds="[3]", measure='["perplexity", "outliers"]'))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            model_dir("llama"),
+            text_file,
+            methods='["llm.int8"]',
+            thresholds="[3]",
+            measure='["perplexity", "outliers"]',
+        )
+    )
     out = tmp_path / "out"
     run_study(cfg, out, progress=False)
     text = write_report(out).read_text()

@@ -13,8 +13,12 @@ THREAD_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_N
 
 def test_thread_env():
     assert thread_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert thread_env(3) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3",
-                             "NUMBA_NUM_THREADS": "3"}
+    assert thread_env(3) == {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "3",
+        "MKL_NUM_THREADS": "3",
+        "NUMBA_NUM_THREADS": "3",
+    }
     with pytest.raises(ValueError):
         thread_env(0)
 
@@ -34,20 +38,27 @@ def test_the_environment_wins_without_n(monkeypatch):
 
 def _child(code: str, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                          check=True, timeout=120).stdout.split()[-1]
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()[-1]
 
 
 # Numba's 'omp' layer shares torch's OpenMP runtime and used to reset its team to every CPU.
-AFTER_KERNEL = ("import torch; from outliers.quant.cpu_kernels import quantize_rows; "
-                "quantize_rows(torch.randn(64, 32), 6.0); print(torch.get_num_threads())")
+AFTER_KERNEL = (
+    "import torch; from outliers.quant.cpu_kernels import quantize_rows; "
+    "quantize_rows(torch.randn(64, 32), 6.0); print(torch.get_num_threads())"
+)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs to tell 1 thread from every CPU")
 def test_torch_keeps_n_threads_after_a_numba_kernel():
     assert _child(f"from outliers.threads import configure_threads; configure_threads(1); {AFTER_KERNEL}") == "1"
-    assert _child(f"from outliers.threads import configure_threads; configure_threads(); {AFTER_KERNEL}",
-                  OMP_NUM_THREADS="1") == "1"
+    assert (
+        _child(
+            f"from outliers.threads import configure_threads; configure_threads(); {AFTER_KERNEL}", OMP_NUM_THREADS="1"
+        )
+        == "1"
+    )
 
 
 def test_the_command_lines_start_without_torch():
@@ -55,8 +66,10 @@ def test_the_command_lines_start_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, outliers, outliers.cli, studies.cli; "
-            "assert 'torch' not in sys.modules, 'torch imported'; outliers.__version__")
+    code = (
+        "import sys, outliers, outliers.cli, studies.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'; outliers.__version__"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
@@ -65,7 +78,9 @@ def test_lazy_api_names_stay_functions_after_their_modules_load():
     import subprocess
     import sys
 
-    code = ("import outliers.eval.perplexity, outliers.analysis.scan, outliers; from outliers import perplexity, scan; "
-            "assert callable(perplexity) and callable(scan) and callable(outliers.perplexity)")
+    code = (
+        "import outliers.eval.perplexity, outliers.analysis.scan, outliers; from outliers import perplexity, scan; "
+        "assert callable(perplexity) and callable(scan) and callable(outliers.perplexity)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

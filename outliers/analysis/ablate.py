@@ -12,21 +12,22 @@ the model sees the ablated hidden state consistently.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from outliers.analysis.points import CapturePoint, resolve_points
+from outliers.analysis.stats import OutlierStats, Stat
+from outliers.arch.registry import architecture_of
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import perplexity
-from outliers.analysis.points import CapturePoint, resolve_points
-from outliers.arch.registry import architecture_of
-from outliers.analysis.stats import OutlierStats, Stat
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
+
 
 def readers(model: nn.Module, point: CapturePoint) -> list[str]:
     """Return the module names that read ``point``'s input (the point's own module first).
@@ -44,8 +45,13 @@ def readers(model: nn.Module, point: CapturePoint) -> list[str]:
 
 
 @contextmanager
-def ablate_dims(model: nn.Module, points: list[CapturePoint], dims: list[int], mode: str = "zero",
-                means: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+def ablate_dims(
+    model: nn.Module,
+    points: list[CapturePoint],
+    dims: list[int],
+    mode: str = "zero",
+    means: dict[str, torch.Tensor] | None = None,
+) -> Iterator[None]:
     """Zero (or set to their mean) ``dims`` of the inputs at ``points`` while the block runs.
 
     Raises:
@@ -92,26 +98,41 @@ def mean_top1_attention(model: nn.Module, windows: torch.Tensor) -> float:
     for w in windows:
         out = model(input_ids=w[None].to(device), output_attentions=True)
         if not out.attentions or out.attentions[0] is None:
-            raise InvalidArgumentError("the model returned no attention probabilities; load it with "
-                                       "attn_implementation='eager'")
+            raise InvalidArgumentError(
+                "the model returned no attention probabilities; load it with attn_implementation='eager'"
+            )
         for a in out.attentions:
             total += a.float().amax(-1).mean().item()
             n += 1
     return total / n
 
 
-def ablation_study(model: nn.Module, ids: torch.Tensor, dims: list[int], *, points="attn_in",
-                   mode: str = "zero", controls: int = 3, seed: int = 0, window: int = 512,
-                   max_windows: int = 4, attention_windows: int = 2, stats: OutlierStats | None = None,
-                   progress: bool = True) -> pd.DataFrame:
+def ablation_study(
+    model: nn.Module,
+    ids: torch.Tensor,
+    dims: list[int],
+    *,
+    points="attn_in",
+    mode: str = "zero",
+    controls: int = 3,
+    seed: int = 0,
+    window: int = 512,
+    max_windows: int = 4,
+    attention_windows: int = 2,
+    stats: OutlierStats | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Return one row per condition: baseline, the given dims, and ``controls`` random draws.
 
     Columns: condition, dims, ppl, delta_ppl_pct, top1_attention, delta_top1_pct.
     """
     if not dims:
         raise InvalidArgumentError("no dims to ablate")
-    pts = resolve_points(model, points) if not (isinstance(points, list) and points
-                                                and isinstance(points[0], CapturePoint)) else points
+    pts = (
+        resolve_points(model, points)
+        if not (isinstance(points, list) and points and isinstance(points[0], CapturePoint))
+        else points
+    )
     means = None
     if mode == "mean":
         if stats is None:
@@ -120,9 +141,14 @@ def ablation_study(model: nn.Module, ids: torch.Tensor, dims: list[int], *, poin
     n_dims = pts[0].dims
     gen = torch.Generator().manual_seed(seed)
     pool = torch.tensor([d for d in range(n_dims) if d not in set(dims)])
-    conditions = [("baseline", [])] + [("selected", list(dims))] + [
-        (f"random #{i + 1}", pool[torch.randperm(len(pool), generator=gen)[: len(dims)]].sort().values.tolist())
-        for i in range(controls)]
+    conditions = (
+        [("baseline", [])]
+        + [("selected", list(dims))]
+        + [
+            (f"random #{i + 1}", pool[torch.randperm(len(pool), generator=gen)[: len(dims)]].sort().values.tolist())
+            for i in range(controls)
+        ]
+    )
     att_windows = ids[: attention_windows * window].view(-1, window)
     rows = []
     for label, ds in tqdm(conditions, desc="ablate", disable=not progress, leave=False):

@@ -18,8 +18,26 @@ __all__ = ["point_stats"]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _point_stats(x, t, k_rel, hist_scale, n_chunks, absmax, count, pos, sum_out, sum_, sumsq, rel_count,
-                 hist, nonfinite, union, rel_union, row_max, row_arg):  # pragma: no cover - compiled
+def _point_stats(
+    x,
+    t,
+    k_rel,
+    hist_scale,
+    n_chunks,
+    absmax,
+    count,
+    pos,
+    sum_out,
+    sum_,
+    sumsq,
+    rel_count,
+    hist,
+    nonfinite,
+    union,
+    rel_union,
+    row_max,
+    row_arg,
+):  # pragma: no cover - compiled
     rows, dims = x.shape
     n_bins = hist.shape[1]
     per = (rows + n_chunks - 1) // n_chunks
@@ -63,8 +81,15 @@ def _point_stats(x, t, k_rel, hist_scale, n_chunks, absmax, count, pos, sum_out,
             row_arg[i] = best_d
 
 
-def point_stats(x: torch.Tensor, threshold: float, relative_k: float, hist_scale: float, n_bins: int,
-                union: torch.Tensor, rel_union: torch.Tensor) -> BatchStats:
+def point_stats(
+    x: torch.Tensor,
+    threshold: float,
+    relative_k: float,
+    hist_scale: float,
+    n_bins: int,
+    union: torch.Tensor,
+    rel_union: torch.Tensor,
+) -> BatchStats:
     """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``, in one pass.
 
     ``union``/``rel_union`` (uint8, tokens x dims) get 1 where ``|x| >= t`` /
@@ -79,11 +104,37 @@ def point_stats(x: torch.Tensor, threshold: float, relative_k: float, hist_scale
     nonfinite = torch.zeros(chunks, dtype=torch.int64)
     row_max = torch.empty(rows, dtype=torch.float32)
     row_arg = torch.empty(rows, dtype=torch.int64)
-    _point_stats(x.numpy(), np.float32(threshold), np.float64(relative_k), np.float32(hist_scale), chunks,
-                 absmax.numpy(), count.numpy(), pos.numpy(), sum_out.numpy(), sum_.numpy(), sumsq.numpy(),
-                 rel_count.numpy(), hist.numpy(), nonfinite.numpy(), union.numpy(), rel_union.numpy(), row_max.numpy(),
-                 row_arg.numpy())
+    _point_stats(
+        x.numpy(),
+        np.float32(threshold),
+        np.float64(relative_k),
+        np.float32(hist_scale),
+        chunks,
+        absmax.numpy(),
+        count.numpy(),
+        pos.numpy(),
+        sum_out.numpy(),
+        sum_.numpy(),
+        sumsq.numpy(),
+        rel_count.numpy(),
+        hist.numpy(),
+        nonfinite.numpy(),
+        union.numpy(),
+        rel_union.numpy(),
+        row_max.numpy(),
+        row_arg.numpy(),
+    )
     # per-thread partials: the maximum of the maxima, the sum of the rest
-    return BatchStats(absmax=absmax.amax(0), count=count.sum(0), pos=pos.sum(0), sum_out=sum_out.sum(0),
-                      sum=sum_.sum(0), sumsq=sumsq.sum(0), rel_count=rel_count.sum(0), hist=hist.sum(0),
-                      nonfinite=nonfinite.sum(), row_max=row_max, row_arg=row_arg)
+    return BatchStats(
+        absmax=absmax.amax(0),
+        count=count.sum(0),
+        pos=pos.sum(0),
+        sum_out=sum_out.sum(0),
+        sum=sum_.sum(0),
+        sumsq=sumsq.sum(0),
+        rel_count=rel_count.sum(0),
+        hist=hist.sum(0),
+        nonfinite=nonfinite.sum(),
+        row_max=row_max,
+        row_arg=row_arg,
+    )

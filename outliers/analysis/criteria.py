@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from outliers.errors import InvalidArgumentError
 from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top
+from outliers.errors import InvalidArgumentError
 
 __all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "top_values"]
 
@@ -43,9 +43,11 @@ class Criteria:
     scale: str = "absolute"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("layer_unit", self.layer_unit, ("block", "point")),
-                                     ("position_mode", self.position_mode, ("union", "max", "mean")),
-                                     ("scale", self.scale, ("absolute", "relative"))):
+        for name, value, allowed in (
+            ("layer_unit", self.layer_unit, ("block", "point")),
+            ("position_mode", self.position_mode, ("union", "max", "mean")),
+            ("scale", self.scale, ("absolute", "relative")),
+        ):
             if value not in allowed:
                 raise InvalidArgumentError(f"{name} must be one of {allowed}, got {value!r}")
         for name, fraction in (("layers", self.layers), ("positions", self.positions)):
@@ -57,16 +59,18 @@ def per_dim(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFram
     """Return one row per dim of ``criteria.space``: % layers, % positions, magnitudes, sidedness."""
     pts = [p for p in stats.points if p.space == criteria.space]
     if not pts:
-        raise InvalidArgumentError(f"no capture points in space {criteria.space!r}; "
-                                   f"spaces scanned: {', '.join(stats.spaces)}")
+        raise InvalidArgumentError(
+            f"no capture points in space {criteria.space!r}; spaces scanned: {', '.join(stats.spaces)}"
+        )
     absolute = criteria.scale == "absolute"
-    counts = torch.stack([stats.get(p.name, Stat.COUNT if absolute else Stat.REL_COUNT)
-                          for p in pts]).cpu().double()  # (points, dims)
+    counts = (
+        torch.stack([stats.get(p.name, Stat.COUNT if absolute else Stat.REL_COUNT) for p in pts]).cpu().double()
+    )  # (points, dims)
     tokens = torch.tensor([max(stats.tokens[p.name], 1) for p in pts], dtype=torch.float64).unsqueeze(1)
     hit = counts > 0
     if criteria.layer_unit == "block":
         layers = sorted({p.layer for p in pts})
-        hit = torch.stack([hit[[i for i, p in enumerate(pts) if p.layer == l]].any(0) for l in layers])
+        hit = torch.stack([hit[[i for i, p in enumerate(pts) if p.layer == layer]].any(0) for layer in layers])
     pct_layers = hit.double().mean(0)
     if criteria.position_mode == "union":
         union = stats.get_space(criteria.space, SpaceStat.UNION if absolute else SpaceStat.REL_UNION)
@@ -80,24 +84,29 @@ def per_dim(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFram
     neg = torch.stack([stats.get(p.name, Stat.NEG) for p in pts]).sum(0).cpu().double()
     sum_out = torch.stack([stats.get(p.name, Stat.SUM_OUT) for p in pts]).sum(0).cpu()
     n_out = pos + neg
-    return pd.DataFrame({
-        "dim": range(counts.shape[1]),
-        "pct_layers": (100 * pct_layers).numpy(),
-        "pct_positions": (100 * pct_pos).numpy(),
-        "max_abs": absmax.amax(0).numpy(),
-        "median_layer_max": absmax.median(0).values.numpy(),
-        "mean_outlier_value": torch.where(n_out > 0, sum_out / n_out.clamp_min(1), float("nan")).numpy(),
-        "one_sided": torch.where(n_out > 0, torch.maximum(pos, neg) / n_out.clamp_min(1), float("nan")).numpy(),
-        "n_outlier_values": n_out.long().numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "dim": range(counts.shape[1]),
+            "pct_layers": (100 * pct_layers).numpy(),
+            "pct_positions": (100 * pct_pos).numpy(),
+            "max_abs": absmax.amax(0).numpy(),
+            "median_layer_max": absmax.median(0).values.numpy(),
+            "mean_outlier_value": torch.where(n_out > 0, sum_out / n_out.clamp_min(1), float("nan")).numpy(),
+            "one_sided": torch.where(n_out > 0, torch.maximum(pos, neg) / n_out.clamp_min(1), float("nan")).numpy(),
+            "n_outlier_values": n_out.long().numpy(),
+        }
+    )
 
 
 def outlier_features(stats: OutlierStats, criteria: Criteria = Criteria()) -> pd.DataFrame:
     """Return the rows of ``per_dim`` that meet the criteria, largest magnitude first."""
     df = per_dim(stats, criteria)
     keep = (df.pct_layers >= 100 * criteria.layers) & (df.pct_positions >= 100 * criteria.positions)
-    return df[keep & (df.n_outlier_values > 0 if criteria.scale == "absolute" else keep)] \
-        .sort_values("max_abs", ascending=False).reset_index(drop=True)
+    return (
+        df[keep & (df.n_outlier_values > 0 if criteria.scale == "absolute" else keep)]
+        .sort_values("max_abs", ascending=False)
+        .reset_index(drop=True)
+    )
 
 
 def summary(stats: OutlierStats, criteria: Criteria = Criteria()) -> dict:
@@ -106,8 +115,11 @@ def summary(stats: OutlierStats, criteria: Criteria = Criteria()) -> dict:
     return {
         "model": stats.meta.get("model", ""),
         "space": criteria.space,
-        "criterion": (f"|x| >= {stats.threshold:g}" if criteria.scale == "absolute"
-                      else f"|x| >= {stats.relative_k:g} x rms(token)"),
+        "criterion": (
+            f"|x| >= {stats.threshold:g}"
+            if criteria.scale == "absolute"
+            else f"|x| >= {stats.relative_k:g} x rms(token)"
+        ),
         "outlier_dims": len(df),
         "pct_layers": float(df.pct_layers.mean()) if len(df) else 0.0,
         "pct_positions": float(df.pct_positions.mean()) if len(df) else 0.0,
@@ -136,9 +148,19 @@ def top_values(stats: OutlierStats, tokenizer=None) -> pd.DataFrame:
     for i in range(len(T[Top.ABS])):
         p = stats.points[int(T[Top.POINT][i])]
         tok = int(T[Top.TOKEN][i])
-        rows.append({"point": p.name, "layer": p.layer, "kind": p.kind, "dim": int(T[Top.DIM][i]),
-                     "value": float(T[Top.VALUE][i]), "sequence": int(T[Top.SEQ][i]),
-                     "position": int(T[Top.POS][i]), "token_id": tok,
-                     "token": tokenizer.decode([tok]) if tokenizer is not None else ""})
-    return pd.DataFrame(rows, columns=["point", "layer", "kind", "dim", "value", "sequence", "position",
-                                       "token_id", "token"])
+        rows.append(
+            {
+                "point": p.name,
+                "layer": p.layer,
+                "kind": p.kind,
+                "dim": int(T[Top.DIM][i]),
+                "value": float(T[Top.VALUE][i]),
+                "sequence": int(T[Top.SEQ][i]),
+                "position": int(T[Top.POS][i]),
+                "token_id": tok,
+                "token": tokenizer.decode([tok]) if tokenizer is not None else "",
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["point", "layer", "kind", "dim", "value", "sequence", "position", "token_id", "token"]
+    )

@@ -34,8 +34,12 @@ class Stat(StrEnum):
 
     @property
     def dtype(self) -> torch.dtype:
-        return {Stat.ABSMAX: torch.float32, Stat.SUM_OUT: torch.float64, Stat.SUM: torch.float64,
-                Stat.SUMSQ: torch.float64}.get(self, torch.int64)
+        return {
+            Stat.ABSMAX: torch.float32,
+            Stat.SUM_OUT: torch.float64,
+            Stat.SUM: torch.float64,
+            Stat.SUMSQ: torch.float64,
+        }.get(self, torch.int64)
 
 
 class SpaceStat(StrEnum):

@@ -6,8 +6,9 @@ in a ``finally``, on every exit path, exceptions included.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,8 +22,7 @@ __all__ = ["pre_hooks", "record_inputs", "capture"]
 
 
 @contextmanager
-def pre_hooks(model: nn.Module, names: list[str],
-              fn: Callable[[str, nn.Module, tuple], None]) -> Iterator[None]:
+def pre_hooks(model: nn.Module, names: list[str], fn: Callable[[str, nn.Module, tuple], None]) -> Iterator[None]:
     """Call ``fn(name, module, args)`` before each forward of the named submodules.
 
     Raises:
@@ -35,8 +35,7 @@ def pre_hooks(model: nn.Module, names: list[str],
     handles = []
     try:
         for name in names:
-            handles.append(modules[name].register_forward_pre_hook(
-                lambda mod, args, name=name: fn(name, mod, args)))
+            handles.append(modules[name].register_forward_pre_hook(lambda mod, args, name=name: fn(name, mod, args)))
         yield
     finally:
         for h in handles:
@@ -61,9 +60,16 @@ def record_inputs(model: nn.Module, names: list[str], input_ids: torch.Tensor) -
 
 
 @contextmanager
-def capture(model: nn.Module, points=("attn_in", "attn_out", "ffn_in"), *, threshold: float = 6.0,
-            relative_k: float = 6.0, top_k: int = 32, patterns: dict[str, str] | None = None,
-            stats=None) -> Iterator["OutlierStats"]:
+def capture(
+    model: nn.Module,
+    points=("attn_in", "attn_out", "ffn_in"),
+    *,
+    threshold: float = 6.0,
+    relative_k: float = 6.0,
+    top_k: int = 32,
+    patterns: dict[str, str] | None = None,
+    stats=None,
+) -> Iterator[OutlierStats]:
     """Measure hidden-state statistics at capture points while the block runs.
 
     ``with capture(model, points="attn,ffn", threshold=6.0) as stats: model(ids)``
@@ -130,11 +136,13 @@ def capture(model: nn.Module, points=("attn_in", "attn_out", "ffn_in"), *, thres
         handles.append(model.register_forward_hook(after_model))
         for p in pts:
             if p.kind == "residual":
-                handles.append(modules[p.module].register_forward_hook(
-                    lambda mod, args, out, p=p: record(p, out[0] if isinstance(out, tuple) else out)))
+                handles.append(
+                    modules[p.module].register_forward_hook(
+                        lambda mod, args, out, p=p: record(p, out[0] if isinstance(out, tuple) else out)
+                    )
+                )
             else:
-                handles.append(modules[p.module].register_forward_pre_hook(
-                    lambda mod, args, p=p: record(p, args[0])))
+                handles.append(modules[p.module].register_forward_pre_hook(lambda mod, args, p=p: record(p, args[0])))
         yield stats
     finally:
         for h in handles:

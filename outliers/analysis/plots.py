@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from matplotlib.figure import Figure
 from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
 from outliers.analysis.criteria import Criteria, per_dim
 from outliers.analysis.stats import HIST_EDGES, OutlierStats, SpaceStat, Stat
@@ -19,37 +19,63 @@ def layer_dim_heatmap(stats: OutlierStats, space: str = "hidden", top: int = 24)
     """Blocks x the ``top`` dims by max |x|: each cell the block's largest |x| in that dim."""
     pts = [p for p in stats.points if p.space == space]
     layers = sorted({p.layer for p in pts})
-    absmax = torch.stack([torch.stack([stats.get(p.name, Stat.ABSMAX).cpu() for p in pts if p.layer == l]).amax(0)
-                          for l in layers])  # (blocks, dims)
+    absmax = torch.stack(
+        [
+            torch.stack([stats.get(p.name, Stat.ABSMAX).cpu() for p in pts if p.layer == layer]).amax(0)
+            for layer in layers
+        ]
+    )  # (blocks, dims)
     dims = absmax.amax(0).topk(min(top, absmax.shape[1])).indices.sort().values
     df = pd.DataFrame(absmax[:, dims].numpy(), index=layers, columns=dims.tolist())
     fig = Figure(figsize=(max(6, 0.32 * len(dims) + 2), max(4, 0.22 * len(layers) + 1.5)), layout="constrained")
     ax = fig.subplots()
-    sns.heatmap(df, ax=ax, cmap="magma", norm=LogNorm(vmin=max(df.values.min(), 1e-2), vmax=df.values.max()),
-                cbar_kws={"label": "max |x|"})
-    ax.set(xlabel="feature dim", ylabel="block",
-           title=f"{stats.meta.get('model', '')} {space} inputs: max |x| per block, top {len(dims)} dims")
+    sns.heatmap(
+        df,
+        ax=ax,
+        cmap="magma",
+        norm=LogNorm(vmin=max(df.values.min(), 1e-2), vmax=df.values.max()),
+        cbar_kws={"label": "max |x|"},
+    )
+    ax.set(
+        xlabel="feature dim",
+        ylabel="block",
+        title=f"{stats.meta.get('model', '')} {space} inputs: max |x| per block, top {len(dims)} dims",
+    )
     return fig
 
 
-def layers_vs_positions(stats: OutlierStats, criteria: Criteria = Criteria()) -> Figure:
+def layers_vs_positions(stats: OutlierStats, criteria: Criteria | None = None) -> Figure:
     """Every dim of the space: % of layers against % of positions, the criteria as dashed lines."""
+    criteria = criteria or Criteria()
     df = per_dim(stats, criteria)
     df = df.assign(outlier=(df.pct_layers >= 100 * criteria.layers) & (df.pct_positions >= 100 * criteria.positions))
     fig = Figure(figsize=(6.5, 5), layout="constrained")
     ax = fig.subplots()
-    sns.scatterplot(df, x="pct_layers", y="pct_positions", hue="outlier", size="max_abs", ax=ax,
-                    palette={False: "tab:gray", True: "tab:red"}, sizes=(10, 200), alpha=0.7)
+    sns.scatterplot(
+        df,
+        x="pct_layers",
+        y="pct_positions",
+        hue="outlier",
+        size="max_abs",
+        ax=ax,
+        palette={False: "tab:gray", True: "tab:red"},
+        sizes=(10, 200),
+        alpha=0.7,
+    )
     ax.axvline(100 * criteria.layers, ls="--", c="k", lw=0.8)
     ax.axhline(100 * criteria.positions, ls="--", c="k", lw=0.8)
     for _, r in df[df.outlier].iterrows():
-        ax.annotate(str(int(r.dim)), (r.pct_layers, r.pct_positions), fontsize=8, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            str(int(r.dim)), (r.pct_layers, r.pct_positions), fontsize=8, xytext=(3, 3), textcoords="offset points"
+        )
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(0, 110)
     ax.set_xlim(-2, 102)
-    ax.set(xlabel="% of layers where the dim reaches the threshold", ylabel="% of token positions",
-           title=f"{stats.meta.get('model', '')} {criteria.space} dims ({criteria.scale} criterion)")
+    ax.set(
+        xlabel="% of layers where the dim reaches the threshold",
+        ylabel="% of token positions",
+        title=f"{stats.meta.get('model', '')} {criteria.space} dims ({criteria.scale} criterion)",
+    )
     return fig
 
 
@@ -63,7 +89,10 @@ def magnitude_histogram(stats: OutlierStats, space: str = "hidden") -> Figure:
     ax.bar(centers[:last], counts[:last], width=float(HIST_EDGES[1] - HIST_EDGES[0]), color="tab:blue")
     ax.axvline(stats.threshold, c="tab:red", ls="--", label=f"threshold {stats.threshold:g}")
     ax.set_yscale("log")
-    ax.set(xlabel="|x| (last bin: everything above)", ylabel="values",
-           title=f"{stats.meta.get('model', '')} {space} inputs: magnitude histogram")
+    ax.set(
+        xlabel="|x| (last bin: everything above)",
+        ylabel="values",
+        title=f"{stats.meta.get('model', '')} {space} inputs: magnitude histogram",
+    )
     ax.legend()
     return fig

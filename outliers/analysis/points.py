@@ -33,8 +33,13 @@ __all__ = ["CapturePoint", "KINDS", "SPACES", "resolve_points", "parse_kinds"]
 
 KINDS = ("attn_in", "attn_out", "ffn_in", "residual")
 SPACES = {"attn_in": "hidden", "attn_out": "heads", "ffn_in": "hidden", "residual": "residual"}
-SHORTHANDS = {"attn": ("attn_in", "attn_out"), "ffn": ("ffn_in",), "residual": ("residual",),
-              **{k: (k,) for k in KINDS}}
+SHORTHANDS = {
+    "attn": ("attn_in", "attn_out"),
+    "ffn": ("ffn_in",),
+    "residual": ("residual",),
+    **{k: (k,) for k in KINDS},
+}
+
 
 @dataclass(frozen=True)
 class CapturePoint:
@@ -54,16 +59,18 @@ def parse_kinds(points: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     kinds: list[str] = []
     for item in (i.strip() for i in items):
         if item not in SHORTHANDS:
-            raise InvalidArgumentError(
-                f"unknown capture point {item!r}; choose from {', '.join(SHORTHANDS)}")
+            raise InvalidArgumentError(f"unknown capture point {item!r}; choose from {', '.join(SHORTHANDS)}")
         kinds += [k for k in SHORTHANDS[item] if k not in kinds]
     if not kinds:
         raise InvalidArgumentError("no capture points asked for; e.g. --points attn,ffn")
     return tuple(kinds)
 
 
-def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", "attn_out", "ffn_in"),
-                   patterns: dict[str, str] | None = None) -> list[CapturePoint]:
+def resolve_points(
+    model: nn.Module,
+    kinds: tuple[str, ...] | str = ("attn_in", "attn_out", "ffn_in"),
+    patterns: dict[str, str] | None = None,
+) -> list[CapturePoint]:
     """Return the model's capture points of the given kinds, in block order.
 
     Raises:
@@ -81,7 +88,8 @@ def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", 
         raise InvalidArgumentError(
             f"no capture-point patterns for architecture {arch!r} (kinds {', '.join(missing)}); "
             f"its linear modules are: {linear_summary(model)}. Pass patterns={{kind: regex}} "
-            r"with the block index as the first group, e.g. {'attn_in': r'layers\.(\d+)\.attn\.q'}")
+            r"with the block index as the first group, e.g. {'attn_in': r'layers\.(\d+)\.attn\.q'}"
+        )
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     points: list[CapturePoint] = []
     modules = list(model.named_modules())
@@ -101,5 +109,6 @@ def resolve_points(model: nn.Module, kinds: tuple[str, ...] | str = ("attn_in", 
         if not found:
             raise InvalidArgumentError(
                 f"pattern {table[kind]!r} for {kind} matches no module of {arch!r}; "
-                f"its linear modules are: {linear_summary(model)}")
+                f"its linear modules are: {linear_summary(model)}"
+            )
     return sorted(points, key=lambda p: (p.layer, KINDS.index(p.kind)))

@@ -7,19 +7,31 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from outliers.errors import CorpusError, InvalidArgumentError
 from outliers.analysis.hooks import capture
 from outliers.analysis.stats import OutlierStats
+from outliers.errors import CorpusError, InvalidArgumentError
 
 __all__ = ["scan"]
 
 
 @torch.inference_mode()
-def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,ffn_in",
-         threshold: float = 6.0, relative_k: float = 6.0, max_tokens: int = 8192, window: int = 512,
-         batch_size: int = 4, top_k: int = 32, patterns: dict[str, str] | None = None,
-         progress: bool = True, stats: OutlierStats | None = None, meta: dict | None = None,
-         bos_token_id: int | None = None) -> OutlierStats:
+def scan(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    *,
+    points="attn_in,attn_out,ffn_in",
+    threshold: float = 6.0,
+    relative_k: float = 6.0,
+    max_tokens: int = 8192,
+    window: int = 512,
+    batch_size: int = 4,
+    top_k: int = 32,
+    patterns: dict[str, str] | None = None,
+    progress: bool = True,
+    stats: OutlierStats | None = None,
+    meta: dict | None = None,
+    bos_token_id: int | None = None,
+) -> OutlierStats:
     """Run non-overlapping windows of ``window`` tokens (up to ``max_tokens``) and return the statistics.
 
     With ``bos_token_id`` every window is that BOS followed by ``window - 1``
@@ -54,14 +66,21 @@ def scan(model: torch.nn.Module, ids: torch.Tensor, *, points="attn_in,attn_out,
     if prefix:
         assert bos_token_id is not None  # prefix is 1 only with a BOS id
         windows = torch.cat([torch.full((n_windows, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
-    with capture(model, points, threshold=threshold, relative_k=relative_k, top_k=top_k,
-                 patterns=patterns, stats=stats) as st:
-        for start in tqdm(range(0, n_windows, batch_size), desc="scan", unit="batch",
-                          disable=not progress, leave=False):
-            model(input_ids=windows[start:start + batch_size].to(device))
+    with capture(
+        model, points, threshold=threshold, relative_k=relative_k, top_k=top_k, patterns=patterns, stats=stats
+    ) as st:
+        for start in tqdm(
+            range(0, n_windows, batch_size), desc="scan", unit="batch", disable=not progress, leave=False
+        ):
+            model(input_ids=windows[start : start + batch_size].to(device))
     st.meta.update(meta or {})
-    st.meta.update(tokens_asked=max_tokens, tokens_scanned=st.meta.get("tokens_scanned", 0) + scanned,
-                   window=window, bos="window" if prefix else "corpus", note=note)
+    st.meta.update(
+        tokens_asked=max_tokens,
+        tokens_scanned=st.meta.get("tokens_scanned", 0) + scanned,
+        window=window,
+        bos="window" if prefix else "corpus",
+        note=note,
+    )
     bad = {k: v for k, v in st.nonfinite.items() if v}
     if bad:
         warnings.warn(f"NaN/inf values left out of the statistics: {bad}", stacklevel=2)

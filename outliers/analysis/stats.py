@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from outliers.errors import InvalidArgumentError, ModelFileError
 from outliers.analysis.fields import FORMAT, HIST_BINS, HIST_EDGES, HIST_WIDTH, BatchStats, SpaceStat, Stat, Top
 from outliers.analysis.points import CapturePoint
+from outliers.errors import InvalidArgumentError, ModelFileError
 
 __all__ = ["OutlierStats", "Stat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
+
 
 @dataclass
 class OutlierStats:
@@ -67,10 +68,17 @@ class OutlierStats:
 
     def _layout(self) -> list[tuple[str, int, torch.dtype]]:
         """(key, length, dtype) of every tensor: per point, per space, then the top-k list (empty at first)."""
-        out = [(f"{p.name}/{s}", p.dims, s.dtype) for p in self.points for s in Stat
-               if s is not Stat.MASSIVE or p.kind == "residual"]
-        out += [(f"{sp}/{s}", HIST_BINS if s is SpaceStat.HIST else dims, torch.int64)
-                for sp, dims in self.spaces.items() for s in SpaceStat]
+        out = [
+            (f"{p.name}/{s}", p.dims, s.dtype)
+            for p in self.points
+            for s in Stat
+            if s is not Stat.MASSIVE or p.kind == "residual"
+        ]
+        out += [
+            (f"{sp}/{s}", HIST_BINS if s is SpaceStat.HIST else dims, torch.int64)
+            for sp, dims in self.spaces.items()
+            for s in SpaceStat
+        ]
         return out + [(t.value, 0, torch.float32 if t in (Top.ABS, Top.VALUE) else torch.int64) for t in Top]
 
     # ------------------------------------------------------------ shape facts
@@ -100,15 +108,22 @@ class OutlierStats:
         """Bytes held by the accumulators (constant in the number of tokens scanned)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def to(self, device: torch.device | str) -> "OutlierStats":
+    def to(self, device: torch.device | str) -> OutlierStats:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
 
     # ------------------------------------------------------------ updates
 
-    def update(self, point: CapturePoint, x: torch.Tensor, union: dict[str, torch.Tensor] | None = None,
-               seq_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-               token_ids: torch.Tensor | None = None, point_index: int = 0) -> None:
+    def update(
+        self,
+        point: CapturePoint,
+        x: torch.Tensor,
+        union: dict[str, torch.Tensor] | None = None,
+        seq_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        point_index: int = 0,
+    ) -> None:
         """Add the rows of ``x (tokens, dims)`` (already padding-masked) to ``point``'s statistics.
 
         ``union`` maps a space to a uint8 ``(tokens, dims)`` buffer for the
@@ -126,15 +141,28 @@ class OutlierStats:
         if x.device.type == "cpu":
             from outliers.analysis.cpu_kernels import point_stats
 
-            r = point_stats(x.contiguous(), self.threshold, self.relative_k, 1 / HIST_WIDTH, HIST_BINS,
-                            union[point.space], union[point.space + ":rel"])
+            r = point_stats(
+                x.contiguous(),
+                self.threshold,
+                self.relative_k,
+                1 / HIST_WIDTH,
+                HIST_BINS,
+                union[point.space],
+                union[point.space + ":rel"],
+            )
         else:
-            r = _point_stats_torch(x, self.threshold, self.relative_k, union[point.space],
-                                   union[point.space + ":rel"])
+            r = _point_stats_torch(x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"])
         T, key = self.tensors, point.name + "/"
         T[key + Stat.ABSMAX] = torch.maximum(T[key + Stat.ABSMAX], r.absmax)
-        for stat, v in ((Stat.COUNT, r.count), (Stat.SUM_OUT, r.sum_out), (Stat.SUM, r.sum), (Stat.SUMSQ, r.sumsq),
-                        (Stat.REL_COUNT, r.rel_count), (Stat.POS, r.pos), (Stat.NEG, r.count - r.pos)):
+        for stat, v in (
+            (Stat.COUNT, r.count),
+            (Stat.SUM_OUT, r.sum_out),
+            (Stat.SUM, r.sum),
+            (Stat.SUMSQ, r.sumsq),
+            (Stat.REL_COUNT, r.rel_count),
+            (Stat.POS, r.pos),
+            (Stat.NEG, r.count - r.pos),
+        ):
             T[key + stat] += v
         T[f"{point.space}/{SpaceStat.HIST}"] += r.hist
         self.nonfinite[point.name] += int(r.nonfinite)
@@ -165,9 +193,15 @@ class OutlierStats:
         vals, rows = row_max.topk(k)
         dims = row_arg[rows]
         T = self.tensors
-        cand = {Top.ABS: vals.float(), Top.VALUE: x[rows, dims].float(),
-                Top.POINT: torch.full_like(rows, point_index), Top.SEQ: seq_ids[rows].to(rows.device),
-                Top.POS: positions[rows].to(rows.device), Top.TOKEN: token_ids[rows].to(rows.device), Top.DIM: dims}
+        cand = {
+            Top.ABS: vals.float(),
+            Top.VALUE: x[rows, dims].float(),
+            Top.POINT: torch.full_like(rows, point_index),
+            Top.SEQ: seq_ids[rows].to(rows.device),
+            Top.POS: positions[rows].to(rows.device),
+            Top.TOKEN: token_ids[rows].to(rows.device),
+            Top.DIM: dims,
+        }
         merged = {f: torch.cat([T[f].to(v.device), v]) for f, v in cand.items()}
         keep = merged[Top.ABS].topk(min(self.top_k, len(merged[Top.ABS]))).indices
         for f, v in merged.items():
@@ -175,20 +209,22 @@ class OutlierStats:
 
     # ------------------------------------------------------------ combine, save, load
 
-    def merge(self, other: "OutlierStats") -> "OutlierStats":
+    def merge(self, other: OutlierStats) -> OutlierStats:
         """Return the statistics of both scans together (same points and thresholds)."""
-        if [p.name for p in self.points] != [p.name for p in other.points] or \
-                (self.threshold, self.relative_k) != (other.threshold, other.relative_k):
+        if [p.name for p in self.points] != [p.name for p in other.points] or (self.threshold, self.relative_k) != (
+            other.threshold,
+            other.relative_k,
+        ):
             raise InvalidArgumentError("can only merge scans of the same capture points and thresholds")
         out = OutlierStats(self.points, self.threshold, self.relative_k, self.top_k, meta=dict(self.meta))
         absmax = {f"{p.name}/{Stat.ABSMAX}" for p in self.points}
-        for key, _, _ in self._layout()[:-len(Top)]:  # per point and per space: the maximum or the sum
+        for key, _, _ in self._layout()[: -len(Top)]:  # per point and per space: the maximum or the sum
             v, w = self.tensors[key], other.tensors[key].to(self.tensors[key].device)
             out.tensors[key] = torch.maximum(v, w) if key in absmax else v + w
         mine, theirs = self.tensors, other.tensors
         top = {f: torch.cat([mine[f], theirs[f].to(mine[f].device)]) for f in Top}
         other_offset = int(mine[Top.SEQ].max().item()) + 1 if len(mine[Top.SEQ]) else 0
-        top[Top.SEQ][len(mine[Top.SEQ]):] += other_offset  # sequences of the second scan come after
+        top[Top.SEQ][len(mine[Top.SEQ]) :] += other_offset  # sequences of the second scan come after
         keep = top[Top.ABS].topk(min(self.top_k, len(top[Top.ABS]))).indices
         out.tensors.update({f.value: v[keep] for f, v in top.items()})
         out.tokens = {k: self.tokens[k] + other.tokens[k] for k in self.tokens}
@@ -204,16 +240,26 @@ class OutlierStats:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "stats.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
-                      str(tmp), metadata={"format": FORMAT})
-        info = {"format": FORMAT, "threshold": self.threshold, "relative_k": self.relative_k,
-                "top_k": self.top_k, "points": [asdict(p) for p in self.points],
-                "tokens": self.tokens, "nonfinite": self.nonfinite, "meta": self.meta}
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
+                str(tmp),
+                metadata={"format": FORMAT},
+            )
+        info = {
+            "format": FORMAT,
+            "threshold": self.threshold,
+            "relative_k": self.relative_k,
+            "top_k": self.top_k,
+            "points": [asdict(p) for p in self.points],
+            "tokens": self.tokens,
+            "nonfinite": self.nonfinite,
+            "meta": self.meta,
+        }
         atomic_write(folder / "stats.json", json.dumps(info, indent=1))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "OutlierStats":
+    def load(cls, folder: str | Path) -> OutlierStats:
         """Read what ``save`` wrote. Raises ModelFileError for a missing or foreign folder."""
         from safetensors.torch import load_file
 
@@ -226,19 +272,30 @@ class OutlierStats:
         if info.get("format") != FORMAT:
             raise ModelFileError(f"{folder}/stats.json is {info.get('format')!r}, not '{FORMAT}'")
         points = [CapturePoint(**p) for p in info["points"]]
-        st = cls(points, info["threshold"], info["relative_k"], info["top_k"], {},
-                 info["tokens"], info["nonfinite"], info["meta"])
+        st = cls(
+            points,
+            info["threshold"],
+            info["relative_k"],
+            info["top_k"],
+            {},
+            info["tokens"],
+            info["nonfinite"],
+            info["meta"],
+        )
         layout = [k for k, _, _ in st._layout()]
         lacks, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
         if lacks or unknown:
-            raise ModelFileError(f"{folder}/stats.safetensors does not match the points in stats.json: "
-                                 f"it lacks {lacks} and holds unknown {unknown}")
+            raise ModelFileError(
+                f"{folder}/stats.safetensors does not match the points in stats.json: "
+                f"it lacks {lacks} and holds unknown {unknown}"
+            )
         st.tensors = {k: tensors[k] for k in layout}
         return st
 
 
-def _point_stats_torch(x: torch.Tensor, t: float, k_rel: float, union: torch.Tensor,
-                       rel_union: torch.Tensor) -> BatchStats:
+def _point_stats_torch(
+    x: torch.Tensor, t: float, k_rel: float, union: torch.Tensor, rel_union: torch.Tensor
+) -> BatchStats:
     """The same sums as ``cpu_kernels.point_stats`` in plain torch (any device)."""
     finite = torch.isfinite(x)
     x0 = torch.where(finite, x, torch.zeros((), device=x.device))
@@ -250,8 +307,16 @@ def _point_stats_torch(x: torch.Tensor, t: float, k_rel: float, union: torch.Ten
     rel_union |= rel.to(torch.uint8)
     bins = (a[finite] / HIST_WIDTH).long().clamp_(max=HIST_BINS - 1)
     row_max, row_arg = a.max(1)
-    return BatchStats(absmax=a.amax(0), count=ge.sum(0), pos=(ge & (x0 > 0)).sum(0),
-                      sum_out=torch.where(ge, x0, 0).sum(0, dtype=torch.float64),
-                      sum=x0.sum(0, dtype=torch.float64), sumsq=(x0 * x0).sum(0, dtype=torch.float64),
-                      rel_count=rel.sum(0), hist=torch.bincount(bins, minlength=HIST_BINS),
-                      nonfinite=(~finite).sum(), row_max=row_max, row_arg=row_arg)
+    return BatchStats(
+        absmax=a.amax(0),
+        count=ge.sum(0),
+        pos=(ge & (x0 > 0)).sum(0),
+        sum_out=torch.where(ge, x0, 0).sum(0, dtype=torch.float64),
+        sum=x0.sum(0, dtype=torch.float64),
+        sumsq=(x0 * x0).sum(0, dtype=torch.float64),
+        rel_count=rel.sum(0),
+        hist=torch.bincount(bins, minlength=HIST_BINS),
+        nonfinite=(~finite).sum(),
+        row_max=row_max,
+        row_arg=row_arg,
+    )

@@ -15,71 +15,128 @@ __all__: list[str] = []
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], block_class: str, *, norm: NormKind = NormKind.RMS,
-                ffn_norm: str = "post_attention_layernorm", key_norm: str | None = None,
-                notes: str = "") -> Architecture:
+def _llama_like(
+    name: str,
+    model_types: tuple[str, ...],
+    block_class: str,
+    *,
+    norm: NormKind = NormKind.RMS,
+    ffn_norm: str = "post_attention_layernorm",
+    key_norm: str | None = None,
+    notes: str = "",
+) -> Architecture:
     """Pre-norm decoders with separate q/k/v and a gated MLP (up/gate -> down), RoPE on q and k."""
     return Architecture(
-        name, model_types, blocks=r"layers\.(\d+)", attention="self_attn", mlp="mlp",
+        name,
+        model_types,
+        blocks=r"layers\.(\d+)",
+        attention="self_attn",
+        mlp="mlp",
         # up first: the capture hook sits on it, as it always has (gate reads the same input)
         attn_in=SharedInput(_QKV, "input_layernorm", norm),
         attn_out="self_attn.o_proj",
         ffn_in=SharedInput(("mlp.up_proj", "mlp.gate_proj"), ffn_norm, norm),
         down="mlp.down_proj",
         kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", key_norm=key_norm),
-        no_split=(block_class,), notes=notes)
+        no_split=(block_class,),
+        notes=notes,
+    )
 
 
-register_architecture(_llama_like("llama", ("llama", "smollm3", "olmo", "olmo2"), "LlamaDecoderLayer",
-                                  notes="SmolLM2 is a Llama"))
+register_architecture(
+    _llama_like("llama", ("llama", "smollm3", "olmo", "olmo2"), "LlamaDecoderLayer", notes="SmolLM2 is a Llama")
+)
 register_architecture(_llama_like("mistral", ("mistral",), "MistralDecoderLayer"))
 register_architecture(_llama_like("qwen2", ("qwen2",), "Qwen2DecoderLayer", notes="q/k/v carry biases"))
 register_architecture(_llama_like("qwen3", ("qwen3",), "Qwen3DecoderLayer", key_norm="self_attn.k_norm"))
 register_architecture(_llama_like("gemma", ("gemma",), "GemmaDecoderLayer", norm=NormKind.RMS_PLUS_ONE))
-register_architecture(_llama_like("gemma2", ("gemma2",), "Gemma2DecoderLayer", norm=NormKind.RMS_PLUS_ONE,
-                                  ffn_norm="pre_feedforward_layernorm",
-                                  notes="post-norms on the attention and MLP outputs; local layers alternate"))
-register_architecture(_llama_like("gemma3", ("gemma3_text", "gemma3"), "Gemma3DecoderLayer",
-                                  norm=NormKind.RMS_PLUS_ONE, ffn_norm="pre_feedforward_layernorm",
-                                  key_norm="self_attn.k_norm",
-                                  notes="norms scale by (1 + w); 5 sliding-window layers per global one"))
+register_architecture(
+    _llama_like(
+        "gemma2",
+        ("gemma2",),
+        "Gemma2DecoderLayer",
+        norm=NormKind.RMS_PLUS_ONE,
+        ffn_norm="pre_feedforward_layernorm",
+        notes="post-norms on the attention and MLP outputs; local layers alternate",
+    )
+)
+register_architecture(
+    _llama_like(
+        "gemma3",
+        ("gemma3_text", "gemma3"),
+        "Gemma3DecoderLayer",
+        norm=NormKind.RMS_PLUS_ONE,
+        ffn_norm="pre_feedforward_layernorm",
+        key_norm="self_attn.k_norm",
+        notes="norms scale by (1 + w); 5 sliding-window layers per global one",
+    )
+)
 
-register_architecture(Architecture(
-    "gpt2", ("gpt2",), blocks=r"h\.(\d+)", attention="attn", mlp="mlp",
-    attn_in=SharedInput(("attn.c_attn",), "ln_1", NormKind.LAYERNORM),
-    attn_out="attn.c_proj",
-    ffn_in=SharedInput(("mlp.c_fc",), "ln_2", NormKind.LAYERNORM),
-    down="mlp.c_proj",
-    kv=KeyValues("attn.c_attn", "attn.c_attn", fused="qkv", rope=None),
-    linear=LinearKind.CONV1D, no_split=("GPT2Block",),
-    notes="Conv1D linears (weights stored (in, out)); learned absolute positions"))
+register_architecture(
+    Architecture(
+        "gpt2",
+        ("gpt2",),
+        blocks=r"h\.(\d+)",
+        attention="attn",
+        mlp="mlp",
+        attn_in=SharedInput(("attn.c_attn",), "ln_1", NormKind.LAYERNORM),
+        attn_out="attn.c_proj",
+        ffn_in=SharedInput(("mlp.c_fc",), "ln_2", NormKind.LAYERNORM),
+        down="mlp.c_proj",
+        kv=KeyValues("attn.c_attn", "attn.c_attn", fused="qkv", rope=None),
+        linear=LinearKind.CONV1D,
+        no_split=("GPT2Block",),
+        notes="Conv1D linears (weights stored (in, out)); learned absolute positions",
+    )
+)
 
-register_architecture(Architecture(
-    "opt", ("opt",), blocks=r"decoder\.layers\.(\d+)", attention="self_attn", mlp="",
-    attn_in=SharedInput(_QKV, "self_attn_layer_norm", NormKind.LAYERNORM),
-    attn_out="self_attn.out_proj",
-    ffn_in=SharedInput(("fc1",), "final_layer_norm", NormKind.LAYERNORM),
-    down="fc2",
-    kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", rope=None),
-    no_split=("OPTDecoderLayer",),
-    notes="the MLP's fc1/fc2 sit in the block; opt-350m normalizes after, not before (do_layer_norm_before)"))
+register_architecture(
+    Architecture(
+        "opt",
+        ("opt",),
+        blocks=r"decoder\.layers\.(\d+)",
+        attention="self_attn",
+        mlp="",
+        attn_in=SharedInput(_QKV, "self_attn_layer_norm", NormKind.LAYERNORM),
+        attn_out="self_attn.out_proj",
+        ffn_in=SharedInput(("fc1",), "final_layer_norm", NormKind.LAYERNORM),
+        down="fc2",
+        kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", rope=None),
+        no_split=("OPTDecoderLayer",),
+        notes="the MLP's fc1/fc2 sit in the block; opt-350m normalizes after, not before (do_layer_norm_before)",
+    )
+)
 
-register_architecture(Architecture(
-    "gpt_neox", ("gpt_neox",), blocks=r"layers\.(\d+)", attention="attention", mlp="mlp",
-    attn_in=SharedInput(("attention.query_key_value",), "input_layernorm", NormKind.LAYERNORM),
-    attn_out="attention.dense",
-    ffn_in=SharedInput(("mlp.dense_h_to_4h",), "post_attention_layernorm", NormKind.LAYERNORM),
-    down="mlp.dense_4h_to_h",
-    kv=KeyValues("attention.query_key_value", "attention.query_key_value", fused="heads,qkv", rope="partial"),
-    no_split=("GPTNeoXLayer",),
-    notes="Pythia; fused QKV, RoPE on rotary_pct of each head, parallel residual (use_parallel_residual)"))
+register_architecture(
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),
+        blocks=r"layers\.(\d+)",
+        attention="attention",
+        mlp="mlp",
+        attn_in=SharedInput(("attention.query_key_value",), "input_layernorm", NormKind.LAYERNORM),
+        attn_out="attention.dense",
+        ffn_in=SharedInput(("mlp.dense_h_to_4h",), "post_attention_layernorm", NormKind.LAYERNORM),
+        down="mlp.dense_4h_to_h",
+        kv=KeyValues("attention.query_key_value", "attention.query_key_value", fused="heads,qkv", rope="partial"),
+        no_split=("GPTNeoXLayer",),
+        notes="Pythia; fused QKV, RoPE on rotary_pct of each head, parallel residual (use_parallel_residual)",
+    )
+)
 
-register_architecture(Architecture(
-    "bert", ("bert",), blocks=r"encoder\.layer\.(\d+)", attention="attention", mlp="",
-    attn_in=SharedInput(("attention.self.query", "attention.self.key", "attention.self.value"), None, None),
-    attn_out="attention.output.dense",
-    ffn_in=SharedInput(("intermediate.dense",), "attention.output.LayerNorm", NormKind.LAYERNORM),
-    down="output.dense",
-    kv=KeyValues("attention.self.key", "attention.self.value", rope=None),
-    no_split=("BertLayer",),
-    notes="an encoder, post-norm: no norm of the block precedes q/k/v; no causal LM head"))
+register_architecture(
+    Architecture(
+        "bert",
+        ("bert",),
+        blocks=r"encoder\.layer\.(\d+)",
+        attention="attention",
+        mlp="",
+        attn_in=SharedInput(("attention.self.query", "attention.self.key", "attention.self.value"), None, None),
+        attn_out="attention.output.dense",
+        ffn_in=SharedInput(("intermediate.dense",), "attention.output.LayerNorm", NormKind.LAYERNORM),
+        down="output.dense",
+        kv=KeyValues("attention.self.key", "attention.self.value", rope=None),
+        no_split=("BertLayer",),
+        notes="an encoder, post-norm: no norm of the block precedes q/k/v; no causal LM head",
+    )
+)

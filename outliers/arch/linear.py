@@ -7,7 +7,7 @@ weight in ``nn.Linear``'s ``(out, in)`` layout asks this module.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from outliers.errors import InvalidArgumentError
 __all__ = ["LinearKind", "linear_kind", "is_linear", "in_features", "out_features", "weight_of"]
 
 
-class LinearKind(str, Enum):
+class LinearKind(StrEnum):
     LINEAR = "linear"  # nn.Linear, weight (out, in)
     CONV1D = "conv1d"  # transformers.pytorch_utils.Conv1D, weight (in, out)
 

@@ -33,8 +33,9 @@ def fold_inverse_scale(norm: nn.Module, kind: NormKind, s: torch.Tensor) -> None
     if weight is None:
         raise InvalidArgumentError(f"{type(norm).__name__} has no affine weight to fold a scale into")
     if s.shape != weight.shape or not bool(torch.isfinite(s).all() and (s > 0).all()):
-        raise InvalidArgumentError(f"scale must be positive and finite with shape {tuple(weight.shape)}, "
-                                   f"got shape {tuple(s.shape)}")
+        raise InvalidArgumentError(
+            f"scale must be positive and finite with shape {tuple(weight.shape)}, got shape {tuple(s.shape)}"
+        )
     s = s.to(weight.dtype)
     if kind is NormKind.RMS_PLUS_ONE:
         weight.copy_((1 + weight) / s - 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 
 from torch import nn
@@ -25,11 +25,21 @@ from torch import nn
 from outliers.arch.linear import LinearKind, is_linear
 from outliers.errors import InvalidArgumentError
 
-__all__ = ["NormKind", "SharedInput", "KeyValues", "Architecture", "ARCHITECTURES", "GENERIC",
-           "register_architecture", "architecture_of", "blocks", "linear_summary"]
+__all__ = [
+    "NormKind",
+    "SharedInput",
+    "KeyValues",
+    "Architecture",
+    "ARCHITECTURES",
+    "GENERIC",
+    "register_architecture",
+    "architecture_of",
+    "blocks",
+    "linear_summary",
+]
 
 
-class NormKind(str, Enum):
+class NormKind(StrEnum):
     """How a norm scales its output, hence how a per-channel factor 1/s folds into it."""
 
     RMS = "rms"  # y = x / rms(x) * w                 -> w / s

@@ -47,4 +47,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_threads()  # before torch loads: import outliers is lazy
     return dispatch(build_parser(), argv)
-

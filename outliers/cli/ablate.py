@@ -6,6 +6,7 @@ import argparse
 
 from outliers.cli.common import check_writable
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="zero or mean-fill feature dims and measure the damage (paper §4)")
     p.add_argument("--model", default="smollm2-135m")
@@ -28,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from outliers.analysis.ablate import ablation_study
-    from outliers.data.corpus import encode_corpus, load_corpus
     from outliers.analysis.criteria import Criteria, outlier_features
-    from outliers.errors import InvalidArgumentError
-    from outliers.models.load import load_model
     from outliers.analysis.points import parse_kinds
     from outliers.analysis.scan import scan
+    from outliers.data.corpus import encode_corpus, load_corpus
+    from outliers.errors import InvalidArgumentError
+    from outliers.models.load import load_model
 
     kinds = parse_kinds(args.points)
     dims: list[int] | None = None
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             dims = [int(d) for d in args.dims.split(",") if d.strip()]
         except ValueError:
-            raise InvalidArgumentError(f"--dims must be 'auto' or a comma list of integers, got {args.dims!r}") from None
+            raise InvalidArgumentError(
+                f"--dims must be 'auto' or a comma list of integers, got {args.dims!r}"
+            ) from None
     json_path = check_writable(args.json) if args.json else None
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
@@ -49,19 +52,41 @@ def run(args: argparse.Namespace) -> int:
     ids = encode_corpus(tokenizer, corpus)
     stats = None
     if dims is None or args.mode == "mean":
-        stats = scan(model, ids, points=kinds, threshold=args.threshold, max_tokens=args.scan_tokens,
-                     window=args.window, progress=progress, meta={"model": args.model})
+        stats = scan(
+            model,
+            ids,
+            points=kinds,
+            threshold=args.threshold,
+            max_tokens=args.scan_tokens,
+            window=args.window,
+            progress=progress,
+            meta={"model": args.model},
+        )
     if dims is None:
         assert stats is not None  # scanned just above
         dims = outlier_features(stats, Criteria()).dim.tolist()
         if not dims:
-            raise InvalidArgumentError(f"no outlier features found in {args.model} at threshold {args.threshold}; "
-                                       "pass --dims explicitly")
+            raise InvalidArgumentError(
+                f"no outlier features found in {args.model} at threshold {args.threshold}; pass --dims explicitly"
+            )
         print(f"outlier dims (paper criteria, {stats.meta['tokens_scanned']} tokens scanned): {dims}")
-    df = ablation_study(model, ids, dims, points=list(kinds), mode=args.mode, controls=args.controls,
-                        seed=args.seed, window=args.window, max_windows=args.max_windows, stats=stats,
-                        progress=progress)
-    print(f"{info.name} ({info.weights}): {args.mode} dims at {args.points}, {args.max_windows} windows of {args.window}\n")
+    df = ablation_study(
+        model,
+        ids,
+        dims,
+        points=list(kinds),
+        mode=args.mode,
+        controls=args.controls,
+        seed=args.seed,
+        window=args.window,
+        max_windows=args.max_windows,
+        stats=stats,
+        progress=progress,
+    )
+    print(
+        f"{info.name} ({info.weights}): {args.mode} dims at {args.points}, "
+        f"{args.max_windows} windows of {args.window}\n"
+    )
     with pd.option_context("display.width", 200):
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if json_path:

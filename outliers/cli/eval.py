@@ -10,12 +10,19 @@ from typing import Any
 from outliers.cli.common import check_writable, ci, print_table
 from outliers.errors import OutputPathError
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity of a model on a corpus")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="built-in name, model folder, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--corpus", default="builtin",
-                   help="'builtin', a UTF-8 text file, or hf:NAME[:CONFIG]:SPLIT (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="built-in name, model folder, .gguf file or hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--corpus",
+        default="builtin",
+        help="'builtin', a UTF-8 text file, or hf:NAME[:CONFIG]:SPLIT (default: %(default)s)",
+    )
     p.add_argument("--protocol", choices=("chunks", "sliding"), default="chunks")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None, help="sliding only; default window/2")
@@ -25,21 +32,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     from outliers.quant.methods import METHODS
 
-    p.add_argument("--method", default="fp32",
-                   help=f"fp32 (no quantization), one of the Table-1 methods ({', '.join(METHODS)}), "
-                        "or 'all' for the Table-1 layout (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=6.0,
-                   help="LLM.int8() decomposition threshold (default: %(default)s; 0 = no decomposition)")
-    p.add_argument("--outlier-weights", choices=("int8", "fp"), default="int8",
-                   help="outlier columns' weights: dequantized int8 (bitsandbytes) or the float "
-                        "originals (the paper) (default: %(default)s)")
-    p.add_argument("--round-to", choices=("float16", "bfloat16"), default=None,
-                   help="round X and W to this dtype before quantizing; float16 reproduces "
-                        "bitsandbytes' arithmetic on a float32 model")
-    p.add_argument("--bos", choices=("corpus", "window"), default="corpus",
-                   help="corpus: windows are slices of the corpus as tokenized (one BOS at its start, where the "
-                        "tokenizer adds one); window: every window is BOS + window-1 corpus tokens, all scored "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default="fp32",
+        help=f"fp32 (no quantization), one of the Table-1 methods ({', '.join(METHODS)}), "
+        "or 'all' for the Table-1 layout (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=6.0,
+        help="LLM.int8() decomposition threshold (default: %(default)s; 0 = no decomposition)",
+    )
+    p.add_argument(
+        "--outlier-weights",
+        choices=("int8", "fp"),
+        default="int8",
+        help="outlier columns' weights: dequantized int8 (bitsandbytes) or the float "
+        "originals (the paper) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--round-to",
+        choices=("float16", "bfloat16"),
+        default=None,
+        help="round X and W to this dtype before quantizing; float16 reproduces "
+        "bitsandbytes' arithmetic on a float32 model",
+    )
+    p.add_argument(
+        "--bos",
+        choices=("corpus", "window"),
+        default="corpus",
+        help="corpus: windows are slices of the corpus as tokenized (one BOS at its start, where the "
+        "tokenizer adds one); window: every window is BOS + window-1 corpus tokens, all scored "
+        "(default: %(default)s)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -49,17 +75,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from outliers.data.corpus import bos_token_id, encode_corpus, load_corpus
     from outliers.errors import InvalidArgumentError
-    from outliers.quant.int8 import check_threshold
     from outliers.eval.intervals import few_windows_note
-    from outliers.models.load import load_model
-    from outliers.quant.methods import METHODS, get_method
     from outliers.eval.perplexity import PerplexitySettings, perplexity
+    from outliers.models.load import load_model
+    from outliers.quant.int8 import check_threshold
+    from outliers.quant.methods import METHODS, get_method
     from outliers.quant.model import quantized_copy
 
     json_path = check_writable(args.json) if args.json else None
     # Validate everything before spending seconds loading a model.
-    settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size,
-                                  args.bos)
+    settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size, args.bos)
     methods = ["fp32", *METHODS] if args.method == "all" else [args.method]
     for m in methods:
         if m != "fp32":
@@ -70,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     if info.kind != "causal":
         raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM")
+            f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM"
+        )
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
     ref_states: dict | None = {} if len(methods) > 1 else None  # the reference runs once for all methods
@@ -78,28 +104,48 @@ def run(args: argparse.Namespace) -> int:
     for m in methods:
         target, report = model, None
         if m != "fp32":
-            target, report = quantized_copy(model, m, args.threshold, outlier_weights=args.outlier_weights,
-                                            round_to=args.round_to)
-        result = perplexity(target, ids, protocol=settings.protocol, window=settings.window,
-                            stride=settings.stride, max_windows=settings.max_windows,
-                            batch_size=settings.batch_size, bos=settings.bos, bos_token_id=bos_id,
-                            reference=model if report is not None else None, reference_states=ref_states,
-                            progress=progress, model_name=args.model, corpus_name=corpus.name,
-                            method=m if m != "fp32" else None)
+            target, report = quantized_copy(
+                model, m, args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to
+            )
+        result = perplexity(
+            target,
+            ids,
+            protocol=settings.protocol,
+            window=settings.window,
+            stride=settings.stride,
+            max_windows=settings.max_windows,
+            batch_size=settings.batch_size,
+            bos=settings.bos,
+            bos_token_id=bos_id,
+            reference=model if report is not None else None,
+            reference_states=ref_states,
+            progress=progress,
+            model_name=args.model,
+            corpus_name=corpus.name,
+            method=m if m != "fp32" else None,
+        )
         if report is not None:
-            result.extra.update(threshold=report.threshold, outlier_weights=report.outlier_weights,
-                                round_to=args.round_to,
-                                replaced=len(report.replaced), skipped=report.skipped,
-                                weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after)
+            result.extra.update(
+                threshold=report.threshold,
+                outlier_weights=report.outlier_weights,
+                round_to=args.round_to,
+                replaced=len(report.replaced),
+                skipped=report.skipped,
+                weight_bytes_before=report.bytes_before,
+                weight_bytes_after=report.bytes_after,
+            )
         results.append(result)
         del target
     r0 = results[0]
     head = [
         ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights})"),
         ("corpus", f"{corpus.name} ({len(ids)} tokens, sha256 {corpus.sha256[:12]})"),
-        ("protocol", f"{r0.protocol}, window {r0.window}"
-                     + (f", stride {r0.stride}" if r0.protocol == "sliding" else "")
-                     + f", bos {r0.bos}, {r0.n_windows} windows, {r0.n_tokens} tokens scored"),
+        (
+            "protocol",
+            f"{r0.protocol}, window {r0.window}"
+            + (f", stride {r0.stride}" if r0.protocol == "sliding" else "")
+            + f", bos {r0.bos}, {r0.n_windows} windows, {r0.n_tokens} tokens scored",
+        ),
     ]
     if len(results) == 1:
         print_table(head + _result_rows(r0))
@@ -123,13 +169,19 @@ def _result_rows(r) -> list[tuple[str, Any]]:
     """One result as printed by ``outliers eval``: the number, its interval, and its agreement with the reference."""
     n = f"95 % CI over {r.n_windows} windows"
     method = r.method + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
-    rows: list[tuple[str, Any]] = [("method", method), ("perplexity", f"{r.ppl:.4f}  {ci(r.ppl_ci95)}  {n}"),
-                                   ("mean NLL", r.nll), ("tokens scored", r.n_tokens)]
+    rows: list[tuple[str, Any]] = [
+        ("method", method),
+        ("perplexity", f"{r.ppl:.4f}  {ci(r.ppl_ci95)}  {n}"),
+        ("mean NLL", r.nll),
+        ("tokens scored", r.n_tokens),
+    ]
     if r.ref_ppl is not None:
-        rows += [("reference", f"{r.ref_dtype} {r.ref_ppl:.4f} (the unquantized model, same windows)"),
-                 ("vs reference", f"{r.delta_ppl_pct:+.2f} % {ci(r.delta_ppl_pct_ci95, '+.2f')}  paired, {n}"),
-                 ("KL vs reference", f"{r.kl_vs_ref:.5f} nats/token {ci(r.kl_vs_ref_ci95, '.5f')}"),
-                 ("top-1 agreement", f"{100 * r.top1_agreement:.2f} % {ci(r.top1_agreement_ci95, '.2f', 100)}")]
+        rows += [
+            ("reference", f"{r.ref_dtype} {r.ref_ppl:.4f} (the unquantized model, same windows)"),
+            ("vs reference", f"{r.delta_ppl_pct:+.2f} % {ci(r.delta_ppl_pct_ci95, '+.2f')}  paired, {n}"),
+            ("KL vs reference", f"{r.kl_vs_ref:.5f} nats/token {ci(r.kl_vs_ref_ci95, '.5f')}"),
+            ("top-1 agreement", f"{100 * r.top1_agreement:.2f} % {ci(r.top1_agreement_ci95, '.2f', 100)}"),
+        ]
     rows += [("seconds", r.seconds), ("tokens/s", r.tokens_per_s)]
     if r.ref_seconds:
         rows.append(("reference s", r.ref_seconds))
@@ -147,10 +199,12 @@ def _method_table(results: list, model: str, threshold: float) -> str:
         kl = "" if r.kl_vs_ref is None else f"{r.kl_vs_ref:.4f}"
         rows.append((label(r.method), f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{r.tokens_per_s:.0f}"))
     head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s")
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     lines = ["", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    lines.append(f"\nDecomposition threshold {threshold}; lm_head kept in float; {results[0].protocol} "
-                 f"windows of {results[0].window}; intervals over {results[0].n_windows} windows, paired "
-                 "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token.")
+    lines.append(
+        f"\nDecomposition threshold {threshold}; lm_head kept in float; {results[0].protocol} "
+        f"windows of {results[0].window}; intervals over {results[0].n_windows} windows, paired "
+        "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token."
+    )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in models and whether each is installed")
 

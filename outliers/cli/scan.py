@@ -9,6 +9,7 @@ from pathlib import Path
 
 from outliers.errors import OutputPathError
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scan", help="outlier-feature statistics by forward hooks")
     p.add_argument("--model", default="smollm2-135m")
@@ -16,19 +17,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--points", default="attn,ffn",
-                   help="capture points: attn (= attn_in,attn_out), ffn, residual, or kinds (default: %(default)s)")
+    p.add_argument(
+        "--points",
+        default="attn,ffn",
+        help="capture points: attn (= attn_in,attn_out), ffn, residual, or kinds (default: %(default)s)",
+    )
     p.add_argument("--threshold", type=float, default=6.0, help="magnitude cut-off (default: %(default)s)")
-    p.add_argument("--relative-k", type=float, default=6.0,
-                   help="scale-relative cut-off: |x| >= k x rms(token) (default: %(default)s)")
+    p.add_argument(
+        "--relative-k",
+        type=float,
+        default=6.0,
+        help="scale-relative cut-off: |x| >= k x rms(token) (default: %(default)s)",
+    )
     p.add_argument("--layers", type=float, default=0.25, help="fraction of layers (default: %(default)s)")
     p.add_argument("--positions", type=float, default=0.06, help="fraction of positions (default: %(default)s)")
     p.add_argument("--layer-unit", choices=("block", "point"), default="block")
     p.add_argument("--position-mode", choices=("union", "max", "mean"), default="union")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bos", choices=("corpus", "window"), default="corpus",
-                   help="window: every window is BOS + window-1 corpus tokens (default: %(default)s)")
+    p.add_argument(
+        "--bos",
+        choices=("corpus", "window"),
+        default="corpus",
+        help="window: every window is BOS + window-1 corpus tokens (default: %(default)s)",
+    )
     p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
     p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
     p.add_argument("--quiet", action="store_true")
@@ -41,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from outliers.data.corpus import bos_token_id, encode_corpus, load_corpus
     from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, per_dim, summary, top_values
-    from outliers.models.load import load_model
     from outliers.analysis.points import parse_kinds
     from outliers.analysis.scan import scan
+    from outliers.data.corpus import bos_token_id, encode_corpus, load_corpus
+    from outliers.models.load import load_model
 
     kinds = parse_kinds(args.points)
     base = Criteria(args.layers, args.positions, args.layer_unit, args.position_mode)  # validates early
@@ -67,39 +79,67 @@ def run(args: argparse.Namespace) -> int:
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = scan(model, ids, points=kinds, threshold=args.threshold, relative_k=args.relative_k,
-                     max_tokens=args.max_tokens, window=args.window, batch_size=args.batch_size,
-                     progress=progress, bos_token_id=bos_id,
-                     meta={"model": args.model, "corpus": corpus.name, "corpus_sha256": corpus.sha256,
-                           "architecture": info.architecture, "n_params": info.n_params,
-                           "weights": info.weights, "weights_sha256": info.weights_sha256})
+        stats = scan(
+            model,
+            ids,
+            points=kinds,
+            threshold=args.threshold,
+            relative_k=args.relative_k,
+            max_tokens=args.max_tokens,
+            window=args.window,
+            batch_size=args.batch_size,
+            progress=progress,
+            bos_token_id=bos_id,
+            meta={
+                "model": args.model,
+                "corpus": corpus.name,
+                "corpus_sha256": corpus.sha256,
+                "architecture": info.architecture,
+                "n_params": info.n_params,
+                "weights": info.weights,
+                "weights_sha256": info.weights_sha256,
+            },
+        )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     spaces: list[str] = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
-    rows = [summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
-            for s in spaces for scale in ("absolute", "relative")]
-    table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions",
-                                        "tokens"])
-    print(f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
-          f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
-          f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n")
+    rows = [
+        summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
+        for s in spaces
+        for scale in ("absolute", "relative")
+    ]
+    table = pd.DataFrame(rows, columns=["space", "criterion", "outlier_dims", "pct_layers", "pct_positions", "tokens"])
+    print(
+        f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
+        f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
+        f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n"
+    )
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    feats = {scale: outlier_features(stats, Criteria(**{**base.__dict__, "scale": scale}))
-             for scale in ("absolute", "relative")} if "hidden" in spaces else {}
+    feats = (
+        {
+            scale: outlier_features(stats, Criteria(**{**base.__dict__, "scale": scale}))
+            for scale in ("absolute", "relative")
+        }
+        if "hidden" in spaces
+        else {}
+    )
     cols = ["dim", "pct_layers", "pct_positions", "max_abs", "median_layer_max", "mean_outlier_value", "one_sided"]
     for scale, df in feats.items():
         shown = cols if scale == "absolute" else cols[:5]  # sidedness is measured at the absolute threshold
         print(f"\noutlier features, hidden space, {scale} criterion ({len(df)}):")
-        print(df[shown].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.2f}")
-              if len(df) else "  none")
+        print(
+            df[shown].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(df) else "  none"
+        )
     massive = massive_activations(stats) if "residual" in kinds else None
     if massive is not None:
-        print(f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
-              f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else ""))
+        print(
+            f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
+            f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else "")
+        )
     if out is not None:
-        from outliers.cache import save_csv, save_figure
         from outliers.analysis.plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
+        from outliers.cache import save_csv, save_figure
 
         stats.save(out)
         save_csv(table, out / "summary.csv")
@@ -115,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
             save_figure(magnitude_histogram(stats, s), out / f"histogram_{s}.png")
         if "hidden" in spaces:
             save_figure(layers_vs_positions(stats, base), out / "layers_vs_positions.png")
-            save_figure(layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})),
-                        out / "layers_vs_positions_relative.png")
+            save_figure(
+                layers_vs_positions(stats, Criteria(**{**base.__dict__, "scale": "relative"})),
+                out / "layers_vs_positions_relative.png",
+            )
         print(f"\nwrote statistics, CSV tables and figures to {out}")
     return 0

@@ -68,8 +68,10 @@ def _builtin() -> Corpus:
         raise CorpusError(f"the built-in corpus {BUILTIN_FILE} cannot be read ({e}); reinstall outliers") from e
     corpus = Corpus("builtin", text, "US Presidents' Annual Messages to Congress 1870-1889 (public domain)")
     if corpus.sha256 != BUILTIN_SHA256:
-        raise CorpusError(f"the built-in corpus {BUILTIN_FILE} has SHA-256 {corpus.sha256}, expected "
-                          f"{BUILTIN_SHA256}: the file is damaged or edited; reinstall outliers")
+        raise CorpusError(
+            f"the built-in corpus {BUILTIN_FILE} has SHA-256 {corpus.sha256}, expected "
+            f"{BUILTIN_SHA256}: the file is damaged or edited; reinstall outliers"
+        )
     return corpus
 
 
@@ -99,7 +101,8 @@ def _hf(spec: str) -> Corpus:
         if not hub_reachable():
             raise HubUnavailableError(
                 f"cannot load dataset {spec!r}: the hub is not reachable and it is not cached "
-                "locally; pass a text file instead") from first
+                "locally; pass a text file instead"
+            ) from first
         raise CorpusError(f"could not load dataset {spec!r}: {first}") from first
     if "text" not in ds.column_names:
         raise CorpusError(f"dataset {spec!r} has no 'text' column (columns: {ds.column_names})")
@@ -146,8 +149,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         desc = backend.to_str()
     else:  # slow tokenizers: the vocabulary and the class stand in for the rules
         desc = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
-    extra = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None),
-                        getattr(tokenizer, "add_eos_token", None)])
+    extra = json.dumps(
+        [type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
+    )
     return hashlib.sha256((desc + extra).encode("utf-8")).hexdigest()
 
 
@@ -176,6 +180,7 @@ def bos_token_id(tokenizer: Any, model: str = "") -> int:
         InvalidArgumentError: the tokenizer has no BOS token.
     """
     if getattr(tokenizer, "bos_token_id", None) is None:
-        raise InvalidArgumentError(f"--bos window needs a BOS token, and the tokenizer of '{model or 'this model'}' "
-                                   "has none; use --bos corpus")
+        raise InvalidArgumentError(
+            f"--bos window needs a BOS token, and the tokenizer of '{model or 'this model'}' has none; use --bos corpus"
+        )
     return tokenizer.bos_token_id

@@ -19,13 +19,21 @@ give the same interval.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["Interval", "bootstrap_interval", "ppl_interval", "delta_ppl_pct_interval", "rate_interval",
-           "MIN_WINDOWS", "N_RESAMPLES", "few_windows_note"]
+__all__ = [
+    "Interval",
+    "bootstrap_interval",
+    "ppl_interval",
+    "delta_ppl_pct_interval",
+    "rate_interval",
+    "MIN_WINDOWS",
+    "N_RESAMPLES",
+    "few_windows_note",
+]
 
 Interval = tuple[float, float]
 
@@ -35,9 +43,14 @@ CONFIDENCE = 0.95
 SEED = 0
 
 
-def bootstrap_interval(statistic: Callable[..., np.ndarray], data: Sequence[Sequence[float]], *,
-                       confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
-                       seed: int = SEED) -> Interval:
+def bootstrap_interval(
+    statistic: Callable[..., np.ndarray],
+    data: Sequence[Sequence[float]],
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
     """Return the ``confidence`` percentile interval of ``statistic`` over windows resampled together.
 
     Args:
@@ -50,9 +63,17 @@ def bootstrap_interval(statistic: Callable[..., np.ndarray], data: Sequence[Sequ
     arrays = tuple(np.asarray(d, dtype=np.float64) for d in data)
     if len(arrays[0]) < 2:
         return (math.nan, math.nan)
-    res = stats.bootstrap(arrays, statistic, paired=True, vectorized=True, axis=-1,
-                          n_resamples=n_resamples, confidence_level=confidence, method="percentile",
-                          rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        arrays,
+        statistic,
+        paired=True,
+        vectorized=True,
+        axis=-1,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return (low, high)
 
@@ -74,8 +95,9 @@ def ppl_interval(window_nll: Sequence[float], window_tokens: Sequence[int], **kw
     return bootstrap_interval(_ppl, (window_nll, window_tokens), **kw)
 
 
-def delta_ppl_pct_interval(nll_q: Sequence[float], nll_ref: Sequence[float], window_tokens: Sequence[int],
-                           **kw) -> Interval:
+def delta_ppl_pct_interval(
+    nll_q: Sequence[float], nll_ref: Sequence[float], window_tokens: Sequence[int], **kw
+) -> Interval:
     """Paired interval of ``100 · (ppl_q / ppl_ref − 1)`` over the same windows."""
     return bootstrap_interval(_delta_pct, (nll_q, nll_ref, window_tokens), **kw)
 
@@ -89,5 +111,7 @@ def few_windows_note(n_windows: int) -> str:
     """A warning to print beside intervals over fewer than ``MIN_WINDOWS`` windows, else ''."""
     if n_windows >= MIN_WINDOWS:
         return ""
-    return (f"only {n_windows} windows: intervals over fewer than {MIN_WINDOWS} windows are rough; "
-            "use --max-windows to score more")
+    return (
+        f"only {n_windows} windows: intervals over fewer than {MIN_WINDOWS} windows are rough; "
+        "use --max-windows to score more"
+    )

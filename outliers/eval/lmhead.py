@@ -14,8 +14,8 @@ positions at a time, so no full logits buffer is ever made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

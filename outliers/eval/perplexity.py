@@ -96,7 +96,8 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 def _short_dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype).removeprefix("torch."))
+        dtype, str(dtype).removeprefix("torch.")
+    )
 
 
 class _Scorer:
@@ -143,8 +144,16 @@ class _Sums:
     top1: list[int] = field(default_factory=list)
 
 
-def _score_batch(model: _Scorer, ref: _Scorer | None, q_states: torch.Tensor, r_states: torch.Tensor | None,
-                 x: torch.Tensor, batch: list[Span], prefix: int, sums: _Sums) -> None:
+def _score_batch(
+    model: _Scorer,
+    ref: _Scorer | None,
+    q_states: torch.Tensor,
+    r_states: torch.Tensor | None,
+    x: torch.Tensor,
+    batch: list[Span],
+    prefix: int,
+    sums: _Sums,
+) -> None:
     length, keep = x.shape[1], q_states.shape[1]
     offset = length - keep  # absolute position of states[:, 0] within a window
     step = positions_per_chunk(model.vocab or q_states.shape[-1])
@@ -259,12 +268,17 @@ def perplexity(
         ref_nll = sum(sums.ref_nll) / n_scored
         fields = dict(
             ref_dtype=_short_dtype(next(reference.parameters()).dtype),
-            ref_ppl=_exp(ref_nll), ref_seconds=ref.seconds,
+            ref_ppl=_exp(ref_nll),
+            ref_seconds=ref.seconds,
             delta_ppl_pct=100.0 * math.expm1(nll - ref_nll),
             delta_ppl_pct_ci95=delta_ppl_pct_interval(sums.nll, sums.ref_nll, tokens),
-            kl_vs_ref=sum(sums.kl) / n_scored, kl_vs_ref_ci95=rate_interval(sums.kl, tokens),
-            top1_agreement=sum(sums.top1) / n_scored, top1_agreement_ci95=rate_interval(sums.top1, tokens),
-            window_ref_nll=sums.ref_nll, window_kl=sums.kl, window_top1=sums.top1,
+            kl_vs_ref=sum(sums.kl) / n_scored,
+            kl_vs_ref_ci95=rate_interval(sums.kl, tokens),
+            top1_agreement=sum(sums.top1) / n_scored,
+            top1_agreement_ci95=rate_interval(sums.top1, tokens),
+            window_ref_nll=sums.ref_nll,
+            window_kl=sums.kl,
+            window_top1=sums.top1,
         )
     return PerplexityResult(
         ppl=_exp(nll),

@@ -52,7 +52,8 @@ class PerplexitySettings:
             raise InvalidArgumentError(f"window must be an integer >= 2, got {self.window!r}")
         if self.protocol == "chunks" and self.stride not in (None, self.window):
             raise InvalidArgumentError(
-                f"stride applies to the sliding protocol; chunks never overlap (got stride={self.stride})")
+                f"stride applies to the sliding protocol; chunks never overlap (got stride={self.stride})"
+            )
         if self.protocol == "sliding":
             if self.stride is None:
                 object.__setattr__(self, "stride", max(1, self.window // 2))
@@ -61,7 +62,8 @@ class PerplexitySettings:
             if self.stride > self.window:
                 raise InvalidArgumentError(
                     f"stride must be <= window, got stride={self.stride} > window={self.window} "
-                    "(tokens between windows would never be scored)")
+                    "(tokens between windows would never be scored)"
+                )
         if self.max_windows is not None and (not isinstance(self.max_windows, int) or self.max_windows < 1):
             raise InvalidArgumentError(f"max_windows must be an integer >= 1 or None, got {self.max_windows!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -100,8 +102,10 @@ def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
     w = settings.window - settings.prefix  # corpus tokens per window
     skip = 1 - settings.prefix  # unscored tokens at a window's start (nothing predicts them)
     if n_tokens < w:
-        raise CorpusError(f"corpus has {n_tokens} tokens, fewer than one window of {settings.window}; "
-                          "use a smaller --window or a longer corpus")
+        raise CorpusError(
+            f"corpus has {n_tokens} tokens, fewer than one window of {settings.window}; "
+            "use a smaller --window or a longer corpus"
+        )
     out: list[Span] = []
     if settings.protocol == "chunks":
         out = [Span(b, b + w, b + skip) for b in range(0, n_tokens - w + 1, w)]
@@ -117,7 +121,6 @@ def spans(n_tokens: int, settings: PerplexitySettings) -> list[Span]:
             if end == n_tokens:
                 break
     return out[: settings.max_windows] if settings.max_windows else out
-
 
 
 def batches(windows: list[Span], batch_size: int) -> Iterator[list[Span]]:
@@ -137,6 +140,7 @@ def window_ids(ids: torch.Tensor, settings: PerplexitySettings, bos_token_id: in
     if settings.bos == "corpus":
         return ids
     if bos_token_id is None:
-        raise InvalidArgumentError("bos='window' needs the tokenizer's BOS token id (bos_token_id); "
-                                   "this tokenizer has none: use bos='corpus'")
+        raise InvalidArgumentError(
+            "bos='window' needs the tokenizer's BOS token id (bos_token_id); this tokenizer has none: use bos='corpus'"
+        )
     return ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids

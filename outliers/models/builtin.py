@@ -36,8 +36,10 @@ def _gemma_part(i: int) -> PackagedFile:
 
 def _bin_parts(distribution: str, n: int) -> tuple[PackagedFile, ...]:
     """Parts ``DIST-part1 .. DIST-partN``, each holding ``data/partNN.bin``."""
-    return tuple(PackagedFile(f"{distribution}-part{i}", f"{distribution.replace('-', '_')}_part{i}",
-                              f"data/part{i:02d}.bin") for i in range(1, n + 1))
+    return tuple(
+        PackagedFile(f"{distribution}-part{i}", f"{distribution.replace('-', '_')}_part{i}", f"data/part{i:02d}.bin")
+        for i in range(1, n + 1)
+    )
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -88,9 +90,14 @@ def list_models() -> list[dict[str, Any]]:
     """Return one row per built-in model: name, kind, installed, pip line, description."""
     rows = []
     for m in BUILTIN_MODELS.values():
-        installed = all(
-            (d := package_dir(f.module)) is not None and (d / f.path).exists() for f in m.files
+        installed = all((d := package_dir(f.module)) is not None and (d / f.path).exists() for f in m.files)
+        rows.append(
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "installed": installed,
+                "install": pip_line(m.files),
+                "description": m.description,
+            }
         )
-        rows.append({"name": m.name, "kind": m.kind, "installed": installed,
-                     "install": pip_line(m.files), "description": m.description})
     return rows

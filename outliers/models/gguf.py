@@ -53,8 +53,7 @@ def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
     try:
         with quiet_loading(progress):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32)
+            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as e:
         raise ModelFileError(f"transformers could not load GGUF file {path}: {e}") from e
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild the
@@ -69,8 +68,7 @@ def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
     with atomic_dir(target) as scratch, quiet_loading(progress):
         clean.save_pretrained(scratch)
         tok.save_pretrained(scratch)
-        (scratch / "outliers_source.json").write_text(
-            json.dumps({"gguf": str(path), "sha256": sha256}, indent=2))
+        (scratch / "outliers_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256}, indent=2))
     return target
 
 

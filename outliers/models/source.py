@@ -73,8 +73,11 @@ def identity(src: Source) -> dict[str, str | None]:
     from outliers.fingerprint import file_sha256, folder_sha256, gguf_file_type
 
     if src.gguf is not None:
-        return {"sha256": src.gguf_sha256 or file_sha256(src.gguf), "revision": None,
-                "format": f"GGUF {gguf_file_type(src.gguf) or ''}".strip()}
+        return {
+            "sha256": src.gguf_sha256 or file_sha256(src.gguf),
+            "revision": None,
+            "format": f"GGUF {gguf_file_type(src.gguf) or ''}".strip(),
+        }
     if src.folder is not None:
         return {"sha256": folder_sha256(src.folder), "revision": None, "format": "folder"}
     snapshot = hub_snapshot(src.hub_id) if src.hub_id is not None else None

@@ -69,8 +69,9 @@ def quantize_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torc
     return codes, row_stats, outlier_cols
 
 
-def dequantize_into(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
+def dequantize_into(
+    c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Return float32 ``c * row_stats ⊗ col_stats / 127² + bias`` in one pass (CPU, contiguous)."""
     out = torch.empty(c.shape, dtype=torch.float32)
     b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias

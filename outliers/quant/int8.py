@@ -20,8 +20,14 @@ import torch
 from outliers.errors import InvalidArgumentError
 from outliers.quant.quantizers import absmax_matmul_dequant, int8_matmul
 
-__all__ = ["outlier_columns", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_mm_dequant",
-           "llm_int8_matmul", "check_threshold"]
+__all__ = [
+    "outlier_columns",
+    "int8_vectorwise_quant",
+    "int8_vectorwise_dequant",
+    "int8_mm_dequant",
+    "llm_int8_matmul",
+    "check_threshold",
+]
 
 
 def check_threshold(threshold: float) -> float:
@@ -43,8 +49,9 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.nonzero((x.abs() >= t).any(0)).view(-1)
 
 
-def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def int8_vectorwise_quant(
+    x: torch.Tensor, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Return ``(codes int8, row_stats float32, outlier_cols)`` as bitsandbytes does.
 
     Args:
@@ -81,8 +88,9 @@ def int8_vectorwise_dequant(codes: torch.Tensor, stats: torch.Tensor) -> torch.T
     return codes.float() * (stats.unsqueeze(1) / 127.0)
 
 
-def int8_mm_dequant(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_mm_dequant(
+    c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Return float32 ``c * row_stats[:, None] * col_stats[None, :] / 127² + bias``.
 
     Raises:
@@ -91,14 +99,20 @@ def int8_mm_dequant(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     if c.dtype != torch.int32:
         raise ValueError(f"c must be int32, got {c.dtype}")
     if row_stats.shape != (c.shape[0],) or col_stats.shape != (c.shape[1],):
-        raise ValueError(f"stats of shapes {tuple(row_stats.shape)}, {tuple(col_stats.shape)} "
-                         f"do not fit c of shape {tuple(c.shape)}")
+        raise ValueError(
+            f"stats of shapes {tuple(row_stats.shape)}, {tuple(col_stats.shape)} do not fit c of shape {tuple(c.shape)}"
+        )
     return absmax_matmul_dequant(c, row_stats, col_stats, bias)
 
 
-def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float,
-                    bias: torch.Tensor | None = None, outlier_weight: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def llm_int8_matmul(
+    x: torch.Tensor,
+    cb: torch.Tensor,
+    scb: torch.Tensor,
+    threshold: float,
+    bias: torch.Tensor | None = None,
+    outlier_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out, outlier_cols)``: LLM.int8() of ``x @ W.T`` in float32.
 
     Args:
@@ -114,7 +128,8 @@ def llm_int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, thresh
     if cols is None:
         cols = torch.empty(0, dtype=torch.long, device=x.device)
     if cols.numel():
-        w_cols = (outlier_weight[:, cols].float() if outlier_weight is not None
-                  else int8_vectorwise_dequant(cb[:, cols], scb))
+        w_cols = (
+            outlier_weight[:, cols].float() if outlier_weight is not None else int8_vectorwise_dequant(cb[:, cols], scb)
+        )
         out.addmm_(x[:, cols].float(), w_cols.t())
     return out, cols

@@ -61,9 +61,19 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
     weight_fp: torch.Tensor | None  # the float weight, for outlier_weights="fp"
 
-    def __init__(self, in_features: int, out_features: int, method: str = "llm.int8", *,
-                 threshold: float = 6.0, bias: bool = True, outlier_weights: str = "int8",
-                 name: str = "", round_to: str | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        method: str = "llm.int8",
+        *,
+        threshold: float = 6.0,
+        bias: bool = True,
+        outlier_weights: str = "int8",
+        name: str = "",
+        round_to: str | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.spec = get_method(method)
         if outlier_weights not in OUTLIER_WEIGHTS:
@@ -92,15 +102,32 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_fp", torch.zeros(out_features, in_features) if needs_fp else None)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, method: str = "llm.int8", *, threshold: float = 6.0,
-                    outlier_weights: str = "int8", name: str = "", round_to: str | None = None,
-                    backend: str = "auto") -> Int8Linear:
+    def from_linear(
+        cls,
+        module: nn.Module,
+        method: str = "llm.int8",
+        *,
+        threshold: float = 6.0,
+        outlier_weights: str = "int8",
+        name: str = "",
+        round_to: str | None = None,
+        backend: str = "auto",
+    ) -> Int8Linear:
         """Return an Int8Linear quantized from an ``nn.Linear`` or ``Conv1D``."""
         w = weight_of(module)
         out_f, in_f = w.shape
         bias = getattr(module, "bias", None)
-        q = cls(in_f, out_f, method, threshold=threshold, bias=bias is not None, outlier_weights=outlier_weights,
-                name=name, round_to=round_to, backend=backend).to(w.device)
+        q = cls(
+            in_f,
+            out_f,
+            method,
+            threshold=threshold,
+            bias=bias is not None,
+            outlier_weights=outlier_weights,
+            name=name,
+            round_to=round_to,
+            backend=backend,
+        ).to(w.device)
         spec = q.spec
         w_fp = w
         if round_to:
@@ -152,14 +179,17 @@ class Int8Linear(nn.Module):
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteInputError(
                 f"{bad} NaN/inf value(s) in the input of {self.name or 'Int8Linear'} "
-                f"({self.method}); int8 quantization would hide them")
+                f"({self.method}); int8 quantization would hide them"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.dtype.is_floating_point:
             raise InvalidArgumentError(f"{self.name or 'Int8Linear'} expects a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
-            raise InvalidArgumentError(f"{self.name or 'Int8Linear'} expects inputs with {self.in_features} "
-                                       f"features, got shape {tuple(x.shape)}")
+            raise InvalidArgumentError(
+                f"{self.name or 'Int8Linear'} expects inputs with {self.in_features} "
+                f"features, got shape {tuple(x.shape)}"
+            )
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu" or x2.dtype == torch.float64:
@@ -175,15 +205,22 @@ class Int8Linear(nn.Module):
         spec, t = self.spec, self.threshold
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         bias = None if self.bias is None else self.bias.float()
-        if (spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW
-                and spec.weights is Granularity.CHANNEL):
+        if spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW and spec.weights is Granularity.CHANNEL:
             if self._numba(x):
                 from cuda_kernels.errors import KernelArgumentError
                 from cuda_kernels.launch import llm_int8_linear
 
                 try:
-                    out, cols, stats = llm_int8_linear(xq, self.weight_q, self.weight_scale, bias, t, x_float=x,
-                                                       outlier_weight=self.weight_fp, out_dtype=x.dtype)
+                    out, cols, stats = llm_int8_linear(
+                        xq,
+                        self.weight_q,
+                        self.weight_scale,
+                        bias,
+                        t,
+                        x_float=x,
+                        outlier_weight=self.weight_fp,
+                        out_dtype=x.dtype,
+                    )
                 except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
                     raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
                 self._check_finite(stats, x, cols)
@@ -214,9 +251,11 @@ class Int8Linear(nn.Module):
 
         if self.backend == "numba":
             if not (x.is_cuda or simulated()):
-                raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: backend='numba' needs CUDA tensors "
-                                           "(or NUMBA_ENABLE_CUDASIM=1 to simulate); got a tensor on "
-                                           f"{x.device}. Use backend='torch' or 'auto' on CPU")
+                raise InvalidArgumentError(
+                    f"{self.name or 'Int8Linear'}: backend='numba' needs CUDA tensors "
+                    "(or NUMBA_ENABLE_CUDASIM=1 to simulate); got a tensor on "
+                    f"{x.device}. Use backend='torch' or 'auto' on CPU"
+                )
             return True
         return x.is_cuda and available()
 

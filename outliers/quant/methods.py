@@ -19,20 +19,29 @@ them. The settings a method takes follow from its record (``settings``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from outliers.errors import InvalidArgumentError
 
-__all__ = ["Scheme", "Granularity", "Method", "METHODS", "FLOAT_LABEL", "register_method", "get_method",
-           "label", "method_table"]
+__all__ = [
+    "Scheme",
+    "Granularity",
+    "Method",
+    "METHODS",
+    "FLOAT_LABEL",
+    "register_method",
+    "get_method",
+    "label",
+    "method_table",
+]
 
 
-class Scheme(str, Enum):
+class Scheme(StrEnum):
     ABSMAX = "absmax"
     ZEROPOINT = "zeropoint"
 
 
-class Granularity(str, Enum):
+class Granularity(StrEnum):
     TENSOR = "tensor"  # one statistic for the whole tensor
     ROW = "row"  # one per row of X: per token
     CHANNEL = "channel"  # one per output channel of W (a row of W stored (out, in))
@@ -120,6 +129,7 @@ def method_table() -> str:
     """Return the README's method table (markdown), one row per registered method."""
     rows = ["| method | X | W | decomposition |", "|---|---|---|---|"]
     for m in METHODS.values():
-        rows.append(f"| `{m.name}` | {_X_WORDS[m.activations]} | {_W_WORDS[m.weights]} | "
-                    f"{'yes' if m.decomposition else 'no'} |")
+        rows.append(
+            f"| `{m.name}` | {_X_WORDS[m.activations]} | {_W_WORDS[m.weights]} | {'yes' if m.decomposition else 'no'} |"
+        )
     return "\n".join(rows)

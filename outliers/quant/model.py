@@ -48,9 +48,11 @@ class QuantReport:
         return asdict(self) | {"saved_fraction": self.saved_fraction}
 
     def __str__(self) -> str:
-        return (f"{self.method} (threshold {self.threshold}): replaced {len(self.replaced)} linear layers, "
-                f"skipped {len(self.skipped)} ({', '.join(self.skipped) or 'none'}); weights "
-                f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
+        return (
+            f"{self.method} (threshold {self.threshold}): replaced {len(self.replaced)} linear layers, "
+            f"skipped {len(self.skipped)} ({', '.join(self.skipped) or 'none'}); weights "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"
+        )
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -71,9 +73,15 @@ def _existing(model: nn.Module) -> list[Int8Linear]:
     return [m for m in model.modules() if isinstance(m, Int8Linear)]
 
 
-def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0, *,
-                   skip: tuple[str, ...] | None = None, outlier_weights: str = "int8",
-                   round_to: str | None = None) -> QuantReport:
+def quantize_model(
+    model: nn.Module,
+    method: str = "llm.int8",
+    threshold: float = 6.0,
+    *,
+    skip: tuple[str, ...] | None = None,
+    outlier_weights: str = "int8",
+    round_to: str | None = None,
+) -> QuantReport:
     """Replace the model's linear layers by ``Int8Linear`` in place; return a report.
 
     ``skip`` names modules left in float; None takes the architecture's
@@ -89,7 +97,8 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
     if done := _existing(model):
         raise InvalidArgumentError(
             f"model is already quantized ({len(done)} Int8Linear modules, method {done[0].method!r}); "
-            "quantize a fresh float copy instead")
+            "quantize a fresh float copy instead"
+        )
     if skip is None:
         skip = architecture_of(model).skip
     replaced, skipped, before, after = [], [], 0, 0
@@ -98,8 +107,9 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
         if _skipped(name, skip):
             skipped.append(name)
             continue
-        q = Int8Linear.from_linear(module, method, threshold=threshold, outlier_weights=outlier_weights, name=name,
-                                   round_to=round_to)
+        q = Int8Linear.from_linear(
+            module, method, threshold=threshold, outlier_weights=outlier_weights, name=name, round_to=round_to
+        )
         before += _nbytes(module.weight) + _nbytes(module.bias)
         after += sum(_nbytes(b) for b in q.buffers())
         _set_module(model, name, q)
@@ -108,9 +118,15 @@ def quantize_model(model: nn.Module, method: str = "llm.int8", threshold: float 
     return QuantReport(method, float(t), outlier_weights, replaced, skipped, before, after)
 
 
-def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float = 6.0, *,
-                   skip: tuple[str, ...] | None = None, outlier_weights: str = "int8",
-                   round_to: str | None = None) -> tuple[nn.Module, QuantReport]:
+def quantized_copy(
+    model: nn.Module,
+    method: str = "llm.int8",
+    threshold: float = 6.0,
+    *,
+    skip: tuple[str, ...] | None = None,
+    outlier_weights: str = "int8",
+    round_to: str | None = None,
+) -> tuple[nn.Module, QuantReport]:
     """Return a quantized model beside ``model`` and the report; ``model`` stays as it was.
 
     The copy shares every tensor it does not quantize (embeddings, norms,
@@ -121,8 +137,9 @@ def quantized_copy(model: nn.Module, method: str = "llm.int8", threshold: float 
     get_method(method)
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     copy_ = deepcopy(model, memo=shared)
-    return copy_, quantize_model(copy_, method, threshold, skip=skip, outlier_weights=outlier_weights,
-                                 round_to=round_to)
+    return copy_, quantize_model(
+        copy_, method, threshold, skip=skip, outlier_weights=outlier_weights, round_to=round_to
+    )
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
@@ -133,15 +150,29 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     if not layers:
         raise InvalidArgumentError("model has no Int8Linear modules; call quantize_model first")
     names = {m: n for n, m in model.named_modules()}
-    modules = [{"name": names[m], "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                "method": m.method, "threshold": m.threshold, "outlier_weights": m.outlier_weights,
-                "round_to": m.round_to}
-               for m in layers]
+    modules = [
+        {
+            "name": names[m],
+            "in": m.in_features,
+            "out": m.out_features,
+            "bias": m.bias is not None,
+            "method": m.method,
+            "threshold": m.threshold,
+            "outlier_weights": m.outlier_weights,
+            "round_to": m.round_to,
+        }
+        for m in layers
+    ]
     from outliers import __version__
 
-    meta = {"format": FORMAT, "method": layers[0].method, "threshold": str(layers[0].threshold),
-            "outlier_weights": layers[0].outlier_weights, "modules": json.dumps(modules),
-            "outliers_version": __version__}
+    meta = {
+        "format": FORMAT,
+        "method": layers[0].method,
+        "threshold": str(layers[0].threshold),
+        "outlier_weights": layers[0].outlier_weights,
+        "modules": json.dumps(modules),
+        "outliers_version": __version__,
+    }
     path = Path(path)
     save_model(model, str(path), metadata=meta)
     return path
@@ -179,13 +210,21 @@ def load_quantized(model: nn.Module, path: str | Path, method: str | None = None
             old = model.get_submodule(spec["name"])
         except AttributeError:
             raise ModelFileError(f"{path}: module {spec['name']} is not in this model") from None
-        shell = Int8Linear(spec["in"], spec["out"], spec["method"], threshold=spec["threshold"] or 0.0,
-                           bias=spec["bias"], outlier_weights=spec["outlier_weights"], name=spec["name"],
-                           round_to=spec.get("round_to"))
+        shell = Int8Linear(
+            spec["in"],
+            spec["out"],
+            spec["method"],
+            threshold=spec["threshold"] or 0.0,
+            bias=spec["bias"],
+            outlier_weights=spec["outlier_weights"],
+            name=spec["name"],
+            round_to=spec.get("round_to"),
+        )
         shape = (out_features(old), in_features(old))
         if shape != (spec["out"], spec["in"]):
-            raise ModelFileError(f"{path}: {spec['name']} is {spec['out']}x{spec['in']} in the file, "
-                                 f"{shape[0]}x{shape[1]} in the model")
+            raise ModelFileError(
+                f"{path}: {spec['name']} is {spec['out']}x{spec['in']} in the file, {shape[0]}x{shape[1]} in the model"
+            )
         _set_module(model, spec["name"], shell.to(weight_of(old).device))
     load_model(model, str(path), strict=True)
     return model

@@ -22,8 +22,14 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "quantize_absmax", "dequantize_absmax", "quantize_zeropoint", "dequantize_zeropoint",
-    "int8_matmul", "absmax_matmul_dequant", "zeropoint_matmul_dequant", "INV_127_SQ",
+    "quantize_absmax",
+    "dequantize_absmax",
+    "quantize_zeropoint",
+    "dequantize_zeropoint",
+    "int8_matmul",
+    "absmax_matmul_dequant",
+    "zeropoint_matmul_dequant",
+    "INV_127_SQ",
 ]
 
 INV_127_SQ = 1.0 / (127.0 * 127.0)
@@ -73,8 +79,9 @@ def quantize_zeropoint(x: torch.Tensor, dim: int | None = None) -> tuple[torch.T
     return q, scale, zero
 
 
-def dequantize_zeropoint(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                         dim: int | None = None) -> torch.Tensor:
+def dequantize_zeropoint(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dim: int | None = None
+) -> torch.Tensor:
     """Return float32 ``(q - zero) / scale``."""
     return (q.to(torch.int32) - _expand(zero, dim)).float() / _expand(scale, dim)
 
@@ -110,8 +117,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
-def absmax_matmul_dequant(c: torch.Tensor, x_absmax: torch.Tensor, w_absmax: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+def absmax_matmul_dequant(
+    c: torch.Tensor, x_absmax: torch.Tensor, w_absmax: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Return float32 ``c * x_absmax[:, None] * w_absmax[None, :] / 127² (+ bias)``.
 
     ``x_absmax`` is ``(m,)`` or a scalar, ``w_absmax`` ``(n,)`` or a scalar.
@@ -124,9 +132,15 @@ def absmax_matmul_dequant(c: torch.Tensor, x_absmax: torch.Tensor, w_absmax: tor
     return out
 
 
-def zeropoint_matmul_dequant(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor,
-                             qw: torch.Tensor, sw: torch.Tensor, zw: torch.Tensor,
-                             bias: torch.Tensor | None = None) -> torch.Tensor:
+def zeropoint_matmul_dequant(
+    qx: torch.Tensor,
+    sx: torch.Tensor,
+    zx: torch.Tensor,
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    zw: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Return float32 ``X̂ @ Ŵ.T`` for zeropoint-quantized operands, corrected in int32.
 
     ``Σ_k (qx - zx)(qw - zw) = qx·qwᵀ - zw·Σqx - zx·Σqw + k·zx·zw``, every term

@@ -39,8 +39,19 @@ if TYPE_CHECKING:
 
     from studies.config import StudyConfig
 
-__all__ = ["Setting", "Measure", "Context", "Table", "Image", "MEASURES", "register_measure", "measure_settings",
-           "measure_columns", "split_result", "BUILTIN"]
+__all__ = [
+    "Setting",
+    "Measure",
+    "Context",
+    "Table",
+    "Image",
+    "MEASURES",
+    "register_measure",
+    "measure_settings",
+    "measure_columns",
+    "split_result",
+    "BUILTIN",
+]
 
 
 @dataclass
@@ -133,8 +144,10 @@ def register_measure(measure: Measure) -> Measure:
     have = {**{k: v.split()[0] for k, v in COLUMNS.items()}, **measure_columns()}
     for col, sql in measure.columns.items():
         if col in RESERVED or not col.isidentifier() or sql not in _SQL_TYPES or have.get(col, sql) != sql:
-            raise ValueError(f"measure {measure.name!r}: column {col!r} {sql} is reserved, not a name, not one of "
-                             f"{', '.join(_SQL_TYPES)} or already {have.get(col)}")
+            raise ValueError(
+                f"measure {measure.name!r}: column {col!r} {sql} is reserved, not a name, not one of "
+                f"{', '.join(_SQL_TYPES)} or already {have.get(col)}"
+            )
     MEASURES[measure.name] = measure
     return measure
 

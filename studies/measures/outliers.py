@@ -43,14 +43,30 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from outliers.analysis.scan import scan
 
     cfg = ctx.cfg
-    st = scan(ctx.model, ctx.ids, points="attn,ffn", threshold=cell["threshold"], max_tokens=cfg.outlier_tokens,
-              window=cfg.window, batch_size=cfg.batch_size, progress=False, meta={"model": cell["model"]},
-              bos_token_id=ctx.bos_token_id)
+    st = scan(
+        ctx.model,
+        ctx.ids,
+        points="attn,ffn",
+        threshold=cell["threshold"],
+        max_tokens=cfg.outlier_tokens,
+        window=cfg.window,
+        batch_size=cfg.batch_size,
+        progress=False,
+        meta={"model": cell["model"]},
+        bos_token_id=ctx.bos_token_id,
+    )
     rows = {scale: summary(st, Criteria(scale=scale)) for scale in ("absolute", "relative")}
     criteria = Criteria()
-    return {"n_params": ctx.info.n_params, "n_tokens": st.meta["tokens_scanned"], "threshold": cell["threshold"],
-            "relative_k": st.relative_k, "layers": criteria.layers, "positions": criteria.positions,
-            "absolute": rows["absolute"], "relative": rows["relative"]}
+    return {
+        "n_params": ctx.info.n_params,
+        "n_tokens": st.meta["tokens_scanned"],
+        "threshold": cell["threshold"],
+        "relative_k": st.relative_k,
+        "layers": criteria.layers,
+        "positions": criteria.positions,
+        "absolute": rows["absolute"],
+        "relative": rows["relative"],
+    }
 
 
 def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None) -> pd.DataFrame:
@@ -69,17 +85,23 @@ def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None)
     for r in scans.itertuples():
         res = r.result
         base = ppl[(ppl.model == r.model) & (ppl.method == "fp32")].ppl
-        row = {"model": r.model, "params (M)": res["n_params"] / 1e6,
-               "criterion": res["absolute"]["criterion"], "outlier dims": res["absolute"]["outlier_dims"],
-               "% layers": res["absolute"]["pct_layers"], "% positions": res["absolute"]["pct_positions"],
-               "relative criterion": res["relative"]["criterion"],
-               "dims (relative)": res["relative"]["outlier_dims"],
-               "fp32 ppl": base.iloc[-1] if len(base) else float("nan")}
+        row = {
+            "model": r.model,
+            "params (M)": res["n_params"] / 1e6,
+            "criterion": res["absolute"]["criterion"],
+            "outlier dims": res["absolute"]["outlier_dims"],
+            "% layers": res["absolute"]["pct_layers"],
+            "% positions": res["absolute"]["pct_positions"],
+            "relative criterion": res["relative"]["criterion"],
+            "dims (relative)": res["relative"]["outlier_dims"],
+            "fp32 ppl": base.iloc[-1] if len(base) else float("nan"),
+        }
         for t in thresholds:
             q = int8[(int8.model == r.model) & (int8.threshold == t)]
             row[f"llm.int8 ppl (t={t:g})"] = q.ppl.iloc[-1] if len(q) else float("nan")
-            row[f"llm.int8 vs fp32 (t={t:g})"] = fmt_delta(q.delta_ppl_pct.iloc[-1], q.delta_ppl_pct_ci95.iloc[-1]) \
-                if len(q) else ""
+            row[f"llm.int8 vs fp32 (t={t:g})"] = (
+                fmt_delta(q.delta_ppl_pct.iloc[-1], q.delta_ppl_pct_ci95.iloc[-1]) if len(q) else ""
+            )
         rows.append(row)
     return pd.DataFrame(rows).sort_values("params (M)") if rows else pd.DataFrame(rows)
 
@@ -110,15 +132,27 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         return ["No outlier scan is done yet: no Table-4 layout.", ""]
     t4 = outlier_table(df, cfg.report_thresholds or cfg.thresholds)
     first = t4.iloc[0]
-    parts: list = [f"## Outlier features (Table-4 layout; {first['criterion']} and {first['relative criterion']}, "
-                   "hidden space, in >= 25 % of layers and >= 6 % of positions)", "",
-                   Table(t4, "table4", ".1f"), ""]
+    parts: list = [
+        f"## Outlier features (Table-4 layout; {first['criterion']} and {first['relative criterion']}, "
+        "hidden space, in >= 25 % of layers and >= 6 % of positions)",
+        "",
+        Table(t4, "table4", ".1f"),
+        "",
+    ]
     if len(t4) > 1:
         parts += [Image(emergence(t4), "emergence.png", "emergence"), ""]
     return parts
 
 
-OUTLIERS = register_measure(Measure(
-    name="outliers", compute=compute, settings=SETTINGS, cells=cells, fingerprint=fingerprint,
-    columns={"n_tokens": "INTEGER"}, report=report,
-    absent="No outlier scan was measured (`measure` lacks \"outliers\"): no Table-4 layout."))
+OUTLIERS = register_measure(
+    Measure(
+        name="outliers",
+        compute=compute,
+        settings=SETTINGS,
+        cells=cells,
+        fingerprint=fingerprint,
+        columns={"n_tokens": "INTEGER"},
+        report=report,
+        absent='No outlier scan was measured (`measure` lacks "outliers"): no Table-4 layout.',
+    )
+)

@@ -51,8 +51,9 @@ def validate(cfg: StudyConfig) -> None:
             raise InvalidArgumentError("[report] thresholds must name at least one threshold")
         missing = [t for t in cfg.report_thresholds if t not in cfg.thresholds]
         if missing:
-            raise InvalidArgumentError(f"[report] thresholds {missing} are not in the study's thresholds "
-                                       f"{list(cfg.thresholds)}")
+            raise InvalidArgumentError(
+                f"[report] thresholds {missing} are not in the study's thresholds {list(cfg.thresholds)}"
+            )
     for m in cfg.methods:
         if m not in METHODS:
             raise InvalidArgumentError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -69,8 +70,12 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
 
 
 def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
-    s: dict[str, Any] = {"protocol": cfg.protocol, "stride": cfg.stride, "max_windows": cfg.max_windows,
-         "batch_size": cfg.batch_size}  # batching moves float sums in the last bits
+    s: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "stride": cfg.stride,
+        "max_windows": cfg.max_windows,
+        "batch_size": cfg.batch_size,
+    }  # batching moves float sums in the last bits
     if cell["method"] != "fp32":
         s |= {"outlier_weights": cfg.outlier_weights, "round_to": cfg.round_to}
     return s
@@ -83,26 +88,42 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     cfg, model = ctx.cfg, ctx.model
     target, report, reference = model, None, None
     if cell["method"] != "fp32":
-        target, report = quantized_copy(model, cell["method"], cell["threshold"],
-                                        outlier_weights=cfg.outlier_weights, round_to=cfg.round_to)
+        target, report = quantized_copy(
+            model, cell["method"], cell["threshold"], outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
+        )
         reference = model
-    r = perplexity(target, ctx.ids, protocol=cfg.protocol, window=cfg.window, stride=cfg.stride,
-                   max_windows=cfg.max_windows, batch_size=cfg.batch_size, bos=cfg.bos,
-                   bos_token_id=ctx.bos_token_id, reference=reference,
-                   reference_states=ctx.cache.setdefault("reference_states", {}), progress=ctx.progress,
-                   model_name=cell["model"], corpus_name=cell["corpus"],
-                   method=None if cell["method"] == "fp32" else cell["method"])
+    r = perplexity(
+        target,
+        ctx.ids,
+        protocol=cfg.protocol,
+        window=cfg.window,
+        stride=cfg.stride,
+        max_windows=cfg.max_windows,
+        batch_size=cfg.batch_size,
+        bos=cfg.bos,
+        bos_token_id=ctx.bos_token_id,
+        reference=reference,
+        reference_states=ctx.cache.setdefault("reference_states", {}),
+        progress=ctx.progress,
+        model_name=cell["model"],
+        corpus_name=cell["corpus"],
+        method=None if cell["method"] == "fp32" else cell["method"],
+    )
     if not math.isfinite(r.ppl):
         raise FloatingPointError(f"perplexity is {r.ppl} (mean NLL {r.nll})")
     result = r.to_dict()
     if report is not None:
-        result.update(weight_bytes_before=report.bytes_before, weight_bytes_after=report.bytes_after,
-                      replaced=len(report.replaced))
+        result.update(
+            weight_bytes_before=report.bytes_before,
+            weight_bytes_after=report.bytes_after,
+            replaced=len(report.replaced),
+        )
     result["token_nll"] = r.token_nll
     return result
 
 
 # ---------------------------------------------------------------- report
+
 
 def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The done perplexity rows, with the result's interval and agreement fields as columns."""
@@ -123,8 +144,9 @@ def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
     ppl = ppl_rows(df)
     decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
-    ppl = ppl[(ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold))
-              | (~decomposes & (ppl.method != "fp32"))]
+    ppl = ppl[
+        (ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.method != "fp32"))
+    ]
     order = ["fp32", *METHODS]
     rows = []
     for method in sorted(ppl.method.unique(), key=order.index):
@@ -146,11 +168,18 @@ def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
             return ""
         return f"{v * scale:{fmt}}" + (f" [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else "")
 
-    rows = [{"model": r.model, "method": label(r.method), "threshold": f"{r.threshold:g}",
-             "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
-             "top-1 agreement %": interval(r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"),
-                                           100, ".2f")}
-            for r in ppl.itertuples()]
+    rows = [
+        {
+            "model": r.model,
+            "method": label(r.method),
+            "threshold": f"{r.threshold:g}",
+            "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
+            "top-1 agreement %": interval(
+                r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"), 100, ".2f"
+            ),
+        }
+        for r in ppl.itertuples()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -180,13 +209,17 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         return ["No perplexity cell is done yet: no Table-1 layout.", ""]
     n_windows = int(ppl.n_windows.dropna().max())
     thresholds = cfg.report_thresholds or cfg.thresholds
-    parts: list = ["## Perplexity (Table-1 layout)", "",
-                   f"{cfg.protocol} windows of {cfg.window} (bos {cfg.bos}), {n_windows} windows. Beside each "
-                   "perplexity: its change against fp32 on the same windows, with a paired 95 % bootstrap "
-                   "interval over windows."
-                   + (f" Fewer than {MIN_WINDOWS} windows: the intervals are rough." if n_windows < MIN_WINDOWS
-                      else "") + " Adjacent windows of one document are correlated: the intervals speak for "
-                   "this corpus slice.", ""]
+    parts: list = [
+        "## Perplexity (Table-1 layout)",
+        "",
+        f"{cfg.protocol} windows of {cfg.window} (bos {cfg.bos}), {n_windows} windows. Beside each "
+        "perplexity: its change against fp32 on the same windows, with a paired 95 % bootstrap "
+        "interval over windows."
+        + (f" Fewer than {MIN_WINDOWS} windows: the intervals are rough." if n_windows < MIN_WINDOWS else "")
+        + " Adjacent windows of one document are correlated: the intervals speak for "
+        "this corpus slice.",
+        "",
+    ]
     has_decomp = any(METHODS[m].decomposition for m in cfg.methods)
     for t in thresholds if has_decomp else thresholds[:1]:
         heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
@@ -195,23 +228,52 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
             continue
         stem = f"table1_t{t:g}" if has_decomp else "table1"
         parts += [heading, "", Table(perplexity_table(df, t), stem, ".3f"), ""]
-    flat = ppl[["model", "corpus", "method", "threshold", "ppl", "delta_ppl_pct", "kl_vs_ref",
-                "top1_agreement", "n_tokens", "tokens_per_s"]]
+    flat = ppl[
+        [
+            "model",
+            "corpus",
+            "method",
+            "threshold",
+            "ppl",
+            "delta_ppl_pct",
+            "kl_vs_ref",
+            "top1_agreement",
+            "n_tokens",
+            "tokens_per_s",
+        ]
+    ]
     parts.append(Table(flat, "perplexity", csv_only=True))
     quantized = ppl[ppl.method != "fp32"]
     if len(quantized):
-        parts += ["## Agreement with the float model", "",
-                  "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
-                  "top-1 token is the same, with 95 % bootstrap intervals over windows.", "",
-                  Table(agreement_table(quantized), "agreement", ".4f"), ""]
+        parts += [
+            "## Agreement with the float model",
+            "",
+            "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
+            "top-1 token is the same, with 95 % bootstrap intervals over windows.",
+            "",
+            Table(agreement_table(quantized), "agreement", ".4f"),
+            "",
+        ]
     if len(quantized) and quantized.threshold.nunique() > 1:
-        parts += ["## Perplexity vs threshold", "",
-                  Image(threshold_curves(df), "threshold_curves.png", "threshold curves"), ""]
+        parts += [
+            "## Perplexity vs threshold",
+            "",
+            Image(threshold_curves(df), "threshold_curves.png", "threshold curves"),
+            "",
+        ]
     return parts
 
 
-PERPLEXITY = register_measure(Measure(
-    name="perplexity", compute=compute, settings=SETTINGS, cells=cells, fingerprint=fingerprint,
-    columns={"ppl": "REAL", "n_tokens": "INTEGER", "seconds": "REAL", "tokens_per_s": "REAL", "token_nll": "BLOB"},
-    report=report, validate=validate,
-    absent="No perplexity was measured (`measure` lacks \"perplexity\"): no Table-1 layout."))
+PERPLEXITY = register_measure(
+    Measure(
+        name="perplexity",
+        compute=compute,
+        settings=SETTINGS,
+        cells=cells,
+        fingerprint=fingerprint,
+        columns={"ppl": "REAL", "n_tokens": "INTEGER", "seconds": "REAL", "tokens_per_s": "REAL", "token_nll": "BLOB"},
+        report=report,
+        validate=validate,
+        absent='No perplexity was measured (`measure` lacks "perplexity"): no Table-1 layout.',
+    )
+)
