@@ -27,7 +27,7 @@ _EXPORTS = {
     "encode_corpus": "data.corpus",
     "Corpus": "data.corpus",
     "perplexity": "eval.perplexity",
-    "PerplexityResult": "eval.perplexity",
+    "PerplexityResult": "eval.result",
     "PerplexitySettings": "eval.windows",
     "Int8Linear": "quant.linear",
     "METHODS": "quant.methods",

@@ -16,7 +16,8 @@ from outliers.analysis.criteria import Criteria, massive_activations, outlier_fe
 from outliers.analysis.hooks import capture
 from outliers.analysis.points import CapturePoint, resolve_points
 from outliers.analysis.scan import scan
-from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top, _point_stats_torch
+from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top
+from outliers.analysis.torch_stats import point_stats_torch
 
 V1 = Path(__file__).parent / "data" / "stats_v1"  # saved by the code before the names were typed
 
@@ -129,7 +130,7 @@ def test_fused_cpu_stats_equal_the_torch_path(rows, dims, seed, t, with_nan):
     u1, r1 = torch.zeros(rows, dims, dtype=torch.uint8), torch.zeros(rows, dims, dtype=torch.uint8)
     u2, r2 = u1.clone(), r1.clone()
     fast = point_stats(x, t, 2.0, 2.0, 256, u1, r1)
-    ref = _point_stats_torch(x, t, 2.0, u2, r2)
+    ref = point_stats_torch(x, t, 2.0, u2, r2)
     assert torch.equal(u1, u2) and torch.equal(r1, r2)
     for a, b in (
         (fast.absmax, ref.absmax),

@@ -2,8 +2,10 @@
 
 ``points``       capture points, found through the architecture registry
 ``hooks``        ``capture``: hooks in a context manager that always removes them
-``stats``        ``OutlierStats``: bounded-memory statistics per (point, dim)
-``cpu_kernels``  the fused one-pass statistics kernel
+``stats``        ``OutlierStats``: bounded-memory statistics per (point, dim), merge, save, load
+``fields``       the statistics' names (enums), dtypes and histogram bins
+``cpu_kernels``  the fused one-pass statistics kernel (CPU)
+``torch_stats``  the same statistics in torch: any device, the kernel's reference
 ``scan``         a corpus through the model under ``capture``
 ``criteria``     the paper's criteria, a scale-relative one, massive activations
 ``ablate``       zeroing dims, and what it does to perplexity and attention

@@ -33,6 +33,7 @@ import torch
 
 from outliers.analysis.fields import FORMAT, HIST_BINS, HIST_EDGES, HIST_WIDTH, BatchStats, SpaceStat, Stat, Top
 from outliers.analysis.points import CapturePoint
+from outliers.analysis.torch_stats import point_stats_torch
 from outliers.errors import InvalidArgumentError, ModelFileError
 
 __all__ = ["OutlierStats", "Stat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
@@ -151,7 +152,7 @@ class OutlierStats:
                 union[point.space + ":rel"],
             )
         else:
-            r = _point_stats_torch(x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"])
+            r = point_stats_torch(x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"])
         T, key = self.tensors, point.name + "/"
         T[key + Stat.ABSMAX] = torch.maximum(T[key + Stat.ABSMAX], r.absmax)
         for stat, v in (
@@ -291,32 +292,3 @@ class OutlierStats:
             )
         st.tensors = {k: tensors[k] for k in layout}
         return st
-
-
-def _point_stats_torch(
-    x: torch.Tensor, t: float, k_rel: float, union: torch.Tensor, rel_union: torch.Tensor
-) -> BatchStats:
-    """The same sums as ``cpu_kernels.point_stats`` in plain torch (any device)."""
-    finite = torch.isfinite(x)
-    x0 = torch.where(finite, x, torch.zeros((), device=x.device))
-    a = x0.abs()
-    ge = (a >= t) & finite
-    rms = x0.double().pow(2).sum(1, keepdim=True).div(x.shape[1]).sqrt()  # float64, as the CPU kernel
-    rel = (a >= k_rel * rms) & finite
-    union |= ge.to(torch.uint8)
-    rel_union |= rel.to(torch.uint8)
-    bins = (a[finite] / HIST_WIDTH).long().clamp_(max=HIST_BINS - 1)
-    row_max, row_arg = a.max(1)
-    return BatchStats(
-        absmax=a.amax(0),
-        count=ge.sum(0),
-        pos=(ge & (x0 > 0)).sum(0),
-        sum_out=torch.where(ge, x0, 0).sum(0, dtype=torch.float64),
-        sum=x0.sum(0, dtype=torch.float64),
-        sumsq=(x0 * x0).sum(0, dtype=torch.float64),
-        rel_count=rel.sum(0),
-        hist=torch.bincount(bins, minlength=HIST_BINS),
-        nonfinite=(~finite).sum(),
-        row_max=row_max,
-        row_arg=row_arg,
-    )

@@ -1,7 +1,8 @@
 """Stage 5, the numbers: perplexity one recorded way, agreement with a reference, intervals.
 
 ``windows``     protocols (chunks, sliding), BOS handling, batching of windows
-``perplexity``  ``perplexity(model, ids, reference=...)`` and its result record
+``perplexity``  ``perplexity(model, ids, reference=...)``
+``result``      ``PerplexityResult``: the number, its settings, per-window sums, agreement
 ``lmhead``      final hidden states and logits a few positions at a time
 ``intervals``   bootstrap intervals over windows
 """

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import MutableMapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,64 +28,10 @@ from tqdm.auto import tqdm
 from outliers.errors import InvalidArgumentError
 from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
 from outliers.eval.lmhead import SplitLM, positions_per_chunk, split_lm
+from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
 
 __all__ = ["PerplexitySettings", "PerplexityResult", "perplexity"]
-
-
-@dataclass(frozen=True)
-class PerplexityResult:
-    """A perplexity and everything needed to reproduce, bound or compare it.
-
-    ``window_nll`` and ``window_tokens`` are each window's NLL sum and scored
-    tokens (their ratio of sums is ``nll``); ``token_nll`` holds every scored
-    token's NLL in window order (float32, left out of ``to_dict``). The
-    ``*_ci95`` fields are 95 % bootstrap intervals over windows. The fields
-    from ``ref_dtype`` on are set when a reference model was given.
-    """
-
-    ppl: float
-    nll: float  # mean token NLL in nats
-    n_tokens: int  # tokens scored
-    n_windows: int
-    seconds: float  # this model's forwards and loss, not loading, tokenizing or the reference
-    tokens_per_s: float  # tokens fed to the model per second
-    protocol: str
-    window: int
-    stride: int | None
-    max_windows: int | None
-    batch_size: int
-    bos: str
-    model: str
-    corpus: str
-    corpus_tokens: int
-    dtype: str
-    method: str
-    device: str
-    torch_threads: int
-    ppl_ci95: tuple[float, float]
-    window_nll: list[float]
-    window_tokens: list[int]
-    ref_dtype: str | None = None
-    ref_ppl: float | None = None
-    ref_seconds: float | None = None  # the reference's share of this call (its head only when its states were reused)
-    delta_ppl_pct: float | None = None  # 100 (ppl / ref_ppl - 1)
-    delta_ppl_pct_ci95: tuple[float, float] | None = None
-    kl_vs_ref: float | None = None  # mean KL(P_ref || P_model) in nats per scored token
-    kl_vs_ref_ci95: tuple[float, float] | None = None
-    top1_agreement: float | None = None  # share of scored positions with the same argmax token
-    top1_agreement_ci95: tuple[float, float] | None = None
-    window_ref_nll: list[float] | None = None
-    window_kl: list[float] | None = None
-    window_top1: list[int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    token_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field but ``token_nll``, JSON-ready."""
-        d = asdict(self)
-        d.pop("token_nll")
-        return d
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
