@@ -52,7 +52,7 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _scratch(target: Path, folder: bool) -> Path:
+def _scratch(target: Path, *, folder: bool) -> Path:
     """Create and return a new empty file/folder ``.tmp-NAME-RANDOM[SUFFIX]`` next to ``target``.
 
     Created with mode 0o666/0o777 less the umask (not ``tempfile``'s 0o600/0o700),

@@ -31,7 +31,7 @@ class Worker:
     time reaches it too.
     """
 
-    def __init__(self, cfg: StudyConfig, measures: dict[str, Measure] | None = None, progress: bool = False):
+    def __init__(self, cfg: StudyConfig, measures: dict[str, Measure] | None = None, *, progress: bool = False):
         from .measures import MEASURES
 
         self.cfg = cfg

@@ -42,7 +42,7 @@ def check_gguf(path: Path) -> None:
         raise ModelFileError(f"GGUF file {path} is corrupt or truncated: {e}") from e
 
 
-def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
+def convert_gguf(path: Path, sha256: str, *, progress: bool) -> Path:
     """Dequantize a GGUF once and save model + tokenizer as a float32 safetensors folder."""
     target = converted_dir(path.name, sha256)
     if target.exists():
@@ -51,7 +51,7 @@ def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with quiet_loading(progress):
+        with quiet_loading(progress=progress):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as e:
@@ -65,7 +65,7 @@ def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
         clean = type(gguf_model)(config)
     clean.load_state_dict(gguf_model.state_dict(), assign=True)
     clean.tie_weights()
-    with atomic_dir(target) as scratch, quiet_loading(progress):
+    with atomic_dir(target) as scratch, quiet_loading(progress=progress):
         clean.save_pretrained(scratch)
         tok.save_pretrained(scratch)
         (scratch / "outliers_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256}, indent=2))
@@ -73,7 +73,7 @@ def convert_gguf(path: Path, sha256: str, progress: bool) -> Path:
 
 
 @contextlib.contextmanager
-def quiet_loading(progress: bool) -> Iterator[None]:
+def quiet_loading(*, progress: bool) -> Iterator[None]:
     """Silence transformers' progress bars and info logs unless progress is wanted.
 
     Its GGUF converter draws a plain tqdm bar that no transformers setting

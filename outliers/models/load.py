@@ -125,7 +125,7 @@ def load_model(
     if src.gguf is not None:
         if cache:
             sha = src.gguf_sha256 or sha256_file(src.gguf)
-            where = convert_gguf(src.gguf, sha, progress)
+            where = convert_gguf(src.gguf, sha, progress=progress)
         else:
             check_gguf(src.gguf)
             where, gguf_file = src.gguf.parent, src.gguf.name
@@ -142,7 +142,7 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with quiet_loading(progress), warnings.catch_warnings():
+        with quiet_loading(progress=progress), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
             config = AutoConfig.from_pretrained(where, **cfg_kwargs)
