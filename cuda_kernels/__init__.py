@@ -3,8 +3,10 @@ int8 GEMM with fused dequantization (SIMT tiles, or int8 tensor cores through a
 linked ``mma`` device function), outlier-column gathers.
 
 ``kernels`` holds the ``@cuda.jit`` bodies, built per ``TileConfig`` (``tiles``),
-``mma`` the tensor-core instruction (and its simulator emulation), ``launch`` the
-launchers that take torch tensors, ``check`` a build of every kernel for real GPUs
+``mma`` the tensor-core instruction (and its simulator emulation), ``device`` where
+kernels run and how torch tensors reach them (checks, views, launches), ``gemm`` the
+int8 GEMM, ``launch`` the row and column launchers and ``llm_int8_linear`` (it
+re-exports the others' public names), ``check`` a build of every kernel for real GPUs
 that needs no GPU (``python -m cuda_kernels.check``). Launchers raise
 ``KernelArgumentError`` (``errors``, a ``ValueError``) for arguments they refuse.
 

@@ -26,7 +26,7 @@ MISSING = 3
 
 
 def signatures():
-    """Kernel name -> the argument types its launcher in ``launch.py`` passes (add yours here)."""
+    """Kernel name -> the argument types its launcher (``launch.py``, ``gemm.py``) passes (add yours here)."""
     from numba import types as T
 
     def arr(dtype, ndim):

@@ -1,5 +1,5 @@
 """``@cuda.jit`` bodies for LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339); launchers
-(grid math, checks) live in ``launch.py``.
+(grid math) live in ``launch.py`` and ``gemm.py``, checks in ``device.py``.
 
 Every index is bounds-guarded. Tile and block sizes are compile-time constants, taken
 from a ``TileConfig``: ``build(tiles)`` returns the kernels closed over one configuration

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_kernels import KernelArgumentError
+from cuda_kernels import PRODUCTION_TILES, SMALL_TILES, KernelArgumentError
+from cuda_kernels import device as D
+from cuda_kernels import gemm as G
 from cuda_kernels import launch as L
 from outliers import InvalidArgumentError
 from outliers.quant.int8 import int8_vectorwise_quant, llm_int8_matmul, outlier_columns
 from outliers.quant.linear import Int8Linear, NonFiniteInputError
 from outliers.quant.quantizers import int8_matmul
 
-DEV = "cuda" if L.available() else "cpu"
-if DEV == "cpu" and not L.simulated():
+DEV = "cuda" if D.available() else "cpu"
+if DEV == "cpu" and not D.simulated():
     pytest.skip("no GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
 
 
@@ -91,7 +93,7 @@ def test_int8_gemm_accumulators_are_exact(m, k, n):
     g = torch.Generator().manual_seed(m * k * n)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV)).cpu(), int8_matmul(a, b))
+    assert torch.equal(G.int8_matmul(a.to(DEV), b.to(DEV)).cpu(), int8_matmul(a, b))
 
 
 def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
@@ -100,7 +102,7 @@ def test_gemm_epilogue_dequantizes_adds_bias_and_outliers():
     cb, scb = weight(7, 23)
     bias = torch.randn(7)
     xo, wo = torch.randn(9, 2), torch.randn(7, 2)
-    got = L.int8_matmul_dequant(codes.to(DEV), cb, rs.to(DEV), scb, bias.to(DEV), xo.to(DEV), wo.to(DEV))
+    got = G.int8_matmul_dequant(codes.to(DEV), cb, rs.to(DEV), scb, bias.to(DEV), xo.to(DEV), wo.to(DEV))
     ref = int8_matmul(codes, cb.cpu()) * (rs[:, None] / 127**2) * scb.cpu() + bias + xo @ wo.t()
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
 
@@ -136,8 +138,8 @@ def test_epilogue_writes_half_precision_rounded_like_torch(out_dtype, gemm):
     a = torch.zeros(3, 32, dtype=torch.int8)
     b = torch.ones(n, 32, dtype=torch.int8)
     args = (a.to(DEV), b.to(DEV), torch.ones(3, device=DEV), torch.ones(n, device=DEV), bias.to(DEV))
-    got = L.int8_matmul_dequant(*args, out_dtype=out_dtype, gemm=gemm).cpu()
-    want = L.int8_matmul_dequant(*args, gemm=gemm).cpu().to(out_dtype)  # float32 out, then torch rounds
+    got = G.int8_matmul_dequant(*args, out_dtype=out_dtype, gemm=gemm).cpu()
+    want = G.int8_matmul_dequant(*args, gemm=gemm).cpu().to(out_dtype)  # float32 out, then torch rounds
     assert got.dtype == out_dtype
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan) and nan.any()  # NaN payloads differ between conversions
@@ -185,16 +187,16 @@ def test_launchers_refuse_bad_input(monkeypatch):
     cb, scb = weight(7, 23)
     x = planted(3, 23)
     with pytest.raises(KernelArgumentError, match="a must be torch.int8, got torch.float32"):
-        L.int8_matmul(x, cb)
+        G.int8_matmul(x, cb)
     with pytest.raises(KernelArgumentError, match="inner dimensions differ"):
-        L.int8_matmul(cb[:, :20].contiguous(), cb)
+        G.int8_matmul(cb[:, :20].contiguous(), cb)
     with pytest.raises(KernelArgumentError, match="x is not contiguous"):
         L.quantize_rows(planted(23, 3).t(), 6.0)
     with pytest.raises(KernelArgumentError, match="threshold must be >= 0"):
         L.quantize_rows(x, -1.0)
     with pytest.raises(KernelArgumentError, match="x must be torch.float32 or torch.float16, got torch.int8"):
         L.quantize_rows(cb, 0.0)
-    monkeypatch.setattr(L, "simulated", lambda: False)
+    monkeypatch.setattr(D, "simulated", lambda: False)  # read by _check, and by Int8Linear (from device.py)
     with pytest.raises(KernelArgumentError, match="must be a CUDA tensor, got one on cpu"):
         L.quantize_rows(torch.randn(2, 3), 0.0)
     with pytest.raises(InvalidArgumentError, match="backend='numba' needs CUDA tensors"):
@@ -213,6 +215,14 @@ def test_int8linear_names_its_layer_when_a_kernel_refuses_its_arguments(monkeypa
         q(planted(4, 23).to(DEV))
 
 
+def test_launch_reexports_the_gemm_and_device_names():
+    # README and benchmarks/gpu_kernels.py reach everything through cuda_kernels.launch
+    for name in L.__all__:
+        assert hasattr(L, name), name
+    assert L.int8_matmul is G.int8_matmul and L.mma_verified is G.mma_verified and L.pick_gemm is G.pick_gemm
+    assert L.simulated is D.simulated and L.available is D.available and L.default_tiles is D.default_tiles
+
+
 # The tensor-core GEMM. Under the simulator, mma runs as an emulation of the PTX fragment
 # layout (cuda_kernels/mma.py); on a GPU these same tests run the real instruction.
 MMA_SHAPES = [(1, 64, 7), (33, 96, 40), (70, 32, 9)]  # one token; 2 blocks in N and a partial K stage; 2 in M
@@ -225,7 +235,7 @@ def test_mma_gemm_accumulators_are_exact(m, k, n):
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     b[0] = -127  # the extremes, where a sign or byte-order slip shows most
     a[0, :] = 127
-    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV), gemm="mma").cpu(), int8_matmul(a, b))
+    assert torch.equal(G.int8_matmul(a.to(DEV), b.to(DEV), gemm="mma").cpu(), int8_matmul(a, b))
 
 
 def test_mma_llm_int8_linear_equals_reference():
@@ -239,52 +249,54 @@ def test_mma_llm_int8_linear_equals_reference():
 
 
 def test_mma_self_check_falls_back_on_wrong_products(monkeypatch):
-    real = L.build_kernels
-    monkeypatch.setattr(L, "_VERIFIED", {})
-    assert L.mma_verified()
-    monkeypatch.setattr(L, "_VERIFIED", {})
+    real = D.build_kernels  # _kernels (device.py) builds them for gemm.py
+    monkeypatch.setattr(G, "_VERIFIED", {})
+    assert G.mma_verified()
+    monkeypatch.setattr(G, "_VERIFIED", {})
 
     class Zeros:  # a broken kernel: writes zeros where the products go
         def __getitem__(self, config):
             return lambda *args: (
-                args[-1].fill(0) if L.simulated() else args[-1][:].copy_to_device(np.zeros(args[-1].shape, np.int32))
+                args[-1].fill(0) if D.simulated() else args[-1][:].copy_to_device(np.zeros(args[-1].shape, np.int32))
             )
 
-    monkeypatch.setattr(L, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Zeros()))
+    monkeypatch.setattr(D, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Zeros()))
     with pytest.warns(RuntimeWarning, match="tensor-core int8 GEMM gave wrong products"):
-        assert not L.mma_verified()
-    assert not L.mma_verified()  # decided once per device
+        assert not G.mma_verified()
+    assert not G.mma_verified()  # decided once per device
 
     class Unbuildable:  # e.g. numba-cuda without NVRTC to compile the linked CUDA C
         def __getitem__(self, config):
             raise RuntimeError("NVRTC not found")
 
-    monkeypatch.setattr(L, "_VERIFIED", {})
-    monkeypatch.setattr(L, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Unbuildable()))
+    monkeypatch.setattr(G, "_VERIFIED", {})
+    monkeypatch.setattr(D, "build_kernels", lambda tiles: real(tiles)._replace(int8_gemm_mma_kernel=Unbuildable()))
     with pytest.warns(RuntimeWarning, match=r"could not run \(RuntimeError: NVRTC not found\)"):
-        assert not L.mma_verified()
+        assert not G.mma_verified()
     a = torch.ones(20, 32, dtype=torch.int8, device=DEV)
-    monkeypatch.setattr(L, "simulated", lambda: False)  # let 'auto' consult the self-check, as on a GPU
-    monkeypatch.setattr(L, "mma_supported", lambda device=None: None)
-    key = (str(a.device), L.PRODUCTION_TILES)  # decided per device and tiles; a GPU runs these by default
-    L._VERIFIED[key] = False
-    assert L.pick_gemm("auto", a, a) == "simt"
-    L._VERIFIED[key] = True
-    assert L.pick_gemm("auto", a, a) == "mma"
-    assert L.pick_gemm("auto", a, a, tiles=L.SMALL_TILES) == "simt"  # its own check failed above
-    assert L.pick_gemm("auto", a[:, :30].contiguous(), a[:, :30].contiguous()) == "simt"  # K % 4 == 2
+    # as on a GPU: 'auto' consults the self-check (gemm.py), for the default tiles there (device.py)
+    monkeypatch.setattr(G, "simulated", lambda: False)
+    monkeypatch.setattr(D, "simulated", lambda: False)
+    monkeypatch.setattr(G, "mma_supported", lambda device=None: None)
+    key = (str(a.device), PRODUCTION_TILES)  # decided per device and tiles; a GPU runs these by default
+    G._VERIFIED[key] = False
+    assert G.pick_gemm("auto", a, a) == "simt"
+    G._VERIFIED[key] = True
+    assert G.pick_gemm("auto", a, a) == "mma"
+    assert G.pick_gemm("auto", a, a, tiles=SMALL_TILES) == "simt"  # its own check failed above
+    assert G.pick_gemm("auto", a[:, :30].contiguous(), a[:, :30].contiguous()) == "simt"  # K % 4 == 2
 
 
 def test_mma_refuses_what_it_cannot_run():
     a = torch.zeros(3, 10, dtype=torch.int8, device=DEV)
     with pytest.raises(KernelArgumentError, match="words of 4 along K, got K = 10"):
-        L.int8_matmul(a, a, gemm="mma")
-    assert torch.equal(L.int8_matmul(a, a, gemm="auto").cpu(), torch.zeros(3, 3, dtype=torch.int32))
+        G.int8_matmul(a, a, gemm="mma")
+    assert torch.equal(G.int8_matmul(a, a, gemm="auto").cpu(), torch.zeros(3, 3, dtype=torch.int32))
     shifted = torch.zeros(25, dtype=torch.int8, device=DEV)[1:].view(3, 8)  # contiguous, offset 1 byte
     with pytest.raises(KernelArgumentError, match="starts mid-word"):
-        L.int8_matmul(shifted, shifted.clone(), gemm="mma")
+        G.int8_matmul(shifted, shifted.clone(), gemm="mma")
     with pytest.raises(KernelArgumentError, match="gemm must be one of"):
-        L.int8_matmul(a, a, gemm="wmma")
+        G.int8_matmul(a, a, gemm="wmma")
 
 
 def test_gpu_benchmark_script_runs_in_the_simulator():

@@ -12,19 +12,21 @@ import pytest
 import torch
 
 from cuda_kernels import PRODUCTION_TILES, SMALL_TILES, KernelArgumentError, TileConfig
+from cuda_kernels import device as D
+from cuda_kernels import gemm as G
 from cuda_kernels import launch as L
 from outliers.quant.int8 import int8_vectorwise_quant
 from outliers.quant.quantizers import int8_matmul
 
-DEV = "cuda" if L.available() else "cpu"
-if DEV == "cpu" and not L.simulated():
+DEV = "cuda" if D.available() else "cpu"
+if DEV == "cpu" and not D.simulated():
     pytest.skip("no GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
 
 P = PRODUCTION_TILES
 
 
 def test_default_tiles_and_one_build_per_configuration():
-    assert L.default_tiles() == (SMALL_TILES if L.simulated() else PRODUCTION_TILES)
+    assert D.default_tiles() == (SMALL_TILES if D.simulated() else PRODUCTION_TILES)
     assert P != SMALL_TILES  # else the simulator would test the production tiling everywhere anyway
     from cuda_kernels.kernels import build
 
@@ -44,7 +46,7 @@ def test_invalid_tiles_are_refused():
             TileConfig(**bad)
     a = torch.zeros(2, 4, dtype=torch.int8, device=DEV)
     with pytest.raises(KernelArgumentError, match="tiles must be a TileConfig, got dict"):
-        L.int8_matmul(a, a, tiles={"simt_tile": 8})
+        G.int8_matmul(a, a, tiles={"simt_tile": 8})
     assert issubclass(KernelArgumentError, ValueError)
 
 
@@ -61,7 +63,7 @@ def test_production_simt_gemm_is_exact_on_partial_tiles():
     t = P.simt_tile
     m, k, n = t + 1, t + 4, t + 2  # 2 x 2 blocks and 2 K steps, each second one partial
     a, b = _ints(m, k, n, seed=1)
-    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV), gemm="simt", tiles=P).cpu(), int8_matmul(a, b))
+    assert torch.equal(G.int8_matmul(a.to(DEV), b.to(DEV), gemm="simt", tiles=P).cpu(), int8_matmul(a, b))
 
 
 def test_production_mma_gemm_is_exact_on_partial_tiles():
@@ -70,7 +72,7 @@ def test_production_mma_gemm_is_exact_on_partial_tiles():
     m, k, n = P.mma_bm - 11, 4 * (P.mma_k_words - 4), P.mma_bn - 5
     assert m > P.mma_bm - 16 * P.mma_mt and n > P.mma_bn - 8 * P.mma_nt  # data reaches every warp
     a, b = _ints(m, k, n, seed=2)
-    assert torch.equal(L.int8_matmul(a.to(DEV), b.to(DEV), gemm="mma", tiles=P).cpu(), int8_matmul(a, b))
+    assert torch.equal(G.int8_matmul(a.to(DEV), b.to(DEV), gemm="mma", tiles=P).cpu(), int8_matmul(a, b))
 
 
 def test_production_quantize_rows_is_bit_exact_on_a_partial_block():

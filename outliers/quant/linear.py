@@ -247,7 +247,7 @@ class Int8Linear(nn.Module):
         """Whether this call runs on the Numba CUDA kernels (llm.int8 and absmax-vector only)."""
         if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
             return False  # decided without importing numba.cuda: the CPU hot path stays lean
-        from cuda_kernels.launch import available, simulated
+        from cuda_kernels.device import available, simulated
 
         if self.backend == "numba":
             if not (x.is_cuda or simulated()):
