@@ -35,7 +35,7 @@ def scan(
     """Run non-overlapping windows of ``window`` tokens (up to ``max_tokens``) and return the statistics.
 
     With ``bos_token_id`` every window is that BOS followed by ``window - 1``
-    corpus tokens (the ``bos="window"`` protocol of ``outliers.perplexity``);
+    corpus tokens (the ``bos="window"`` protocol of ``outliers.eval.windows``);
     a BOS at the corpus' start is then dropped, not doubled.
 
     A corpus shorter than ``max_tokens`` is scanned whole; ``stats.meta``

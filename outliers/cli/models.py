@@ -7,7 +7,6 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in models and whether each is installed")
-
     p.set_defaults(func=run)
 
 

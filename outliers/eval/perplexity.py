@@ -49,7 +49,7 @@ def _short_dtype(dtype: torch.dtype) -> str:
 class _Scorer:
     """One model's last ``keep`` positions per batch, and their log-probs a few positions at a time.
 
-    With a body/head split (``outliers.lmhead``) the batch keeps final hidden
+    With a body/head split (``outliers.eval.lmhead``) the batch keeps final hidden
     states and logits are made per chunk of positions; otherwise the model's
     own forward gives the logits (with ``logits_to_keep`` where it takes it).
     """
