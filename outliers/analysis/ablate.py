@@ -12,6 +12,7 @@ the model sees the ablated hidden state consistently.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from outliers.analysis.points import CapturePoint, resolve_points
 from outliers.analysis.stats import OutlierStats, Stat
-from outliers.arch.registry import architecture_of
+from outliers.arch.registry import GENERIC, architecture_of
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import perplexity
 
@@ -36,6 +37,12 @@ def readers(model: nn.Module, point: CapturePoint) -> list[str]:
     architecture registry says which (``SharedInput``).
     """
     family = architecture_of(model)
+    if family is GENERIC and point.kind in ("attn_in", "ffn_in"):
+        warnings.warn(
+            f"{type(model).__name__} is not in the architecture registry: only {point.module} is edited, "
+            "not the other linears that may read the same input; register its family (outliers.arch)",
+            stacklevel=3,
+        )
     shared = {"attn_in": family.attn_in, "ffn_in": family.ffn_in}.get(point.kind)
     if shared is None or not point.module.endswith(shared.linears[0]):
         return [point.module]

@@ -23,6 +23,7 @@ def _llama_like(
     norm: NormKind = NormKind.RMS,
     ffn_norm: str = "post_attention_layernorm",
     key_norm: str | None = None,
+    rope: str = "full",
     notes: str = "",
 ) -> Architecture:
     """Pre-norm decoders with separate q/k/v and a gated MLP (up/gate -> down), RoPE on q and k."""
@@ -37,14 +38,54 @@ def _llama_like(
         attn_out="self_attn.o_proj",
         ffn_in=SharedInput(("mlp.up_proj", "mlp.gate_proj"), ffn_norm, norm),
         down="mlp.down_proj",
-        kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", key_norm=key_norm),
+        kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", key_norm=key_norm, rope=rope),
         no_split=(block_class,),
         notes=notes,
     )
 
 
+register_architecture(_llama_like("llama", ("llama",), "LlamaDecoderLayer", notes="SmolLM2 is a Llama"))
 register_architecture(
-    _llama_like("llama", ("llama", "smollm3", "olmo", "olmo2"), "LlamaDecoderLayer", notes="SmolLM2 is a Llama")
+    _llama_like(
+        "smollm3",
+        ("smollm3",),
+        "SmolLM3DecoderLayer",
+        rope="per-layer",
+        notes="no RoPE where config.no_rope_layers is 0",
+    )
+)
+register_architecture(
+    Architecture(
+        "olmo",
+        ("olmo",),
+        blocks=r"layers\.(\d+)",
+        attention="self_attn",
+        mlp="mlp",
+        # its LayerNorms have no weight or bias: nothing to fold a scale into
+        attn_in=SharedInput(_QKV, None, None),
+        attn_out="self_attn.o_proj",
+        ffn_in=SharedInput(("mlp.up_proj", "mlp.gate_proj"), None, None),
+        down="mlp.down_proj",
+        kv=KeyValues("self_attn.k_proj", "self_attn.v_proj"),
+        no_split=("OlmoDecoderLayer",),
+        notes="pre-norm with non-parametric LayerNorms (input_layernorm, post_attention_layernorm)",
+    )
+)
+register_architecture(
+    Architecture(
+        "olmo2",
+        ("olmo2",),
+        blocks=r"layers\.(\d+)",
+        attention="self_attn",
+        mlp="mlp",
+        attn_in=SharedInput(_QKV, None, None),  # post-norm: the block's input reaches q/k/v un-normalized
+        attn_out="self_attn.o_proj",
+        ffn_in=SharedInput(("mlp.up_proj", "mlp.gate_proj"), None, None),
+        down="mlp.down_proj",
+        kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", key_norm="self_attn.k_norm"),
+        no_split=("Olmo2DecoderLayer",),
+        notes="norms after attention and MLP (post_attention_layernorm, post_feedforward_layernorm); q/k norms",
+    )
 )
 register_architecture(_llama_like("mistral", ("mistral",), "MistralDecoderLayer"))
 register_architecture(_llama_like("qwen2", ("qwen2",), "Qwen2DecoderLayer", notes="q/k/v carry biases"))
@@ -103,7 +144,8 @@ register_architecture(
         down="fc2",
         kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", rope=None),
         no_split=("OPTDecoderLayer",),
-        notes="the MLP's fc1/fc2 sit in the block; opt-350m normalizes after, not before (do_layer_norm_before)",
+        notes="the MLP's fc1/fc2 sit in the block; opt-350m normalizes after, not before "
+        "(do_layer_norm_before): its norms must not take a folded scale",
     )
 )
 
@@ -133,10 +175,11 @@ register_architecture(
         mlp="",
         attn_in=SharedInput(("attention.self.query", "attention.self.key", "attention.self.value"), None, None),
         attn_out="attention.output.dense",
-        ffn_in=SharedInput(("intermediate.dense",), "attention.output.LayerNorm", NormKind.LAYERNORM),
+        # attention.output.LayerNorm's output is also the residual that BertOutput adds back: not foldable
+        ffn_in=SharedInput(("intermediate.dense",), None, None),
         down="output.dense",
         kv=KeyValues("attention.self.key", "attention.self.value", rope=None),
         no_split=("BertLayer",),
-        notes="an encoder, post-norm: no norm of the block precedes q/k/v; no causal LM head",
+        notes="an encoder, post-norm: no norm folds into q/k/v or the FFN input; no causal LM head",
     )
 )

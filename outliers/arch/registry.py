@@ -51,8 +51,12 @@ class NormKind(StrEnum):
 class SharedInput:
     """Linears that read the same input (q/k/v; gate/up), and the norm in the block that produces it.
 
-    ``norm`` is None where no norm of the block precedes the input (BERT's
-    post-norm attention): a per-channel scale then needs its own module.
+    ``norm`` names a norm only when its output feeds these linears and nothing
+    else, so that folding a per-channel scale into it changes nothing but
+    their input. It is None otherwise: no norm precedes the input (post-norm
+    blocks: BERT, OLMo 2), the norm's output is also the residual stream
+    (BERT's FFN input), or the norm has no affine weight (OLMo); a scale then
+    needs its own module before the linears.
     """
 
     linears: tuple[str, ...]
@@ -68,7 +72,8 @@ class KeyValues:
     fused linear makes q, k and v (GPT-2's ``c_attn``, GPT-NeoX's
     ``query_key_value``) both name it and ``fused`` says its layout.
     ``key_norm`` is a norm applied to keys before RoPE (Gemma 3, Qwen 3).
-    ``rope`` is "full", "partial" (GPT-NeoX's rotary_pct) or None (learned or
+    ``rope`` is "full", "partial" (GPT-NeoX's rotary_pct), "per-layer" (some
+    layers have none: SmolLM3's ``no_rope_layers``) or None (learned or
     absolute positions): keys after RoPE exist only inside the attention's
     forward, never as a module's output.
     """
@@ -137,8 +142,6 @@ def register_architecture(arch: Architecture) -> Architecture:
 
 def architecture_of(model: nn.Module) -> Architecture:
     """Return the registered family of a transformers model (by ``config.model_type``), or ``GENERIC``."""
-    import outliers.arch.families  # noqa: F401  (registers the built-in families)
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return _BY_MODEL_TYPE.get(model_type, GENERIC) if model_type else GENERIC
 
@@ -164,3 +167,7 @@ def linear_summary(model: nn.Module, limit: int = 12) -> str:
     names = sorted({re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if is_linear(m)})
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+# the built-in families register themselves; last, because they use the names above
+import outliers.arch.families  # noqa: E402, F401

@@ -51,7 +51,7 @@ def convert_gguf(path: Path, sha256: str, *, progress: bool) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with quiet_loading(progress=progress):
+        with quiet_loading(progress=progress, gguf=True):
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as e:
@@ -73,12 +73,13 @@ def convert_gguf(path: Path, sha256: str, *, progress: bool) -> Path:
 
 
 @contextlib.contextmanager
-def quiet_loading(*, progress: bool) -> Iterator[None]:
+def quiet_loading(*, progress: bool, gguf: bool = False) -> Iterator[None]:
     """Silence transformers' progress bars and info logs unless progress is wanted.
 
-    Its GGUF converter draws a plain tqdm bar that no transformers setting
-    reaches (tqdm reads TQDM_DISABLE once, at import), so while quiet the
-    bar's stream, stderr, is swallowed; errors still arrive as exceptions.
+    ``gguf=True`` is for loads that dequantize a GGUF: transformers' converter
+    draws a plain tqdm bar that no transformers setting reaches (tqdm reads
+    TQDM_DISABLE once, at import), so while quiet such a load's stderr is
+    swallowed; errors still arrive as exceptions. Other loads keep stderr.
     """
     if progress:
         yield
@@ -89,7 +90,7 @@ def quiet_loading(*, progress: bool) -> Iterator[None]:
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext():
             yield
     finally:
         if bars:

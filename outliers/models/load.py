@@ -142,7 +142,7 @@ def load_model(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with quiet_loading(progress=progress), warnings.catch_warnings():
+        with quiet_loading(progress=progress, gguf=gguf_file is not None), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
             config = AutoConfig.from_pretrained(where, **cfg_kwargs)

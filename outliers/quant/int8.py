@@ -10,7 +10,7 @@ Pure PyTorch, bitsandbytes' names and semantics (Dettmers et al. 2022, §3; ``do
 * dequantization is ``C_i32 * row_stats[i] * col_stats[j] / 127² + bias[j]``.
 
 These functions are the reference every fast path (the fused CPU kernels in
-``_cpu_kernels``, the Numba CUDA kernels) is tested against. None mutates its input.
+``outliers.quant.cpu_kernels``, the Numba CUDA kernels) is tested against. None mutates its input.
 """
 
 from __future__ import annotations
