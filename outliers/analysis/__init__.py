@@ -9,5 +9,6 @@
 ``scan``         a corpus through the model under ``capture``
 ``criteria``     the paper's criteria, a scale-relative one, massive activations
 ``ablate``       zeroing dims, and what it does to perplexity and attention
+``sinks``        attention sinks: each head's mean attention to the first token, first-token norms
 ``plots``        seaborn figures of the above
 """

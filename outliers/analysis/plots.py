@@ -1,6 +1,8 @@
-"""Figures of a scan (seaborn on matplotlib Figures; no pyplot state, no display needed)."""
+"""Figures of a scan and of attention sinks (seaborn on matplotlib Figures; no pyplot state, no display needed)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,10 @@ from matplotlib.figure import Figure
 from outliers.analysis.criteria import Criteria, per_dim
 from outliers.analysis.stats import HIST_EDGES, OutlierStats, SpaceStat, Stat
 
-__all__ = ["layer_dim_heatmap", "layers_vs_positions", "magnitude_histogram"]
+if TYPE_CHECKING:
+    from outliers.analysis.sinks import SinkResult
+
+__all__ = ["layer_dim_heatmap", "layers_vs_positions", "magnitude_histogram", "sink_heatmap", "sink_norms"]
 
 
 def layer_dim_heatmap(stats: OutlierStats, space: str = "hidden", top: int = 24) -> Figure:
@@ -95,4 +100,37 @@ def magnitude_histogram(stats: OutlierStats, space: str = "hidden") -> Figure:
         title=f"{stats.meta.get('model', '')} {space} inputs: magnitude histogram",
     )
     ax.legend()
+    return fig
+
+
+def sink_heatmap(result: SinkResult) -> Figure:
+    """Layers x heads: each head's mean attention to the first token (Gu et al. 2024), local layers marked."""
+    grid = result.heads.pivot(index="layer", columns="head", values="score")
+    local = sorted(set(result.heads[result.heads.local].layer))
+    fig = Figure(figsize=(max(5, 0.4 * grid.shape[1] + 2.5), max(4, 0.25 * grid.shape[0] + 1.5)), layout="constrained")
+    ax = fig.subplots()
+    sns.heatmap(grid, ax=ax, cmap="viridis", vmin=0, vmax=1, cbar_kws={"label": "mean attention to first token"})
+    ax.set_yticks(np.arange(len(grid.index)) + 0.5, [f"{i}*" if i in local else str(i) for i in grid.index])
+    ax.set(
+        xlabel="head",
+        ylabel="layer" + (" (* local: window shorter than the analysis window)" if local else ""),
+        title=f"{result.meta.get('model', '')} attention sinks: sink rate {result.sink_rate:.1%} "
+        f"(score > {result.epsilon:g})",
+    )
+    return fig
+
+
+def sink_norms(result: SinkResult) -> Figure:
+    """Per block: the mean L2 norm of the first token's hidden state beside that of the other tokens."""
+    df = result.norms.melt("layer", var_name="token", value_name="norm")
+    df["token"] = df.token.map({"first_token_norm": "first token", "other_tokens_norm": "other tokens"})
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    sns.lineplot(df, x="layer", y="norm", hue="token", marker="o", ax=ax)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="block",
+        ylabel="mean L2 norm of the block output",
+        title=f"{result.meta.get('model', '')} hidden-state norms: first token vs the others",
+    )
     return fig
