@@ -11,7 +11,41 @@ from outliers.analysis.hooks import capture
 from outliers.analysis.stats import OutlierStats
 from outliers.errors import CorpusError, InvalidArgumentError
 
-__all__ = ["scan"]
+__all__ = ["scan", "cut_windows"]
+
+
+def cut_windows(
+    ids: torch.Tensor,
+    window: int,
+    *,
+    bos_token_id: int | None = None,
+    max_tokens: int | None = None,
+    max_windows: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Return ``(windows, corpus tokens)``: non-overlapping rows of ``window`` tokens cut from the corpus' start.
+
+    With ``bos_token_id`` every row is that BOS followed by ``window - 1``
+    corpus tokens, and a BOS at the corpus' start is dropped, not doubled
+    (the second number counts the corpus tokens left). At most ``max_tokens``
+    corpus tokens and ``max_windows`` rows are used.
+
+    Raises:
+        CorpusError: fewer tokens than one window.
+    """
+    prefix = 0 if bos_token_id is None else 1
+    if prefix and len(ids) and int(ids[0]) == bos_token_id:
+        ids = ids[1:]
+    per = window - prefix
+    usable = len(ids) if max_tokens is None else min(max_tokens, len(ids))
+    n = usable // per if per > 0 else 0
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise CorpusError(f"corpus has {len(ids)} tokens, fewer than one window of {window}")
+    rows = ids[: n * per].view(n, per)
+    if bos_token_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_token_id, dtype=rows.dtype), rows], dim=1)
+    return rows, len(ids)
 
 
 @torch.inference_mode()
@@ -49,23 +83,14 @@ def scan(
         raise InvalidArgumentError(f"threshold must be > 0, got {threshold!r}")
     if window < 1 or max_tokens < 1:
         raise InvalidArgumentError(f"window and max_tokens must be >= 1, got {window} and {max_tokens}")
-    prefix = 0
-    if bos_token_id is not None:
-        prefix = 1
-        ids = ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids
-    n_windows = min(max_tokens, len(ids)) // (window - prefix) if window > prefix else 0
-    if n_windows == 0:
-        raise CorpusError(f"corpus has {len(ids)} tokens, fewer than one window of {window}")
+    windows, corpus_tokens = cut_windows(ids, window, bos_token_id=bos_token_id, max_tokens=max_tokens)
+    n_windows = len(windows)
     scanned = n_windows * window
     note = ""
-    if len(ids) < max_tokens:
-        note = f"asked for {max_tokens} tokens but the corpus holds {len(ids)}: scanned {scanned}"
+    if corpus_tokens < max_tokens:
+        note = f"asked for {max_tokens} tokens but the corpus holds {corpus_tokens}: scanned {scanned}"
         warnings.warn(note, stacklevel=2)
     device = next(model.parameters()).device
-    windows = ids[: n_windows * (window - prefix)].view(n_windows, window - prefix)
-    if prefix:
-        assert bos_token_id is not None  # prefix is 1 only with a BOS id
-        windows = torch.cat([torch.full((n_windows, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
     with capture(
         model, points, threshold=threshold, relative_k=relative_k, top_k=top_k, patterns=patterns, stats=stats
     ) as st:
@@ -78,7 +103,7 @@ def scan(
         tokens_asked=max_tokens,
         tokens_scanned=st.meta.get("tokens_scanned", 0) + scanned,
         window=window,
-        bos="window" if prefix else "corpus",
+        bos="corpus" if bos_token_id is None else "window",
         note=note,
     )
     bad = {k: v for k, v in st.nonfinite.items() if v}

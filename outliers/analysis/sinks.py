@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from outliers.analysis.scan import cut_windows
 from outliers.arch.registry import architecture_of, blocks
-from outliers.errors import CorpusError, InvalidArgumentError
+from outliers.errors import InvalidArgumentError
 
 __all__ = ["SinkResult", "attention_sinks", "sink_hooks", "eager_attention", "local_layers"]
 
@@ -174,21 +175,6 @@ def sink_hooks(model: nn.Module) -> Iterator[dict[str, dict[int, torch.Tensor]]]
             h.remove()
 
 
-def _windows(ids: torch.Tensor, window: int, max_windows: int, bos_token_id: int | None) -> torch.Tensor:
-    """Non-overlapping windows as ``outliers.analysis.scan`` cuts them (a BOS per window with ``bos_token_id``)."""
-    prefix = 0 if bos_token_id is None else 1
-    if prefix and len(ids) and int(ids[0]) == bos_token_id:
-        ids = ids[1:]  # the corpus' own BOS is not doubled
-    n = min(max_windows, len(ids) // (window - prefix))
-    if n == 0:
-        raise CorpusError(f"corpus has {len(ids)} tokens, fewer than one window of {window}")
-    out = ids[: n * (window - prefix)].view(n, window - prefix)
-    if prefix:
-        assert bos_token_id is not None
-        out = torch.cat([torch.full((n, 1), bos_token_id, dtype=out.dtype), out], dim=1)
-    return out
-
-
 @torch.inference_mode()
 def attention_sinks(
     model: nn.Module,
@@ -219,7 +205,7 @@ def attention_sinks(
         raise InvalidArgumentError(
             f"window must be >= 2 and max_windows, batch_size >= 1; got {window}, {max_windows}, {batch_size}"
         )
-    windows = _windows(ids, window, max_windows, bos_token_id)
+    windows, _ = cut_windows(ids, window, bos_token_id=bos_token_id, max_windows=max_windows)
     n = len(windows)
     device = next(model.parameters()).device
     with eager_attention(model), sink_hooks(model) as sums:
