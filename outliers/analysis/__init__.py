@@ -10,5 +10,7 @@
 ``criteria``     the paper's criteria, a scale-relative one, massive activations
 ``ablate``       zeroing dims, and what it does to perplexity and attention
 ``sinks``        attention sinks: each head's mean attention to the first token, first-token norms
+``superweights`` super weights: down-projection spikes per block, the weights behind them, ``zeroed``
+``superweight_effects``  perplexity with super weights zeroed, their activation restored, a control
 ``plots``        seaborn figures of the above
 """

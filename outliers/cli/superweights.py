@@ -1,0 +1,128 @@
+"""``outliers superweights``: super weights and what zeroing them does to perplexity (Yu et al. 2024)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from outliers.cli.common import check_writable, ci
+from outliers.errors import InvalidArgumentError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("superweights", help="super weights: single down-projection weights that make the model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="builtin")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=4, help="windows for the perplexities (default: %(default)s)")
+    p.add_argument("--detect-windows", type=int, default=2, help="windows for detection (default: %(default)s)")
+    p.add_argument(
+        "--jump", type=float, default=50.0, help="a block jumps at this x the median output max (default: %(default)s)"
+    )
+    p.add_argument("--max-found", type=int, default=4)
+    p.add_argument("--control-k", type=int, default=7000, help="largest other weights zeroed (default: %(default)s)")
+    p.add_argument("--restore-fraction", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _line(name: str, ppl: float | None, interval, delta: float | None, delta_ci) -> str:
+    if ppl is None:
+        return f"{name:<22} -"
+    paired = f"  {delta:+.2f} % {ci(delta_ci, '+.2f')} paired" if delta is not None and delta_ci else ""
+    return f"{name:<22} {ppl:10.4f}  {ci(interval)}{paired}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from outliers.analysis.superweight_effects import super_weight_effects
+    from outliers.analysis.superweights import super_weights
+    from outliers.data.corpus import encode_corpus, load_corpus
+    from outliers.models.load import load_model
+
+    if args.window < 2 or min(args.max_windows, args.detect_windows, args.max_found, args.batch_size) < 1:
+        raise InvalidArgumentError(
+            "--window must be >= 2, --max-windows, --detect-windows, --max-found and --batch-size >= 1"
+        )
+    if not args.jump > 1 or args.control_k < 0 or not 0 < args.restore_fraction <= 1:
+        raise InvalidArgumentError("--jump must be > 1, --control-k >= 0 and --restore-fraction in (0, 1]")
+    json_path = check_writable(args.json) if args.json else None
+    progress = not args.quiet
+    corpus = load_corpus(args.corpus)
+    model, tokenizer, info = load_model(args.model, progress=progress)
+    if info.kind != "causal":
+        raise InvalidArgumentError(
+            f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM"
+        )
+    ids = encode_corpus(tokenizer, corpus)
+    found = super_weights(
+        model,
+        ids,
+        window=args.window,
+        max_windows=args.detect_windows,
+        max_found=args.max_found,
+        jump=args.jump,
+        batch_size=args.batch_size,
+        meta={
+            "model": args.model,
+            "architecture": info.architecture,
+            "n_params": info.n_params,
+            "weights": info.weights,
+            "weights_sha256": info.weights_sha256,
+            "corpus": corpus.name,
+            "corpus_sha256": corpus.sha256,
+        },
+    )
+    effects = super_weight_effects(
+        model,
+        ids,
+        found.weights,
+        window=args.window,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        control_k=args.control_k,
+        restore_fraction=args.restore_fraction,
+        progress=progress,
+    )
+    print(
+        f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
+        f"detection on {found.n_windows} windows of {found.window}, a block jumps at >= {found.jump:g} x the "
+        "median output max\n"
+    )
+    fmt = {"float_format": lambda v: f"{v:.3f}", "index": False}
+    if found.weights:
+        print("super weights (W stored (out, in); activation = the down projection's output at row):")
+        table = pd.DataFrame([vars(w) for w in found.weights]).drop(columns="dim")
+        print(table.to_string(**fmt))
+    else:
+        print("none found; the down projections' largest |input| and |output| per block:")
+        with pd.option_context("display.max_rows", None):
+            print(found.spikes.to_string(**fmt))
+    print(f"detection stopped: {found.stop}\n")
+    o, d = effects.original, effects.to_dict()
+    print(
+        f"perplexity on {o.n_windows} windows of {o.window} ({o.n_tokens} tokens scored), 95 % CI, paired vs original:"
+    )
+    print(_line("original", o.ppl, o.ppl_ci95, None, None))
+    for name, label in (
+        ("zeroed", "super weights zeroed"),
+        ("restored", "+ activation restored"),
+        ("control", f"{effects.control_k} others zeroed"),
+    ):
+        print(
+            _line(
+                label,
+                d[f"ppl_{name}"],
+                d[f"ppl_{name}_ci95"],
+                d[f"delta_ppl_pct_{name}"],
+                d[f"delta_ppl_pct_{name}_ci95"],
+            )
+        )
+    if json_path:
+        from outliers.cache import atomic_write
+
+        atomic_write(json_path, json.dumps(found.to_dict() | d, indent=1) + "\n")
+    return 0
