@@ -8,7 +8,7 @@ from typing import Any
 
 from outliers.errors import OutputPathError
 
-__all__ = ["check_writable", "print_table", "ci"]
+__all__ = ["check_writable", "print_table", "ci", "run_facts"]
 
 
 def check_writable(path: str) -> Path:
@@ -34,3 +34,16 @@ def print_table(rows: list[tuple[str, Any]]) -> None:
 
 def ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
     return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else ""
+
+
+def run_facts(model: str, info: Any, corpus: Any) -> dict[str, Any]:
+    """What an analysis records beside its numbers: the model as named, its weights' provenance, the corpus."""
+    return {
+        "model": model,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus.sha256,
+        "architecture": info.architecture,
+        "n_params": info.n_params,
+        "weights": info.weights,
+        "weights_sha256": info.weights_sha256,
+    }

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from outliers.cli.common import run_facts
 from outliers.errors import OutputPathError
 
 
@@ -90,15 +91,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=progress,
             bos_token_id=bos_id,
-            meta={
-                "model": args.model,
-                "corpus": corpus.name,
-                "corpus_sha256": corpus.sha256,
-                "architecture": info.architecture,
-                "n_params": info.n_params,
-                "weights": info.weights,
-                "weights_sha256": info.weights_sha256,
-            },
+            meta=run_facts(args.model, info, corpus),
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from outliers.cli.common import check_writable
+from outliers.cli.common import check_writable, run_facts
 from outliers.errors import InvalidArgumentError, OutputPathError
 
 
@@ -75,15 +75,7 @@ def run(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         bos_token_id=bos_id,
         progress=progress,
-        meta={
-            "model": args.model,
-            "architecture": info.architecture,
-            "n_params": info.n_params,
-            "weights": info.weights,
-            "weights_sha256": info.weights_sha256,
-            "corpus": corpus.name,
-            "corpus_sha256": corpus.sha256,
-        },
+        meta=run_facts(args.model, info, corpus),
     )
     d = res.to_dict()
     local = d["local_layers"]

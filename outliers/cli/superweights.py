@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from outliers.cli.common import check_writable, ci
+from outliers.cli.common import check_writable, ci, run_facts
 from outliers.errors import InvalidArgumentError
 
 
@@ -66,15 +66,7 @@ def run(args: argparse.Namespace) -> int:
         max_found=args.max_found,
         jump=args.jump,
         batch_size=args.batch_size,
-        meta={
-            "model": args.model,
-            "architecture": info.architecture,
-            "n_params": info.n_params,
-            "weights": info.weights,
-            "weights_sha256": info.weights_sha256,
-            "corpus": corpus.name,
-            "corpus_sha256": corpus.sha256,
-        },
+        meta=run_facts(args.model, info, corpus),
     )
     effects = super_weight_effects(
         model,
