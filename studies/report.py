@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,8 @@ __all__ = [
     "outlier_table",
     "emergence",
     "write_report",
+    "StudySummary",
+    "summary",
     "markdown",
     "fmt_delta",
 ]
@@ -83,6 +86,75 @@ def _current(planned: list, df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, i
     df = df[df.key.map(lambda k: state.get(k) in ("done", "older"))].copy()
     df["state"] = df.key.map(state)
     return df, counts
+
+
+@dataclass(frozen=True, eq=False)
+class StudySummary:
+    """A study's current results as a notebook shows them: ``summary(folder)`` in a cell.
+
+    ``frame``: the current rows (done or older, with ``state``); ``counts``: cells per state;
+    ``tables``: the report's tables (``report.md``), each under its heading.
+    """
+
+    config: StudyConfig
+    frame: pd.DataFrame = field(repr=False)
+    counts: dict[str, int]
+    tables: tuple[tuple[str, pd.DataFrame], ...] = field(repr=False)
+    failed: pd.DataFrame = field(repr=False)  # model, method, threshold, error (its first line)
+
+    def _repr_html_(self) -> str:
+        from outliers.display import render_html
+
+        cfg, c = self.config, self.counts
+        rows = [
+            ("cells current", c["done"] + c["older"], f"{c['older']} by another commit" if c["older"] else ""),
+            ("failed", c["failed"]),
+            ("stale", c["stale"], "inputs changed: left out; studies run recomputes them" if c["stale"] else ""),
+            ("pending", c["pending"]),
+        ]
+        weights = [
+            (f"weights of {model}", (group.provenance.iloc[-1] or {}).get("weights"))
+            for model, group in self.frame.groupby("model", sort=False)
+        ]
+        settings = [
+            ("models", ", ".join(cfg.models)),
+            ("corpora", ", ".join(cfg.corpora)),
+            ("measures", ", ".join(cfg.measure)),
+            ("window", cfg.window),
+            ("bos", cfg.bos),
+            ("dtype", cfg.dtype),
+            *weights,
+        ]
+        tables = [*self.tables, *([("failed cells", self.failed)] if len(self.failed) else [])]
+        title = f"Study {cfg.name}" + (f": {cfg.description}" if cfg.description else "")
+        return render_html(title, rows, settings, tables=tables)
+
+
+def summary(folder: str | Path) -> StudySummary:
+    """Return a study's current results with the report's tables; a notebook shows it as HTML.
+
+    Only current rows count (as in ``write_report``); figures are left to ``report.md`` and the
+    measures' plotting functions.
+    """
+    from .measures import MEASURES, Table
+
+    cfg, planned, frame = _load(folder)
+    df, counts = _current(planned, frame)
+    tables = []
+    for measure in MEASURES.values():
+        if measure.name not in cfg.measure:
+            continue
+        section, heading = measure.name, measure.name
+        for block in measure.report(df, cfg):
+            if isinstance(block, str) and block.startswith("## "):
+                section = heading = block[3:]
+            elif isinstance(block, str) and block.startswith("### "):
+                heading = f"{section} · {block[4:]}"
+            elif isinstance(block, Table) and not block.csv_only:
+                tables.append((heading, block.frame))
+    failed = frame[frame.status == "failed"]
+    errors = failed.assign(error=failed.error.map(lambda e: str(e).splitlines()[0] if e else ""))
+    return StudySummary(cfg, df, counts, tuple(tables), errors[["model", "method", "threshold", "error"]])
 
 
 def _provenance_lines(df: pd.DataFrame) -> list[str]:

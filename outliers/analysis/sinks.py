@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from outliers.analysis.scan import cut_windows
 from outliers.arch.registry import architecture_of, blocks
+from outliers.display import sinks_html
 from outliers.errors import InvalidArgumentError
 
 __all__ = ["SinkResult", "attention_sinks", "sink_hooks", "eager_attention", "local_layers"]
@@ -86,6 +87,9 @@ class SinkResult:
             "heads": self.heads.to_dict(orient="records"),
             "norms": self.norms.to_dict(orient="records"),
         }
+
+    def _repr_html_(self) -> str:
+        return sinks_html(self)
 
 
 def local_layers(model: nn.Module, window: int) -> set[int]:

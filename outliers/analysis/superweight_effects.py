@@ -30,6 +30,7 @@ from torch import nn
 
 from outliers.analysis.superweights import Coord, SuperWeight, down_projections, zeroed
 from outliers.arch.linear import weight_of
+from outliers.display import superweight_effects_html
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import PerplexityResult, perplexity
 
@@ -67,6 +68,9 @@ class SuperWeightEffects:
             "restore_fraction": self.restore_fraction,
             "restored_positions": self.restored_positions,
         }
+
+    def _repr_html_(self) -> str:
+        return superweight_effects_html(self)
 
 
 def control_coords(model: nn.Module, exclude: list[Coord], k: int) -> list[Coord]:

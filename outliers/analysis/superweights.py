@@ -38,6 +38,7 @@ from torch import nn
 from outliers.analysis.scan import cut_windows
 from outliers.arch.linear import weight_of
 from outliers.arch.registry import architecture_of, blocks
+from outliers.display import superweights_html
 from outliers.errors import InvalidArgumentError
 
 __all__ = ["SuperWeight", "SuperWeightResult", "super_weights", "down_projections", "spike_table", "zeroed"]
@@ -98,6 +99,9 @@ class SuperWeightResult:
             "n_windows": self.n_windows,
             "spikes": self.spikes.to_dict(orient="records"),
         }
+
+    def _repr_html_(self) -> str:
+        return superweights_html(self)
 
 
 def down_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:

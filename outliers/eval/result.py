@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from outliers.display import perplexity_html
+
 __all__ = ["PerplexityResult"]
 
 
@@ -63,3 +65,6 @@ class PerplexityResult:
         d = asdict(self)
         d.pop("token_nll")
         return d
+
+    def _repr_html_(self) -> str:
+        return perplexity_html(self)
