@@ -1,4 +1,4 @@
-"""Figures of a scan and of attention sinks (seaborn on matplotlib Figures; no pyplot state, no display needed)."""
+"""Figures of a scan, attention sinks and weight outliers (seaborn on matplotlib Figures; no pyplot state)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ from outliers.analysis.stats import HIST_EDGES, OutlierStats, SpaceStat, Stat
 
 if TYPE_CHECKING:
     from outliers.analysis.sinks import SinkResult
+    from outliers.analysis.weights import WeightHistogram, WeightStats
 
-__all__ = ["layer_dim_heatmap", "layers_vs_positions", "magnitude_histogram", "sink_heatmap", "sink_norms"]
+__all__ = [
+    "layer_dim_heatmap",
+    "layers_vs_positions",
+    "magnitude_histogram",
+    "sink_heatmap",
+    "sink_norms",
+    "weight_layers",
+    "weight_reconstructions",
+]
 
 
 def layer_dim_heatmap(stats: OutlierStats, space: str = "hidden", top: int = 24) -> Figure:
@@ -133,4 +142,36 @@ def sink_norms(result: SinkResult) -> Figure:
         ylabel="mean L2 norm of the block output",
         title=f"{result.meta.get('model', '')} hidden-state norms: first token vs the others",
     )
+    return fig
+
+
+def weight_layers(result: WeightStats) -> Figure:
+    """Per block and kind of linear: the largest |w| and the kurtosis of the weights (log scales)."""
+    df = result.layers.dropna(subset=["block"]).astype({"block": int})  # linears outside blocks have no x
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, column, label in ((axes[0], "max_abs", "max |w|"), (axes[1], "kurtosis", "kurtosis (normal = 3)")):
+        sns.lineplot(df, x="block", y=column, hue="kind", marker="o", ax=ax, legend=ax is axes[1])
+        ax.set_yscale("log")
+        ax.set(xlabel="block", ylabel=label)
+    axes[1].axhline(3, c="k", ls="--", lw=0.8)
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), title="linear")
+    fig.suptitle(f"{result.meta.get('model', '')} weights of the linears quantize_model replaces")
+    return fig
+
+
+def weight_reconstructions(hist: WeightHistogram) -> Figure:
+    """One layer's weights beside their int8 reconstructions: counts over shared bins, log scale so tails show."""
+    fig = Figure(figsize=(8, 2.2 * len(hist.counts) + 0.6), layout="constrained")
+    axes = fig.subplots(len(hist.counts), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    palette = sns.color_palette("tab10", len(hist.counts))
+    for ax, color, (series, counts) in zip(axes, palette, hist.counts.items(), strict=True):
+        ax.stairs(counts, hist.edges, fill=True, color=color)
+        ax.set_yscale("log")
+        title = "original W"
+        if series in hist.codes_used:
+            title = f"{series} int8: {hist.codes_used[series]} codes used, ‖W − Ŵ‖/‖W‖ = {hist.rel_err[series]:.2%}"
+        ax.set(ylabel="weights", title=title)
+    axes[-1].set_xlabel("w")
+    fig.suptitle(f"{hist.meta.get('model', '')} {hist.name}")
     return fig

@@ -1,6 +1,7 @@
 """The measures a study can take: one frozen record each, in one registry.
 
-A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``) declaring
+A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``,
+``weights``, ``kvcache``) declaring
 
 * its ``settings``: the ``[study]`` keys it accepts, with their types and
   defaults, and a ``validate`` for their values (``studies.config``);
@@ -170,6 +171,7 @@ def split_result(measure: Measure, result: dict[str, Any]) -> tuple[dict[str, An
     return {k: v for k, v in result.items() if k not in blobs}, values
 
 
-BUILTIN = ("perplexity", "outliers", "sinks", "superweights")  # registered on import, in this order: the report's order
+# registered on import, in this order: the report's order
+BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache")
 for _module in BUILTIN:
     import_module(f"{__name__}.{_module}")
