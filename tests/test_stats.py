@@ -129,8 +129,8 @@ def test_fused_cpu_stats_equal_the_torch_path(rows, dims, seed, t, with_nan):
         x[0, 0] = float("inf")
     u1, r1 = torch.zeros(rows, dims, dtype=torch.uint8), torch.zeros(rows, dims, dtype=torch.uint8)
     u2, r2 = u1.clone(), r1.clone()
-    fast = point_stats(x, t, 2.0, 2.0, 256, u1, r1)
-    ref = point_stats_torch(x, t, 2.0, u2, r2)
+    fast = point_stats(x, t, 2.0, 2.0, 256, u1, r1, moments=True)
+    ref = point_stats_torch(x, t, 2.0, u2, r2, moments=True)
     assert torch.equal(u1, u2) and torch.equal(r1, r2)
     for a, b in (
         (fast.absmax, ref.absmax),
@@ -142,7 +142,12 @@ def test_fused_cpu_stats_equal_the_torch_path(rows, dims, seed, t, with_nan):
         (fast.row_max, ref.row_max),
     ):
         assert torch.equal(a, b.to(a.dtype))
-    for a, b in ((fast.sum, ref.sum), (fast.sumsq, ref.sumsq), (fast.sum_out, ref.sum_out)):
+    for a, b in (
+        (fast.sum, ref.sum),
+        (fast.sumsq, ref.sumsq),
+        (fast.sum_out, ref.sum_out),
+        (fast.row_moments, ref.row_moments),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -233,7 +238,7 @@ def v1_stats() -> OutlierStats:
         CapturePoint("L00.residual", "blocks.0", 0, "residual", "residual", 8),
         CapturePoint("L01.attn_in", "blocks.1.q", 1, "attn_in", "hidden", 8),
     ]
-    st = OutlierStats(pts, threshold=6.0, relative_k=2.0, top_k=4, meta={"model": "fixture"})
+    st = OutlierStats(pts, threshold=6.0, relative_k=2.0, top_k=4, meta={"model": "fixture"}, moments=False)
     g = torch.Generator().manual_seed(0)
     rows = 5
     for b in range(2):
@@ -277,8 +282,8 @@ def test_a_file_saved_before_typed_statistics_loads_bit_identically(tmp_path):
 def test_load_says_what_is_wrong_with_a_file(tmp_path):
     other = Path(shutil.copytree(V1, tmp_path / "v2"))
     info = json.loads((other / "stats.json").read_text())
-    (other / "stats.json").write_text(json.dumps({**info, "format": "outliers.stats/2"}))
-    with pytest.raises(ModelFileError, match="is 'outliers.stats/2', not 'outliers.stats/1'"):
+    (other / "stats.json").write_text(json.dumps({**info, "format": "outliers.stats/9"}))
+    with pytest.raises(ModelFileError, match="is 'outliers.stats/9', not 'outliers.stats/2' or 'outliers.stats/1'"):
         OutlierStats.load(other)
     odd = Path(shutil.copytree(V1, tmp_path / "odd"))
     tensors = load_file(odd / "stats.safetensors")

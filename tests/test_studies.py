@@ -88,7 +88,10 @@ def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
     assert "## Settings" in text and "## Agreement with the float model" in text
     assert "Table-4 layout; |x| >= 6" in text and (out / "table4.csv").exists()
     assert "llm.int8 ppl (t=2)" in (out / "table4.csv").read_text()
+    assert "## Kurtosis and ∞-norm" in text and "max ∞-norm" in (out / "kurtosis.csv").read_text()
     rows = Store(out).frame()
+    scanned = rows[rows.kind == "outliers"].iloc[0].result["moments"]
+    assert scanned["layers"] == 2 and scanned["max_inf_norm"] > 0 and scanned["avg_kurtosis"] > 1
     q = rows[rows.method == "llm.int8"].iloc[0]
     assert q.result["kl_vs_ref"] >= 0 and q.result["delta_ppl_pct_ci95"] and q.fingerprint
     assert q.provenance["weights_sha256"] and q.provenance["token_ids_sha256"] and q.provenance["corpus_sha256"]

@@ -37,17 +37,21 @@ def _point_stats(
     rel_union,
     row_max,
     row_arg,
+    moments,
+    row_moments,
 ):  # pragma: no cover - compiled
     rows, dims = x.shape
     n_bins = hist.shape[1]
     per = (rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         for i in range(c * per, min(rows, (c + 1) * per)):
+            s1 = 0.0
             ss = 0.0
             n_ok = 0
             for d in range(dims):
                 v = x[i, d]
                 if np.isfinite(v):
+                    s1 += v
                     ss += v * v
                     n_ok += 1
             rel_t = k_rel * np.sqrt(ss / dims) if n_ok else np.inf
@@ -79,6 +83,25 @@ def _point_stats(
                     best_d = d
             row_max[i] = best
             row_arg[i] = best_d
+            if moments and n_ok:
+                # centred on the row's own mean, in float64: values reach ~2e4, their 4th powers ~1e17
+                mu = s1 / n_ok
+                m2 = 0.0
+                m3 = 0.0
+                m4 = 0.0
+                for d in range(dims):
+                    v = x[i, d]
+                    if np.isfinite(v):
+                        e = np.float64(v) - mu
+                        e2 = e * e
+                        m2 += e2
+                        m3 += e2 * e
+                        m4 += e2 * e2
+                row_moments[i, 0] = n_ok
+                row_moments[i, 1] = mu
+                row_moments[i, 2] = m2
+                row_moments[i, 3] = m3
+                row_moments[i, 4] = m4
 
 
 def point_stats(
@@ -89,11 +112,14 @@ def point_stats(
     n_bins: int,
     union: torch.Tensor,
     rel_union: torch.Tensor,
+    moments: bool = False,
 ) -> BatchStats:
     """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``, in one pass.
 
     ``union``/``rel_union`` (uint8, tokens x dims) get 1 where ``|x| >= t`` /
     ``>= k * rms``; ``row_max``/``row_arg`` are each token's largest ``|x|`` and its dim.
+    With ``moments``, ``row_moments`` holds each row's centred moment sums
+    (one more pass over the row while it is in cache).
     """
     rows, dims = x.shape
     chunks = max(1, min(torch.get_num_threads(), rows))
@@ -104,6 +130,7 @@ def point_stats(
     nonfinite = torch.zeros(chunks, dtype=torch.int64)
     row_max = torch.empty(rows, dtype=torch.float32)
     row_arg = torch.empty(rows, dtype=torch.int64)
+    row_moments = torch.zeros((rows if moments else 0, 5), dtype=torch.float64)
     _point_stats(
         x.numpy(),
         np.float32(threshold),
@@ -123,6 +150,8 @@ def point_stats(
         rel_union.numpy(),
         row_max.numpy(),
         row_arg.numpy(),
+        moments,
+        row_moments.numpy(),
     )
     # per-thread partials: the maximum of the maxima, the sum of the rest
     return BatchStats(
@@ -137,4 +166,5 @@ def point_stats(
         nonfinite=nonfinite.sum(),
         row_max=row_max,
         row_arg=row_arg,
+        row_moments=row_moments if moments else None,
     )

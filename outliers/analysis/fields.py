@@ -11,12 +11,24 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Stat", "SpaceStat", "Top", "BatchStats", "HIST_WIDTH", "HIST_BINS", "HIST_EDGES", "FORMAT"]
+__all__ = [
+    "Stat",
+    "PointStat",
+    "SpaceStat",
+    "Top",
+    "BatchStats",
+    "HIST_WIDTH",
+    "HIST_BINS",
+    "HIST_EDGES",
+    "FORMAT",
+    "FORMAT_V1",
+]
 
 # |x| histogram per space: bins of 0.5 from 0 to 128; the last bin also takes larger values
 HIST_WIDTH, HIST_BINS = 0.5, 256
 HIST_EDGES = torch.arange(HIST_BINS + 1) * HIST_WIDTH
-FORMAT = "outliers.stats/1"
+FORMAT = "outliers.stats/2"  # v1 and the per-point moments
+FORMAT_V1 = "outliers.stats/1"  # what a scan without moments writes, and the code before moments wrote
 
 
 class Stat(StrEnum):
@@ -40,6 +52,24 @@ class Stat(StrEnum):
             Stat.SUM: torch.float64,
             Stat.SUMSQ: torch.float64,
         }.get(self, torch.int64)
+
+
+class PointStat(StrEnum):
+    """A per-capture-point sum over tokens or sequences (float64, one value), saved as ``"<point>/<value>"``.
+
+    Kept only when a scan takes moments (``OutlierStats.moments``). A token's
+    kurtosis is the fourth standardized moment of its values across the
+    point's dims; a sequence's is that of all its values (tokens x dims), and
+    its ∞-norm their largest |x| (Bondarenko et al. 2023). Pearson's
+    definition: a normal distribution has kurtosis 3.
+    """
+
+    TOKEN_KURT = "token_kurt"  # the sum over tokens of each token's kurtosis
+    TOKEN_KURT_MAX = "token_kurt_max"  # the largest token kurtosis
+    KURT_TOKENS = "kurt_tokens"  # tokens with a kurtosis (some spread across dims)
+    SEQ_KURT = "seq_kurt"  # the sum over sequences of each sequence's kurtosis
+    SEQ_INF = "seq_inf"  # the sum over sequences of each sequence's ∞-norm
+    SEQS = "seqs"  # sequences counted
 
 
 class SpaceStat(StrEnum):
@@ -76,3 +106,4 @@ class BatchStats(NamedTuple):
     nonfinite: torch.Tensor  # 0-dim
     row_max: torch.Tensor  # each row's largest |x|, and its dim
     row_arg: torch.Tensor
+    row_moments: torch.Tensor | None = None  # (rows, 5) float64: finite values, mean, centred sums of d^2, d^3, d^4

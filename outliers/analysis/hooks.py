@@ -69,6 +69,7 @@ def capture(
     top_k: int = 32,
     patterns: dict[str, str] | None = None,
     stats=None,
+    moments: bool = True,
 ) -> Iterator[OutlierStats]:
     """Measure hidden-state statistics at capture points while the block runs.
 
@@ -85,6 +86,7 @@ def capture(
         top_k: how many of the largest values to keep with their positions.
         patterns: per-kind regexes overriding the architecture table.
         stats: an ``OutlierStats`` to keep adding to (e.g. a resumed scan).
+        moments: also keep the kurtosis and ∞-norm sums (``PointStat``).
     """
     from outliers.analysis.points import CapturePoint, resolve_points
     from outliers.analysis.stats import OutlierStats
@@ -95,7 +97,7 @@ def capture(
         pts = resolve_points(model, points, patterns)
     device = next(model.parameters()).device
     if stats is None:
-        stats = OutlierStats(pts, float(threshold), float(relative_k), top_k).to(device)
+        stats = OutlierStats(pts, float(threshold), float(relative_k), top_k, moments=moments).to(device)
     index = {p.name: i for i, p in enumerate(stats.points)}
     state: dict = {"union": {}, "mask": None, "labels": None, "seqs": 0}
 

@@ -65,12 +65,15 @@ def scan(
     stats: OutlierStats | None = None,
     meta: dict | None = None,
     bos_token_id: int | None = None,
+    moments: bool = True,
 ) -> OutlierStats:
     """Run non-overlapping windows of ``window`` tokens (up to ``max_tokens``) and return the statistics.
 
     With ``bos_token_id`` every window is that BOS followed by ``window - 1``
     corpus tokens (the ``bos="window"`` protocol of ``outliers.eval.windows``);
     a BOS at the corpus' start is then dropped, not doubled.
+
+    ``moments=False`` leaves out the kurtosis and ∞-norm sums (``outliers.analysis.moments``).
 
     A corpus shorter than ``max_tokens`` is scanned whole; ``stats.meta``
     records tokens asked for and scanned, and a warning says so.
@@ -92,7 +95,14 @@ def scan(
         warnings.warn(note, stacklevel=2)
     device = next(model.parameters()).device
     with capture(
-        model, points, threshold=threshold, relative_k=relative_k, top_k=top_k, patterns=patterns, stats=stats
+        model,
+        points,
+        threshold=threshold,
+        relative_k=relative_k,
+        top_k=top_k,
+        patterns=patterns,
+        stats=stats,
+        moments=moments,
     ) as st:
         for start in tqdm(
             range(0, n_windows, batch_size), desc="scan", unit="batch", disable=not progress, leave=False

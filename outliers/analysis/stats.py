@@ -17,9 +17,17 @@ space, ``union`` counts the positions where a dim reaches ``t`` at *any* point
 of that space in the same forward pass (Dettmers et al. 2022, §4.1: "across all
 hidden states"), ``rel_union`` the same for ``k * rms``, and ``hist`` the |x| histogram.
 
+With ``moments`` (the default), each point also keeps the sums behind the
+kurtosis and ∞-norm of Bondarenko et al. 2023 (``PointStat``; tables in
+``outliers.analysis.moments``): per token, the fourth standardized moment
+across dims, and per sequence, the kurtosis and largest |x| of all its values.
+Rows are centred on their own mean in float64 and combined into sequences
+exactly (the shift formulas for central moments), so no x⁴ of a raw value is summed.
+
 Names are enums, so a misspelt one fails in the type checker, not as a KeyError mid-analysis:
-``stats.get(point, Stat.ABSMAX)``, ``.get_space(space, SpaceStat.UNION)``, ``.get_top(Top.ABS)``.
-``tensors`` is the saved layout (``FORMAT``, unchanged): ``"<point>/<stat>"``, ``"<space>/<stat>"``, ``"top_<field>"``.
+``stats.get(point, Stat.ABSMAX)``, ``.get_point(point, PointStat.TOKEN_KURT)``, ``.get_space(space, SpaceStat.UNION)``,
+``.get_top(Top.ABS)``. ``tensors`` is the saved layout: ``"<point>/<stat>"``, ``"<space>/<stat>"``, ``"top_<field>"``;
+without moments it is exactly ``FORMAT_V1``'s, and files in that format load (with ``moments`` off).
 """
 
 from __future__ import annotations
@@ -31,12 +39,24 @@ from typing import Any
 
 import torch
 
-from outliers.analysis.fields import FORMAT, HIST_BINS, HIST_EDGES, HIST_WIDTH, BatchStats, SpaceStat, Stat, Top
+from outliers.analysis.fields import (
+    FORMAT,
+    FORMAT_V1,
+    HIST_BINS,
+    HIST_EDGES,
+    HIST_WIDTH,
+    BatchStats,
+    PointStat,
+    SpaceStat,
+    Stat,
+    Top,
+)
 from outliers.analysis.points import CapturePoint
-from outliers.analysis.torch_stats import point_stats_torch
+from outliers.analysis.torch_stats import moment_sums, point_stats_torch
+from outliers.display import outlier_stats_html
 from outliers.errors import InvalidArgumentError, ModelFileError
 
-__all__ = ["OutlierStats", "Stat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
+__all__ = ["OutlierStats", "Stat", "PointStat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
 
 
 @dataclass
@@ -51,6 +71,9 @@ class OutlierStats:
     tokens: dict[str, int] = field(default_factory=dict)  # per point, and per "space:<s>"
     nonfinite: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    moments: bool = True  # keep PointStat (kurtosis, ∞-norm); off: the v1 layout, a little faster
+
+    _repr_html_ = outlier_stats_html  # a compact table in Jupyter
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -69,12 +92,10 @@ class OutlierStats:
 
     def _layout(self) -> list[tuple[str, int, torch.dtype]]:
         """(key, length, dtype) of every tensor: per point, per space, then the top-k list (empty at first)."""
-        out = [
-            (f"{p.name}/{s}", p.dims, s.dtype)
-            for p in self.points
-            for s in Stat
-            if s is not Stat.MASSIVE or p.kind == "residual"
-        ]
+        out = []
+        for p in self.points:
+            out += [(f"{p.name}/{s}", p.dims, s.dtype) for s in Stat if s is not Stat.MASSIVE or p.kind == "residual"]
+            out += [(f"{p.name}/{s}", 1, torch.float64) for s in PointStat] if self.moments else []
         out += [
             (f"{sp}/{s}", HIST_BINS if s is SpaceStat.HIST else dims, torch.int64)
             for sp, dims in self.spaces.items()
@@ -97,6 +118,16 @@ class OutlierStats:
         """``point``'s per-dim ``stat``, e.g. ``stats.get("L03.attn_in", Stat.ABSMAX)``."""
         return self.tensors[f"{point}/{Stat(stat)}"]
 
+    def get_point(self, point: str, stat: PointStat) -> float:
+        """``point``'s ``stat``, a sum over tokens or sequences: ``stats.get_point("L03.residual", PointStat.SEQS)``.
+
+        Raises:
+            InvalidArgumentError: statistics taken without moments.
+        """
+        if not self.moments:
+            raise InvalidArgumentError("these statistics were taken without moments (kurtosis, ∞-norm)")
+        return float(self.tensors[f"{point}/{PointStat(stat)}"][0])
+
     def get_space(self, space: str, stat: SpaceStat) -> torch.Tensor:
         """The feature space's ``stat``, e.g. ``stats.get_space("hidden", SpaceStat.UNION)``."""
         return self.tensors[f"{space}/{SpaceStat(stat)}"]
@@ -104,6 +135,11 @@ class OutlierStats:
     def get_top(self, field: Top) -> torch.Tensor:
         """One field of the top-k list, largest |x| first, e.g. ``stats.get_top(Top.ABS)``."""
         return self.tensors[Top(field)]
+
+    @property
+    def format(self) -> str:
+        """The saved format: ``FORMAT`` with moments, else ``FORMAT_V1`` (the layout the code before moments wrote)."""
+        return FORMAT if self.moments else FORMAT_V1
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators (constant in the number of tokens scanned)."""
@@ -150,9 +186,12 @@ class OutlierStats:
                 HIST_BINS,
                 union[point.space],
                 union[point.space + ":rel"],
+                self.moments,
             )
         else:
-            r = point_stats_torch(x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"])
+            r = point_stats_torch(
+                x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"], self.moments
+            )
         T, key = self.tensors, point.name + "/"
         T[key + Stat.ABSMAX] = torch.maximum(T[key + Stat.ABSMAX], r.absmax)
         for stat, v in (
@@ -180,6 +219,16 @@ class OutlierStats:
             T[key + Stat.MASSIVE] += ((a > 100) & (a > 1000 * med)).sum(0)
         if self.top_k and seq_ids is not None and rows:
             self._update_top(r.row_max, r.row_arg, x, point_index, seq_ids, positions, token_ids)
+        if r.row_moments is not None and rows:
+            self._update_moments(key, r.row_moments, r.row_max, seq_ids)
+
+    def _update_moments(self, key: str, m: torch.Tensor, row_max: torch.Tensor, seq_ids: torch.Tensor | None) -> None:
+        T = self.tensors
+        for stat, v in moment_sums(m, row_max, seq_ids).items():
+            if stat is PointStat.TOKEN_KURT_MAX:
+                T[key + stat] = torch.maximum(T[key + stat], v)
+            else:
+                T[key + stat] += v
 
     def flush_union(self, union: dict[str, torch.Tensor]) -> None:
         """Count one forward pass's OR-ed ``|x| >= t`` positions per space."""
@@ -212,13 +261,16 @@ class OutlierStats:
 
     def merge(self, other: OutlierStats) -> OutlierStats:
         """Return the statistics of both scans together (same points and thresholds)."""
-        if [p.name for p in self.points] != [p.name for p in other.points] or (self.threshold, self.relative_k) != (
-            other.threshold,
-            other.relative_k,
-        ):
-            raise InvalidArgumentError("can only merge scans of the same capture points and thresholds")
-        out = OutlierStats(self.points, self.threshold, self.relative_k, self.top_k, meta=dict(self.meta))
-        absmax = {f"{p.name}/{Stat.ABSMAX}" for p in self.points}
+        if [p.name for p in self.points] != [p.name for p in other.points] or (
+            self.threshold,
+            self.relative_k,
+            self.moments,
+        ) != (other.threshold, other.relative_k, other.moments):
+            raise InvalidArgumentError("can only merge scans of the same capture points, thresholds and moments")
+        out = OutlierStats(
+            self.points, self.threshold, self.relative_k, self.top_k, meta=dict(self.meta), moments=self.moments
+        )
+        absmax = {f"{p.name}/{s}" for p in self.points for s in (Stat.ABSMAX, PointStat.TOKEN_KURT_MAX)}
         for key, _, _ in self._layout()[: -len(Top)]:  # per point and per space: the maximum or the sum
             v, w = self.tensors[key], other.tensors[key].to(self.tensors[key].device)
             out.tensors[key] = torch.maximum(v, w) if key in absmax else v + w
@@ -244,10 +296,10 @@ class OutlierStats:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
                 str(tmp),
-                metadata={"format": FORMAT},
+                metadata={"format": self.format},
             )
         info = {
-            "format": FORMAT,
+            "format": self.format,
             "threshold": self.threshold,
             "relative_k": self.relative_k,
             "top_k": self.top_k,
@@ -270,8 +322,8 @@ class OutlierStats:
             tensors = load_file(str(folder / "stats.safetensors"))
         except (OSError, ValueError) as e:
             raise ModelFileError(f"no readable outlier statistics in {folder}: {e}") from e
-        if info.get("format") != FORMAT:
-            raise ModelFileError(f"{folder}/stats.json is {info.get('format')!r}, not '{FORMAT}'")
+        if info.get("format") not in (FORMAT, FORMAT_V1):
+            raise ModelFileError(f"{folder}/stats.json is {info.get('format')!r}, not '{FORMAT}' or '{FORMAT_V1}'")
         points = [CapturePoint(**p) for p in info["points"]]
         st = cls(
             points,
@@ -282,6 +334,7 @@ class OutlierStats:
             info["tokens"],
             info["nonfinite"],
             info["meta"],
+            moments=info["format"] == FORMAT,
         )
         layout = [k for k, _, _ in st._layout()]
         lacks, unknown = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="corpus",
         help="window: every window is BOS + window-1 corpus tokens (default: %(default)s)",
     )
+    p.add_argument(
+        "--no-moments",
+        dest="moments",
+        action="store_false",
+        help="leave out kurtosis and ∞-norms (Bondarenko et al. 2023); a little faster",
+    )
     p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
     p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
     p.add_argument("--quiet", action="store_true")
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
             bos_token_id=bos_id,
             meta=run_facts(args.model, info, corpus),
+            moments=args.moments,
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
             f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
             f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else "")
         )
+    if stats.moments:
+        _print_moments(stats)
     if out is not None:
         from outliers.analysis.plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
         from outliers.cache import save_csv, save_figure
@@ -141,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
         for scale, df in feats.items():
             save_csv(df, out / f"outlier_features_{scale}.csv")
         save_csv(top_values(stats, tokenizer), out / "top_values.csv")
+        if stats.moments:
+            from outliers.analysis.moments import moments_table
+
+            save_csv(moments_table(stats), out / "moments.csv")
         if massive is not None:
             save_csv(massive, out / "massive_activations.csv")
         for s in stats.spaces:
@@ -154,3 +167,24 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"\nwrote statistics, CSV tables and figures to {out}")
     return 0
+
+
+def _print_moments(stats) -> None:
+    """The quantizability summary (Bondarenko et al. 2023) and the per-block kurtosis table."""
+    import pandas as pd
+
+    from outliers.analysis.moments import layer_table, quantizability
+
+    q = quantizability(stats)
+    print("\nkurtosis (Pearson's: a normal distribution has 3) and ∞-norm (Bondarenko et al. 2023)")
+    if q["max_inf_norm"] is not None:
+        print(
+            f"  block outputs: max ∞-norm {q['max_inf_norm']:.1f} (block {q['max_inf_norm_layer']}), "
+            f"mean kurtosis {q['avg_kurtosis']:.1f} over {q['layers']} blocks (per sequence, all its values)"
+        )
+    else:
+        print("  block outputs: not scanned (add --points residual for the paper's two numbers)")
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in q["token_kurtosis"].items())
+    print(f"  token kurtosis (per token across dims), mean over blocks: {kinds}")
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(layer_table(stats).to_string(index=False, float_format=lambda v: f"{v:.1f}"))

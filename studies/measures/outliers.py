@@ -5,7 +5,10 @@ The paper's Table 4 and Fig. 3 (Dettmers et al. 2022, "LLM.int8()", arXiv
 attention and FFN inputs (``outliers.analysis.scan``), counted under both the
 paper's absolute criterion (``|x| >= outlier_threshold``) and a relative one
 (``outliers.analysis.criteria``), and reported beside the model's fp32 and
-llm.int8 perplexity where the study measured those.
+llm.int8 perplexity where the study measured those. The same scan takes the
+block outputs too, for Bondarenko et al. 2023's quantizability numbers (max
+∞-norm and mean kurtosis of the block outputs; ``outliers.analysis.moments``)
+and the token kurtosis of the attention and FFN inputs.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ if TYPE_CHECKING:
 
     from studies.config import StudyConfig
 
-__all__ = ["OUTLIERS", "outlier_table", "emergence"]
+__all__ = ["OUTLIERS", "outlier_table", "moments_table", "emergence"]
 
+POINTS = "attn,ffn,residual"  # the residual stream is a space of its own: the hidden-space counts do not change
 SETTINGS = (
     Setting("outlier_tokens", (int,), 4096),  # tokens scanned per (model, corpus)
     Setting("outlier_threshold", (int, float), 6.0),
@@ -35,18 +39,24 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
 
 
 def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
-    return {"outlier_tokens": cfg.outlier_tokens, "batch_size": cfg.batch_size, "points": "attn,ffn"}
+    return {
+        "outlier_tokens": cfg.outlier_tokens,
+        "batch_size": cfg.batch_size,
+        "points": POINTS,
+        "moments": True,
+    }
 
 
 def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from outliers.analysis.criteria import Criteria, summary
+    from outliers.analysis.criteria import Criteria, massive_activations, summary
+    from outliers.analysis.moments import quantizability
     from outliers.analysis.scan import scan
 
     cfg = ctx.cfg
     st = scan(
         ctx.model,
         ctx.ids,
-        points="attn,ffn",
+        points=POINTS,
         threshold=cell["threshold"],
         max_tokens=cfg.outlier_tokens,
         window=cfg.window,
@@ -66,6 +76,8 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "positions": criteria.positions,
         "absolute": rows["absolute"],
         "relative": rows["relative"],
+        "moments": quantizability(st),
+        "massive_activations": len(massive_activations(st)),
     }
 
 
@@ -106,6 +118,31 @@ def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None)
     return pd.DataFrame(rows).sort_values("params (M)") if rows else pd.DataFrame(rows)
 
 
+def moments_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per model: Bondarenko et al.'s max ∞-norm and mean kurtosis of the block outputs, and token kurtosis."""
+    import pandas as pd
+
+    rows = []
+    for r in df[(df.kind == "outliers") & (df.status == "done")].itertuples():
+        m = r.result.get("moments")
+        if not m:  # a cell stored before the scan took moments
+            continue
+        token = m["token_kurtosis"]
+        rows.append(
+            {
+                "model": r.model,
+                "corpus": r.corpus,
+                "params (M)": r.result["n_params"] / 1e6,
+                "max ∞-norm": m["max_inf_norm"],
+                "at block": m["max_inf_norm_layer"],
+                "mean kurtosis": m["avg_kurtosis"],
+                **{f"token kurtosis {k}": token.get(k, float("nan")) for k in ("attn_in", "attn_out", "ffn_in")},
+                "massive activations": r.result.get("massive_activations"),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["params (M)", "corpus"]) if rows else pd.DataFrame(rows)
+
+
 def emergence(table: pd.DataFrame) -> Figure:
     """Outlier dims against parameters and against fp32 perplexity (paper Fig. 3a/3b)."""
     import seaborn as sns
@@ -141,6 +178,20 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
     ]
     if len(t4) > 1:
         parts += [Image(emergence(t4), "emergence.png", "emergence"), ""]
+    kurt = moments_table(df)
+    if len(kurt):
+        parts += [
+            "## Kurtosis and ∞-norm (Bondarenko et al. 2023)",
+            "",
+            "Per block output, each sequence's largest |x| and the kurtosis of all its values (Pearson's: a normal "
+            "distribution has 3), averaged over sequences; then the largest ∞-norm over blocks and the mean "
+            "kurtosis over blocks. Token kurtosis: per token across dims, averaged over tokens and blocks, at the "
+            "inputs the quantizer sees. Massive activations: (block, dim) pairs of the residual stream with "
+            "|x| > 100 and > 1000x the median (Sun et al. 2024).",
+            "",
+            Table(kurt, "kurtosis", ".1f"),
+            "",
+        ]
     return parts
 
 
