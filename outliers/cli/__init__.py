@@ -1,8 +1,8 @@
 """``outliers`` command line: a thin front end over the Python API.
 
 One module per command (``models``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
-``weights``, ``kvcache``), each with ``register(subparsers)`` and ``run(args)``; a new command is a new module
-added to ``COMMANDS``. Errors the toolkit raises on purpose
+``weights``, ``kvcache``, ``generate``), each with ``register(subparsers)`` and ``run(args)``;
+a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
 (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
 like argparse's own usage errors.
 """
@@ -18,7 +18,7 @@ from outliers.errors import OutliersError
 
 __all__ = ["main", "dispatch", "build_parser", "COMMANDS"]
 
-COMMANDS = ("models", "eval", "scan", "ablate", "sinks", "superweights", "weights", "kvcache")
+COMMANDS = ("models", "eval", "scan", "ablate", "sinks", "superweights", "weights", "kvcache", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
