@@ -331,8 +331,11 @@ def test_scan_writes_tables_and_figures(model_dir, text_file, tmp_path, capsys):
         "heatmap_hidden.png",
         "histogram_hidden.png",
         "layers_vs_positions.png",
+        "moments.csv",
+        "kurtosis.png",
     ):
         assert (out / f).stat().st_size > 0, f
+    assert "block outputs: max ∞-norm" in printed and "attn_in token kurtosis" in printed
     import pandas as pd
 
     top = pd.read_csv(out / "top_values.csv")

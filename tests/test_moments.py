@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from outliers import InvalidArgumentError
 from outliers.analysis.hooks import capture
 from outliers.analysis.moments import layer_table, moments_table, quantizability
+from outliers.analysis.plots import kurtosis_by_block
 from outliers.analysis.points import CapturePoint
 from outliers.analysis.scan import scan
 from outliers.analysis.stats import OutlierStats, PointStat
@@ -33,7 +34,9 @@ def pearson(x: np.ndarray, axis=None) -> np.ndarray:
 
 def test_token_kurtosis_of_known_distributions():
     two_point = torch.tensor([[-1.0, 1.0] * 32])  # kurtosis 1 exactly
-    grid = (torch.arange(64.0) - 31.5)[None]  # evenly spaced (exact in float32): the discrete uniform's (3/5)(3n²-7)/(n²-1)
+    grid = (torch.arange(64.0) - 31.5)[
+        None
+    ]  # evenly spaced (exact in float32): the discrete uniform's (3/5)(3n²-7)/(n²-1)
     one_spike = torch.zeros(1, 64)
     one_spike[0, 5] = 300.0  # one outlier dim among n zeros: n - 2 + 1/(n - 1)
     for x, want in (
@@ -110,6 +113,7 @@ def test_the_block_outputs_give_bondarenko_summary_and_scan_can_leave_moments_ou
     assert q["max_inf_norm"] > 250 and q["avg_kurtosis"] > 20 and (res.sequences == 4).all()
     assert set(q["token_kurtosis"]) == {"attn_in", "attn_out", "residual"}
     assert list(layer_table(st).columns[-2:]) == ["output kurtosis", "output ∞-norm"]
+    assert len(kurtosis_by_block(st).axes) == 3
     bare = scan(model, corpus, points="attn", max_tokens=128, window=32, progress=False, moments=False)
     assert bare.format == "outliers.stats/1" and not any("kurt" in k for k in bare.tensors)
     with pytest.raises(InvalidArgumentError, match="taken without moments"):

@@ -22,6 +22,7 @@ __all__ = [
     "layer_dim_heatmap",
     "layers_vs_positions",
     "magnitude_histogram",
+    "kurtosis_by_block",
     "sink_heatmap",
     "sink_norms",
     "weight_layers",
@@ -109,6 +110,25 @@ def magnitude_histogram(stats: OutlierStats, space: str = "hidden") -> Figure:
         title=f"{stats.meta.get('model', '')} {space} inputs: magnitude histogram",
     )
     ax.legend()
+    return fig
+
+
+def kurtosis_by_block(stats: OutlierStats) -> Figure:
+    """Token kurtosis per block and kind of point (log scale) and, where scanned, the block outputs' ∞-norm."""
+    from outliers.analysis.moments import moments_table
+
+    df = moments_table(stats)
+    res = df[df.kind == "residual"]
+    fig = Figure(figsize=(15 if len(res) else 6, 4), layout="constrained")
+    axes = fig.subplots(1, 3 if len(res) else 1, squeeze=False)[0]
+    sns.lineplot(df, x="layer", y="token_kurtosis", hue="kind", marker="o", ax=axes[0])
+    axes[0].axhline(3, color="grey", lw=0.8, ls="--")  # a normal distribution's
+    axes[0].set(yscale="log", xlabel="block", ylabel="token kurtosis (normal = 3)", title="per token, across dims")
+    if len(res):
+        sns.lineplot(res, x="layer", y="inf_norm", marker="o", ax=axes[1], color="C3")
+        axes[1].set(yscale="log", xlabel="block", ylabel="∞-norm", title="block outputs: max |x| per sequence")
+        sns.lineplot(res, x="layer", y="seq_kurtosis", marker="s", ax=axes[2], color="C0")
+        axes[2].set(yscale="log", xlabel="block", ylabel="kurtosis", title="block outputs: kurtosis per sequence")
     return fig
 
 

@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
     if stats.moments:
         _print_moments(stats)
     if out is not None:
-        from outliers.analysis.plots import layer_dim_heatmap, layers_vs_positions, magnitude_histogram
+        from outliers.analysis.plots import (
+            kurtosis_by_block,
+            layer_dim_heatmap,
+            layers_vs_positions,
+            magnitude_histogram,
+        )
         from outliers.cache import save_csv, save_figure
 
         stats.save(out)
@@ -154,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             from outliers.analysis.moments import moments_table
 
             save_csv(moments_table(stats), out / "moments.csv")
+            save_figure(kurtosis_by_block(stats), out / "kurtosis.png")
         if massive is not None:
             save_csv(massive, out / "massive_activations.csv")
         for s in stats.spaces:
