@@ -318,3 +318,23 @@ def test_markdown_tables_escape_pipes_inside_cells():
 
     md = markdown(pd.DataFrame({"criterion": ["|x| >= 6"], "dims": [1.5]}), ".1f")
     assert md.splitlines() == ["| criterion | dims |", "|---|---|", "| \\|x\\| >= 6 | 1.5 |"]
+
+
+def test_two_models_get_the_phenomena_beside_the_emergence(tmp_path, model_dir, text_file):
+    path = write_config(
+        tmp_path,
+        model_dir("llama"),
+        text_file,
+        methods='["llm.int8"]',
+        thresholds="[6]",
+        measure='["outliers", "sinks"]',
+    )
+    path.write_text(path.read_text().replace("models = [", f'models = ["{model_dir("gpt2")}", '))
+    out = tmp_path / "out"
+    assert run_study(load_config(path), out, progress=False)["failed"] == 0
+    text = write_report(out).read_text()
+    assert "## Beside the emergence" in text and (out / "phenomena.png").exists()
+    import pandas as pd
+
+    phen = pd.read_csv(out / "phenomena.csv")
+    assert len(phen) == 2 and phen["sink rate"].between(0, 1).all() and (phen["max ∞-norm"] > 0).all()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..format import fmt_delta
+from ..phenomena import phenomena_figure, phenomena_table
 from . import Context, Image, Measure, Setting, Table, register_measure
 from .perplexity import ppl_rows
 
@@ -178,6 +179,21 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
     ]
     if len(t4) > 1:
         parts += [Image(emergence(t4), "emergence.png", "emergence"), ""]
+    phen = phenomena_table(df)
+    if len(phen) > 1 and ((df.kind == "sinks") | (df.kind == "superweights")).any():
+        parts += [
+            "## Beside the emergence: the phenomena found since 2022",
+            "",
+            "Per model: outlier feature dims, the block outputs' max ∞-norm and mean kurtosis (Bondarenko et al. "
+            "2023), massive activations (Sun et al. 2024), the attention sink rate (Gu et al. 2024) and the super "
+            "weights with the perplexity ratio when they are zeroed (Yu et al. 2024); sections below give each "
+            "measure's detail.",
+            "",
+            Table(phen, "phenomena", ".3g"),
+            "",
+            Image(phenomena_figure(phen), "phenomena.png", "phenomena against parameters"),
+            "",
+        ]
     kurt = moments_table(df)
     if len(kurt):
         parts += [
