@@ -8,9 +8,13 @@
 ``torch_stats``  the same statistics in torch: any device, the kernel's reference
 ``scan``         a corpus through the model under ``capture``
 ``criteria``     the paper's criteria, a scale-relative one, massive activations
+``moments``      kurtosis and ∞-norm per point, per block and per model (Bondarenko et al. 2023)
 ``ablate``       zeroing dims, and what it does to perplexity and attention
 ``sinks``        attention sinks: each head's mean attention to the first token, first-token norms
 ``superweights`` super weights: down-projection spikes per block, the weights behind them, ``zeroed``
 ``superweight_effects``  perplexity with super weights zeroed, their activation restored, a control
+``weights``      weight outliers per linear: max |w|, kurtosis, beyond 6σ, int8 reconstruction errors
+``kvcache``      key and value channels as projected and as cached (after RoPE and key norms); ``kvcache_capture``
+                 its hooks and cache reading, ``kvcache_plots`` its figures
 ``plots``        seaborn figures of the above
 """

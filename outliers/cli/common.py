@@ -8,7 +8,7 @@ from typing import Any
 
 from outliers.errors import OutputPathError
 
-__all__ = ["check_writable", "print_table", "ci", "run_facts"]
+__all__ = ["check_writable", "check_out_dir", "print_table", "ci", "run_facts"]
 
 
 def check_writable(path: str) -> Path:
@@ -24,6 +24,17 @@ def check_writable(path: str) -> Path:
     return p
 
 
+def check_out_dir(path: str) -> Path:
+    """Create ``--out`` before a long run and fail then, not after it, when it cannot hold the results."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise OutputPathError(f"--out {out} is not writable")
+    return out
+
+
 def print_table(rows: list[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -36,12 +47,13 @@ def ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
     return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else ""
 
 
-def run_facts(model: str, info: Any, corpus: Any) -> dict[str, Any]:
-    """What an analysis records beside its numbers: the model as named, its weights' provenance, the corpus."""
+def run_facts(model: str, info: Any, corpus: Any = None) -> dict[str, Any]:
+    """What an analysis records beside its numbers: the model as named, its weights' provenance and, where
+    text was run, the corpus (``None``: the weights alone were measured)."""
+    text = {} if corpus is None else {"corpus": corpus.name, "corpus_sha256": corpus.sha256}
     return {
         "model": model,
-        "corpus": corpus.name,
-        "corpus_sha256": corpus.sha256,
+        **text,
         "architecture": info.architecture,
         "n_params": info.n_params,
         "weights": info.weights,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import shutil
 import textwrap
-from types import SimpleNamespace
 
 from outliers.cli.common import check_writable, run_facts
 from outliers.errors import InvalidArgumentError
@@ -101,9 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if json_path:
         from outliers.cache import atomic_write
 
-        # run_facts records a corpus; here the text is the prompt
-        prompt = SimpleNamespace(name="prompt", sha256=hashlib.sha256(args.prompt.encode()).hexdigest())
-        record = res.to_dict() | run_facts(args.model, info, prompt)
+        record = res.to_dict() | run_facts(args.model, info)  # the prompt is in the record itself
         record |= {"threshold": report.threshold, "replaced": len(report.replaced), "skipped": report.skipped}
         atomic_write(json_path, json.dumps(record, indent=1) + "\n")
     return 0

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 from typing import Any
 
-from outliers.cli.common import check_writable, run_facts
-from outliers.errors import InvalidArgumentError, OutputPathError
+from outliers.cli.common import check_out_dir, check_writable, run_facts
+from outliers.errors import InvalidArgumentError
 
 SHORT = {"keys": "key", "keys_normed": "normed", "keys_cached": "cached", "values": "value"}
 
@@ -31,16 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="write channels.csv, layers.csv, rope.csv and PNG figures here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
-
-
-def _check_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OutputPathError(f"--out {out} is not writable")
-    return out
 
 
 def layer_table(res: Any) -> Any:
@@ -76,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 2 or args.max_windows < 1 or args.batch_size < 1:
         raise InvalidArgumentError("--window must be >= 2, --max-windows and --batch-size >= 1")
     json_path = check_writable(args.json) if args.json else None
-    out = _check_out(args.out) if args.out else None
+    out = check_out_dir(args.out) if args.out else None
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from outliers.cli.common import run_facts
-from outliers.errors import OutputPathError
+from outliers.cli.common import check_out_dir, run_facts
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from outliers.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"threshold must be > 0, got {args.threshold}")
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise OutputPathError(f"--out {out} exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise OutputPathError(f"--out {out} is not writable")
+    out = check_out_dir(args.out) if args.out else None
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)

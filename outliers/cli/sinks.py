@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from outliers.cli.common import check_writable, run_facts
-from outliers.errors import InvalidArgumentError, OutputPathError
+from outliers.cli.common import check_out_dir, check_writable, run_facts
+from outliers.errors import InvalidArgumentError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,16 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OutputPathError(f"--out {out} is not writable")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -56,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 2 or args.max_windows < 1 or args.batch_size < 1:
         raise InvalidArgumentError("--window must be >= 2, --max-windows and --batch-size >= 1")
     json_path = check_writable(args.json) if args.json else None
-    out = _check_out(args.out) if args.out else None
+    out = check_out_dir(args.out) if args.out else None
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress, attn_implementation="eager")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from outliers.cli.common import check_writable
-from outliers.errors import InvalidArgumentError, OutputPathError
+from outliers.cli.common import check_out_dir, check_writable, run_facts
+from outliers.errors import InvalidArgumentError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,22 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OutputPathError(f"--out {out} is not writable")
-    return out
-
-
-def _facts(model: str, info) -> dict:
-    """``run_facts`` without a corpus: the weights alone are measured."""
-    keys = ("architecture", "n_params", "weights", "weights_sha256")
-    return {"model": model, **{k: getattr(info, k) for k in keys}}
-
-
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -49,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise InvalidArgumentError(f"--show must be >= 0, got {args.show}")
     json_path = check_writable(args.json) if args.json else None
-    out = _check_out(args.out) if args.out else None
+    out = check_out_dir(args.out) if args.out else None
     progress = not args.quiet
     model, _, info = load_model(args.model, progress=progress)
-    facts = _facts(args.model, info)
+    facts = run_facts(args.model, info)
     res = weight_stats(model, progress=progress, meta=facts)
     if not len(res.layers):
         raise InvalidArgumentError(f"model '{args.model}' has no linear layer that quantize_model would replace")
