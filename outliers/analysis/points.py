@@ -15,7 +15,9 @@ of the hidden space, even where the sizes agree.
 Where each kind is comes from the architecture registry
 (``outliers.arch``: a suffix regex per kind, the block index as its first
 group); pass ``patterns={kind: regex}`` to override it or to support a
-family the registry does not know.
+family the registry does not know. Where a transform sits before a linear
+(``outliers.quant.transforms.TransformedInput``), the point is the linear
+inside it: what the quantizer sees.
 """
 
 from __future__ import annotations
@@ -100,7 +102,11 @@ def resolve_points(
             m = rx.search(name)
             if not m:
                 continue
-            dims = hidden if kind == "residual" else in_features(module)
+            if kind != "residual" and hasattr(module, "linear") and hasattr(module, "op"):
+                # a transform before the linear (outliers.quant.transforms): measure what the linear reads
+                name, module = f"{name}.linear", module.linear
+            # a quantized layer (Int8Linear and kin) says its own in_features
+            dims = hidden if kind == "residual" else (in_features(module) or getattr(module, "in_features", None))
             if dims is None:
                 raise InvalidArgumentError(f"capture point {name} ({kind}) is not a linear layer")
             layer = int(m.group(1))

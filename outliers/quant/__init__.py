@@ -6,5 +6,8 @@
 ``cpu_kernels``  fused one-pass Numba kernels for the CPU hot path
 ``linear``       ``Int8Linear``, a drop-in for nn.Linear and Conv1D
 ``model``        whole-model quantize, quantized copy, save and load
+``transforms``   what removes outliers before quantizing: SmoothQuant smoothing, Hadamard rotation
+``hadamard``     Hadamard matrices of the models' sizes (Sylvester, Paley I/II, Kronecker products)
+``calibration``  calibration windows apart from evaluation, activation maxima, a transformed copy
 The CUDA backend is the standalone ``cuda_kernels`` package.
 """

@@ -1,0 +1,302 @@
+"""Transforms that remove outliers before quantizing: SmoothQuant smoothing and Hadamard rotation.
+
+Both leave the float model's function unchanged and change what the
+quantizer sees; both compose with every quantization method (apply them to a
+float model, then ``quantize_model``).
+
+**Smoothing** (Xiao et al. 2022, "SmoothQuant", arXiv 2211.10438): per input
+channel j of a group of linears that read one input (q/k/v; up/gate; the
+attention output projection; the down projection),
+s_j = max|X_j|^α / max|W_j|^(1-α), where max|X_j| comes from calibration
+windows and max|W_j| runs over column j of every linear in the group. Column
+j of each weight is multiplied by s_j, and X/s is folded into the norm before
+the group where the architecture registry says how (``outliers.arch.norms``);
+otherwise a ``ChannelScale`` module divides the input on the fly.
+
+**Rotation** (QuaRot, Ashkboos et al. 2024, arXiv 2404.00456): each
+quantized linear's input is multiplied by Q = H·diag(signs)/√n, an
+orthogonal Hadamard matrix with seeded random signs, and its weight by Q
+(W ← W Q, so (x Q)(W Q)ᵀ = x Wᵀ). H = H_m ⊗ H_{2^k} is a true Hadamard
+matrix of the full size (``outliers.quant.hadamard``), applied with its
+Kronecker structure: n·(m + 2^k) multiply-adds per token instead of n².
+No earlier weight absorbs the input's rotation here (QuaRot's full scheme
+rotates the residual stream itself), so it is an online cost:
+``benchmarks/eval_speed.py`` measures it. Linears that read one input share
+one ``Rotation``, which rotates that input once per forward.
+
+Either online step sits in a ``TransformedInput`` at the linear's place:
+``.op`` then ``.linear``, so capture hooks on ``.linear`` see what the
+quantizer sees (``outliers.analysis.points`` looks through it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from outliers.arch.linear import in_features, is_linear, weight_of
+from outliers.arch.norms import fold_inverse_scale
+from outliers.arch.registry import NormKind, architecture_of, blocks
+from outliers.errors import InvalidArgumentError
+
+__all__ = [
+    "Transform",
+    "Group",
+    "ChannelScale",
+    "Rotation",
+    "TransformedInput",
+    "input_groups",
+    "smoothing_scales",
+    "smooth",
+    "rotate",
+]
+
+ROTATIONS = ("hadamard",)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What to do to a float model before quantizing it: smoothing strength ``smooth`` (α in [0, 1]) and/or a
+    ``rotate`` kind, with the rotation's ``seed`` and the number of calibration windows for smoothing."""
+
+    smooth: float | None = None
+    rotate: str | None = None
+    seed: int = 0
+    calib_windows: int = 16
+
+    def __post_init__(self) -> None:
+        if self.smooth is not None and not 0 <= self.smooth <= 1:
+            raise InvalidArgumentError(f"smoothing strength alpha must be in [0, 1], got {self.smooth}")
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise InvalidArgumentError(f"unknown rotation {self.rotate!r}; choose from {', '.join(ROTATIONS)}")
+        if self.calib_windows < 1:
+            raise InvalidArgumentError(f"calibration windows must be >= 1, got {self.calib_windows}")
+
+    def __bool__(self) -> bool:
+        return self.smooth is not None or self.rotate is not None
+
+    @property
+    def label(self) -> str:
+        """``"smooth 0.5 + hadamard"``; ``""`` for no transform."""
+        parts = [f"smooth {self.smooth:g}"] if self.smooth is not None else []
+        return " + ".join(parts + ([self.rotate] if self.rotate else []))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change a result: a cell's fingerprint, a result's record."""
+        out = asdict(self)
+        if self.smooth is None:
+            out.pop("calib_windows")
+        if self.rotate is None:
+            out.pop("seed")
+        return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears that read one input, and the norm that makes it (None: a ``ChannelScale`` divides it)."""
+
+    name: str  # "L03.attn_in"
+    linears: tuple[str, ...]  # module paths
+    norm: str | None = None
+    norm_kind: NormKind | None = None
+
+
+def input_groups(model: nn.Module, skip: tuple[str, ...] | None = None) -> list[Group]:
+    """Return the model's quantizable linears grouped by input, from the architecture registry.
+
+    Every linear outside ``skip`` (the architecture's: ``lm_head``) is in
+    exactly one group; those the registry does not place are a group each.
+    """
+    arch = architecture_of(model)
+    skip = arch.skip if skip is None else skip
+    linears = [n for n in _linear_paths(model) if not _skipped(n, skip)]
+    groups: list[Group] = []
+    if arch.blocks is not None:
+        for i, path, _ in blocks(model, arch):
+            at = lambda p, path=path: f"{path}.{p}"  # noqa: E731
+            for kind, shared in (("attn_in", arch.attn_in), ("ffn_in", arch.ffn_in)):
+                if shared is not None:
+                    names = tuple(at(p) for p in shared.linears if at(p) in linears)
+                    norm = at(shared.norm) if shared.norm else None
+                    groups.append(Group(f"L{i:02d}.{kind}", names, norm, shared.norm_kind if norm else None))
+            for kind, single in (("attn_out", arch.attn_out), ("down", arch.down)):
+                if single is not None and at(single) in linears:
+                    groups.append(Group(f"L{i:02d}.{kind}", (at(single),)))
+    groups = [g for g in groups if g.linears]
+    placed = {n for g in groups for n in g.linears}
+    groups += [Group(n, (n,)) for n in linears if n not in placed]
+    return groups
+
+
+def _linear_paths(model: nn.Module) -> list[str]:
+    """The paths of the model's linears, a transformed one at its wrapper's path (where it was)."""
+    modules = dict(model.named_modules())
+    wrapped = {f"{n}.linear" for n, m in modules.items() if isinstance(m, TransformedInput)}
+    return [
+        n
+        for n, m in modules.items()
+        if n and n not in wrapped and (isinstance(m, TransformedInput) or (is_linear(m) and not _inside(n, wrapped)))
+    ]
+
+
+def _inside(name: str, wrapped: set[str]) -> bool:
+    return any(name.startswith(w + ".") for w in wrapped)
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(s == name or s in parts or name.endswith("." + s) for s in skip)
+
+
+class ChannelScale(nn.Module):
+    """x / s per channel: smoothing where no norm can absorb it."""
+
+    inv_s: torch.Tensor
+
+    def __init__(self, s: torch.Tensor):
+        super().__init__()
+        self.register_buffer("inv_s", 1 / s.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.inv_s.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.inv_s.numel()}"
+
+
+class Rotation(nn.Module):
+    """x ↦ x Q with Q = (H_m ⊗ H_s)·diag(signs)/√n, applied through the Kronecker structure.
+
+    Shared by the ``readers`` linears of one input: the first computes, the
+    others take the same result for the same input tensor.
+    """
+
+    h_m: torch.Tensor
+    h_s: torch.Tensor
+    signs: torch.Tensor
+
+    def __init__(self, n: int, seed: int, readers: int = 1):
+        super().__init__()
+        from outliers.quant.hadamard import hadamard_matrix
+
+        _, self.construction = hadamard_matrix(n)
+        s = n & -n  # the largest power of two dividing n
+        while s > 1:  # the largest 2^k whose cofactor has a known Hadamard matrix
+            try:
+                h_m, _ = hadamard_matrix(n // s)
+                break
+            except InvalidArgumentError:
+                s //= 2
+        else:
+            h_m, _ = hadamard_matrix(n)
+        h_s, _ = hadamard_matrix(s)
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        self.register_buffer("h_m", h_m.float())
+        self.register_buffer("h_s", h_s.float())
+        self.register_buffer("signs", signs.float() / n**0.5)
+        self.n, self.readers = n, readers
+        self._memo: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x Q in x's dtype (float64 for weights: the float model's product then changes only by rounding)."""
+        m, s = self.h_m.shape[0], self.h_s.shape[0]
+        h_m, h_s, signs = (t.to(x.dtype) for t in (self.h_m, self.h_s, self.signs))
+        y = h_m.t() @ x.reshape(*x.shape[:-1], m, s) @ h_s  # x (H_m ⊗ H_s), never built
+        return y.reshape(x.shape) * signs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._memo is not None and self._memo[0] is x:
+            _, y, left = self._memo
+            self._memo = (x, y, left - 1) if left > 1 else None
+            return y
+        y = self.rotate(x)
+        self._memo = (x, y, self.readers - 1) if self.readers > 1 else None
+        return y
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, H={self.construction}, readers={self.readers}"
+
+
+class TransformedInput(nn.Module):
+    """``linear(op(x))``: an online input transform at a linear's place (``.linear`` is the linear itself)."""
+
+    def __init__(self, op: nn.Module, linear: nn.Module):
+        super().__init__()
+        self.op, self.linear = op, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.op(x))
+
+
+def _place(model: nn.Module, name: str, op: nn.Module) -> None:
+    """Put ``op`` before the linear at ``name``, after any op already there."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    current = getattr(owner, child)
+    if isinstance(current, TransformedInput):
+        current.op = nn.Sequential(current.op, op)
+    else:
+        setattr(owner, child, TransformedInput(op, current))
+
+
+def _linear(model: nn.Module, name: str) -> nn.Module:
+    m = model.get_submodule(name)
+    return m.linear if isinstance(m, TransformedInput) else m
+
+
+def smoothing_scales(model: nn.Module, act_max: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Return s per group name: max|X_j|^α / max|W_j|^(1-α), both clamped at 1e-5 (SmoothQuant's floor).
+
+    ``act_max`` maps a group name to its input's per-channel max |x| (``calibrate``).
+    """
+    out = {}
+    for g in input_groups(model):
+        if g.name not in act_max:
+            raise InvalidArgumentError(f"no calibration statistics for {g.name} ({', '.join(g.linears)})")
+        w_max = torch.stack([weight_of(_linear(model, n)).detach().abs().amax(0).float() for n in g.linears]).amax(0)
+        a = act_max[g.name].float().clamp_min(1e-5)
+        out[g.name] = (a.pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+    return out
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Apply ``smoothing_scales`` in place; return per group where X/s went: the norm's path or "module"."""
+    where = {}
+    for g in input_groups(model):
+        s = scales[g.name].to(next(model.parameters()).device)
+        for n in g.linears:
+            w = weight_of(_linear(model, n))
+            w.mul_(s.to(w.dtype))  # column j times s_j
+        if g.norm is not None and g.norm_kind is not None:
+            fold_inverse_scale(model.get_submodule(g.norm), g.norm_kind, s)
+            where[g.name] = g.norm
+        else:
+            op = ChannelScale(s)
+            for n in g.linears:
+                _place(model, n, op)
+            where[g.name] = "module"
+    return where
+
+
+@torch.no_grad()
+def rotate(model: nn.Module, seed: int = 0) -> dict[str, str]:
+    """Rotate every quantizable linear's input and weight in place; return each group's Hadamard construction.
+
+    Raises:
+        InvalidArgumentError: an input size with no known full-size Hadamard matrix.
+    """
+    out = {}
+    for k, g in enumerate(input_groups(model)):
+        n = in_features(_linear(model, g.linears[0]))
+        assert n is not None
+        rot = Rotation(n, seed + k, readers=len(g.linears)).to(next(model.parameters()).device)
+        for name in g.linears:
+            w = weight_of(_linear(model, name))
+            w.copy_(rot.rotate(w.double()).to(w.dtype))  # W Q: rows of W rotate as inputs do
+            _place(model, name, rot)
+        out[g.name] = rot.construction
+    return out

@@ -1,0 +1,118 @@
+"""Smoothing and Hadamard rotation: the float model unchanged, the outlier moved, composable with quantization."""
+
+import pytest
+import torch
+from helpers import PLANTED, make_model, planted_model
+
+from outliers import CorpusError, InvalidArgumentError
+from outliers.analysis.hooks import capture
+from outliers.analysis.stats import Stat
+from outliers.arch.linear import weight_of
+from outliers.quant.calibration import activation_max, calibration_windows, transformed_copy
+from outliers.quant.model import quantize_model
+from outliers.quant.transforms import (
+    ChannelScale,
+    Rotation,
+    Transform,
+    TransformedInput,
+    input_groups,
+    smoothing_scales,
+)
+
+CORPUS = torch.randint(0, 384, (2000,), generator=torch.Generator().manual_seed(0))
+BATCH = CORPUS[:96].view(3, 32)
+TRANSFORMS = [Transform(rotate="hadamard"), Transform(smooth=0.5), Transform(smooth=0.8, rotate="hadamard")]
+
+
+def logits(model, ids=BATCH):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma"])
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: t.label)
+def test_the_float_model_is_unchanged_to_float32_rounding(arch, transform):
+    model = planted_model(arch) if arch != "gemma" else make_model(arch)
+    out, info = transformed_copy(model, transform, CORPUS, window=32, reserved=BATCH.numel())
+    a, b = logits(model), logits(out)
+    torch.testing.assert_close(b, a, rtol=0, atol=2e-5 * a.abs().max().item())
+    ppl = lambda x: torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1), BATCH[:, 1:].flatten())  # noqa: E731
+    assert ppl(b).item() == pytest.approx(ppl(a).item(), rel=1e-5)
+    assert info["transform"] == transform.label and logits(model).equal(a)  # the original is untouched
+
+
+def test_smoothing_moves_a_planted_outlier_channel_into_the_weights():
+    model = planted_model("llama")  # attn_in and ffn_in dims 3 and 17 are 40x the others
+    smoothed, info = transformed_copy(model, Transform(smooth=0.5), CORPUS, window=32, reserved=96)
+    assert info["smoothed_into_norm"] == 4 and info["smoothed_by_module"] == 4  # q/k/v, up/gate; o_proj, down
+
+    def input_range(m):
+        with torch.inference_mode(), capture(m, "attn_in") as st:
+            m(input_ids=BATCH)
+        amax = st.get("L00.attn_in", Stat.ABSMAX)
+        others = [d for d in range(len(amax)) if d not in PLANTED]
+        return amax[list(PLANTED)].min() / amax[others].median()
+
+    # what the quantizer sees: alpha 0.5 leaves about the square root of the outlier's range (the weights are
+    # about even across columns), the rest went into the weights; alpha 1 would move all of it
+    before, after = input_range(model), input_range(smoothed)
+    assert before > 20 and before**0.5 / 1.5 < after < 1.5 * before**0.5
+    q0, q1 = weight_of(model.model.layers[0].self_attn.q_proj), weight_of(smoothed.model.layers[0].self_attn.q_proj)
+    ratio = q1.abs().amax(0) / q0.abs().amax(0)  # column j scaled by s_j
+    assert ratio[list(PLANTED)].min() > 3 * ratio[[d for d in range(32) if d not in PLANTED]].max()
+
+
+def test_smoothing_scales_follow_the_formula():
+    model = make_model("opt")
+    act = activation_max(model, calibration_windows(CORPUS, 32, 4))
+    g = input_groups(model)[0]
+    w = torch.stack([weight_of(model.get_submodule(n)).abs().amax(0) for n in g.linears]).amax(0)
+    s = smoothing_scales(model, act, 0.75)[g.name]
+    torch.testing.assert_close(s, act[g.name].clamp_min(1e-5) ** 0.75 / w.clamp_min(1e-5) ** 0.25)
+    assert g.linears == tuple(f"model.decoder.layers.0.self_attn.{p}_proj" for p in "qkv")
+
+
+def test_calibration_never_overlaps_evaluation():
+    w = calibration_windows(CORPUS, 32, 4, reserved=1000)
+    assert torch.equal(w.flatten(), CORPUS[-128:])
+    with pytest.raises(CorpusError, match="after the 1900 tokens evaluation uses, but the corpus has 2000"):
+        calibration_windows(CORPUS, 32, 4, reserved=1900)
+
+
+def test_linears_of_one_input_share_one_rotation_that_computes_once():
+    model, _ = transformed_copy(make_model("llama"), Transform(rotate="hadamard"), window=32)
+    attn = model.model.layers[0].self_attn
+    rot = attn.q_proj.op
+    assert isinstance(rot, Rotation) and rot is attn.k_proj.op is attn.v_proj.op and rot.readers == 3
+    calls = []
+    original = Rotation.rotate
+    Rotation.rotate = lambda self, x: calls.append(self) or original(self, x)  # type: ignore[method-assign]
+    try:
+        logits(model)
+    finally:
+        Rotation.rotate = original  # type: ignore[method-assign]
+    assert calls.count(rot) == 1 and rot._memo is None  # no activation kept after its readers
+
+
+def test_transforms_compose_with_quantization_and_capture_sees_the_quantizer_input():
+    model = planted_model("gpt2")
+    out, _ = transformed_copy(model, Transform(smooth=0.5, rotate="hadamard"), CORPUS, window=32, reserved=96)
+    assert isinstance(out.transformer.h[0].attn.c_proj, TransformedInput)
+    assert isinstance(out.transformer.h[0].attn.c_proj.op[0], ChannelScale)
+    report = quantize_model(out, "llm.int8")
+    assert len(report.replaced) == 8 and all(n.endswith(".linear") for n in report.replaced)
+    with torch.inference_mode(), capture(out, "attn,ffn") as st:
+        out(input_ids=BATCH)
+    assert all(p.module.endswith(".linear") for p in st.points)
+    assert max(float(st.get(p.name, Stat.ABSMAX).max()) for p in st.points) < 6  # nothing left to decompose
+    assert torch.isfinite(logits(out)).all()
+
+
+def test_bad_transforms_are_refused():
+    with pytest.raises(InvalidArgumentError, match="alpha must be in"):
+        Transform(smooth=1.5)
+    with pytest.raises(InvalidArgumentError, match="unknown rotation 'givens'"):
+        Transform(rotate="givens")
+    with pytest.raises(CorpusError, match="smoothing needs calibration text"):
+        transformed_copy(make_model("llama"), Transform(smooth=0.5))
+    assert not Transform() and Transform(smooth=0.5, rotate="hadamard").label == "smooth 0.5 + hadamard"
