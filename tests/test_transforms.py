@@ -116,3 +116,18 @@ def test_bad_transforms_are_refused():
     with pytest.raises(CorpusError, match="smoothing needs calibration text"):
         transformed_copy(make_model("llama"), Transform(smooth=0.5))
     assert not Transform() and Transform(smooth=0.5, rotate="hadamard").label == "smooth 0.5 + hadamard"
+
+
+def test_scan_after_a_transform_says_so_and_records_it(model_dir, text_file, tmp_path, capsys):
+    from outliers.analysis.stats import OutlierStats
+    from outliers.cli import main
+
+    argv = ["scan", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32", "--quiet"]
+    argv += ["--max-tokens", "64", "--calib-windows", "2", "--smooth", "0.5", "--rotate", "hadamard"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "after smoothing (alpha 0.5, 64 calibration tokens" in printed and "and hadamard rotation (seed 0" in printed
+    meta = OutlierStats.load(tmp_path / "s").meta
+    assert meta["smooth"] == 0.5 and meta["rotate"] == "hadamard" and meta["calib_tokens"] == 64
+    assert main([*argv[:-4], "--smooth", "2"]) == 2
+    assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err

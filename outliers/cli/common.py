@@ -8,7 +8,7 @@ from typing import Any
 
 from outliers.errors import OutputPathError
 
-__all__ = ["check_writable", "check_out_dir", "print_table", "ci", "run_facts"]
+__all__ = ["check_writable", "check_out_dir", "print_table", "ci", "run_facts", "add_transform_args", "transform_of"]
 
 
 def check_writable(path: str) -> Path:
@@ -59,3 +59,31 @@ def run_facts(model: str, info: Any, corpus: Any = None) -> dict[str, Any]:
         "weights": info.weights,
         "weights_sha256": info.weights_sha256,
     }
+
+
+def add_transform_args(p: Any) -> None:
+    """``--smooth``, ``--rotate`` and their calibration settings (``outliers.quant.transforms``)."""
+    p.add_argument(
+        "--smooth",
+        type=float,
+        metavar="ALPHA",
+        help="SmoothQuant: migrate activation scale into the weights with strength ALPHA in [0, 1] before quantizing",
+    )
+    p.add_argument(
+        "--rotate", choices=("hadamard",), help="rotate every quantized linear's input by a randomized Hadamard matrix"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the rotation's random signs (default: %(default)s)")
+    p.add_argument(
+        "--calib-windows",
+        type=int,
+        default=16,
+        help="smoothing's calibration windows, from the end of the corpus (default: %(default)s)",
+    )
+    p.add_argument("--calib-corpus", help="calibrate smoothing on this corpus instead (same forms as --corpus)")
+
+
+def transform_of(args: Any) -> Any:
+    """The ``Transform`` the arguments ask for (validated: bad values fail before a model loads)."""
+    from outliers.quant.transforms import Transform
+
+    return Transform(smooth=args.smooth, rotate=args.rotate, seed=args.seed, calib_windows=args.calib_windows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from outliers.cli.common import check_out_dir, run_facts
+from outliers.cli.common import add_transform_args, check_out_dir, run_facts, transform_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="leave out kurtosis and ∞-norms (Bondarenko et al. 2023); a little faster",
     )
+    add_transform_args(p)
     p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
     p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
     p.add_argument("--quiet", action="store_true")
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from outliers.models.load import load_model
 
     kinds = parse_kinds(args.points)
+    transform = transform_of(args)  # validated before the model loads
     base = Criteria(args.layers, args.positions, args.layer_unit, args.position_mode)  # validates early
     if args.threshold <= 0:
         from outliers.errors import InvalidArgumentError
@@ -74,6 +76,19 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     ids = encode_corpus(tokenizer, corpus)
+    applied: dict = {}
+    if transform:  # measure what the quantizer would see
+        from outliers.quant.calibration import transformed_copy
+
+        calib = encode_corpus(tokenizer, load_corpus(args.calib_corpus)) if args.calib_corpus else ids
+        model, applied = transformed_copy(
+            model,
+            transform,
+            calib,
+            window=args.window,
+            reserved=0 if args.calib_corpus else min(len(ids), args.max_tokens),
+            batch_size=args.batch_size,
+        )
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -88,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=progress,
             bos_token_id=bos_id,
-            meta=run_facts(args.model, info, corpus),
+            meta=run_facts(args.model, info, corpus) | applied,
             moments=args.moments,
         )
     for w in caught:
@@ -105,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         f"{stats.meta['tokens_scanned']} tokens, layer={base.layer_unit}, positions={base.position_mode}, "
         f"criteria >= {100 * base.layers:g} % layers and >= {100 * base.positions:g} % positions\n"
     )
+    if applied:
+        print(f"after {_describe(applied)}: the inputs the quantizer sees\n")
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     feats = (
@@ -185,3 +202,17 @@ def _print_moments(stats) -> None:
     print(f"  token kurtosis (per token across dims), mean over blocks: {kinds}")
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(layer_table(stats).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+
+
+def _describe(applied: dict) -> str:
+    """One line on the transform a scan measured after."""
+    parts = []
+    if applied.get("smooth") is not None:
+        parts.append(
+            f"smoothing (alpha {applied['smooth']:g}, {applied['calib_tokens']} calibration tokens; "
+            f"{applied['smoothed_into_norm']} groups folded into their norm, "
+            f"{applied['smoothed_by_module']} by a module)"
+        )
+    if applied.get("rotate"):
+        parts.append(f"{applied['rotate']} rotation (seed {applied['seed']}; {', '.join(applied['hadamard'])})")
+    return " and ".join(parts)
