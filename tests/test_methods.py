@@ -1,5 +1,5 @@
-"""The method registry: the built-in Table-1 rows, a new method usable everywhere by registering it,
-the README's table."""
+"""The method registry: the built-in Table-1 rows and the FP8 / W4A16 reference rows, a new method
+usable everywhere by registering it (of any format), the README's table."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from helpers import make_model, planted
 from torch import nn
 
 from outliers import InvalidArgumentError
+from outliers.quant.emulated import FP8Linear, W4A16Linear
 from outliers.quant.linear import Int8Linear
 from outliers.quant.methods import (
     METHODS,
+    Format,
     Granularity,
     Method,
     Scheme,
@@ -55,6 +57,30 @@ def test_the_table1_rows_in_the_papers_order():
     assert m.settings == ("round_to", "threshold", "outlier_weights")
     assert get_method("absmax-vector").settings == ("round_to",)
     assert label("fp32") == "32-bit float"
+    assert all(m.format is Format.INT8 and m.group_size is None for m in list(METHODS.values())[:8])
+
+
+def test_the_reference_rows_after_table1():
+    assert list(METHODS)[8:11] == ["fp8-tensor", "fp8-token", "w4a16-g128"]
+    t, k, w = (get_method(n) for n in ("fp8-tensor", "fp8-token", "w4a16-g128"))
+    assert (t.format, t.scheme, t.activations, t.weights) == (
+        Format.FP8_E4M3,
+        Scheme.ABSMAX,
+        Granularity.TENSOR,
+        Granularity.TENSOR,
+    )
+    assert (k.activations, k.weights) == (Granularity.ROW, Granularity.CHANNEL)
+    assert (w.format, w.scheme, w.activations, w.weights, w.group_size) == (
+        Format.INT4,
+        Scheme.ZEROPOINT,
+        None,
+        Granularity.GROUP,
+        128,
+    )
+    assert "emulated" in t.label and "emulated" in k.label and "weight-only" in w.label
+    assert t.settings == k.settings == w.settings == ("round_to",)
+    with pytest.raises(ValueError, match="leaves X in float"):
+        w.x_dim  # noqa: B018
 
 
 def test_a_method_must_be_well_formed():
@@ -66,6 +92,20 @@ def test_a_method_must_be_well_formed():
         register_method(Method("llm.int8", "again", Scheme.ABSMAX, Granularity.ROW, Granularity.CHANNEL))
     with pytest.raises(InvalidArgumentError, match="unknown method 'int4'"):
         get_method("int4")
+    A, Z, R, C, G = Scheme.ABSMAX, Scheme.ZEROPOINT, Granularity.ROW, Granularity.CHANNEL, Granularity.GROUP
+    with pytest.raises(ValueError, match="int8 quantizes X per tensor or row, W per tensor or channel"):
+        Method("x", "x", A, None, C)
+    with pytest.raises(ValueError, match="fp8-e4m3 takes scheme absmax"):
+        Method("x", "x", Z, R, C, format=Format.FP8_E4M3)
+    with pytest.raises(ValueError, match="decomposition is int8 only"):
+        Method("x", "x", A, R, C, decomposition=True, format=Format.FP8_E4M3)
+    with pytest.raises(ValueError, match="int4 leaves X in float and quantizes W per group"):
+        Method("x", "x", Z, R, G, format=Format.INT4, group_size=128)
+    for size in (None, 0):
+        with pytest.raises(ValueError, match=f"group_size >= 1 goes with group-wise weights, got {size}"):
+            Method("x", "x", Z, None, G, format=Format.INT4, group_size=size)
+    with pytest.raises(ValueError, match="group_size >= 1 goes with group-wise weights, got 64"):
+        Method("x", "x", A, R, C, group_size=64)
 
 
 def test_a_new_method_is_one_record(monkeypatch, model_dir, text_file, capsys):
@@ -78,7 +118,7 @@ def test_a_new_method_is_one_record(monkeypatch, model_dir, text_file, capsys):
     got = Int8Linear.from_linear(lin, TOY.name)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert quantize_model(make_model("llama"), TOY.name).method == TOY.name
-    assert f"| `{TOY.name}` | tensor | per output channel | no |" in method_table()
+    assert f"| `{TOY.name}` | int8 | tensor | per output channel | no |" in method_table()
     from outliers.cli import main
 
     assert (
@@ -101,6 +141,48 @@ def test_a_new_method_is_one_record(monkeypatch, model_dir, text_file, capsys):
         == 0
     )
     assert "vs reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "toy, layer",
+    [
+        (
+            Method(
+                "fp8-channel",
+                "FP8, X per tensor, W per channel",
+                Scheme.ABSMAX,
+                Granularity.TENSOR,
+                Granularity.CHANNEL,
+                format=Format.FP8_E4M3,
+            ),
+            FP8Linear,
+        ),
+        (
+            Method(
+                "w4a16-g32",
+                "W4A16 RTN g32",
+                Scheme.ZEROPOINT,
+                None,
+                Granularity.GROUP,
+                format=Format.INT4,
+                group_size=32,
+            ),
+            W4A16Linear,
+        ),
+    ],
+    ids=["fp8-channel", "w4a16-g32"],
+)
+def test_a_new_method_of_another_format_is_one_record(monkeypatch, toy, layer):
+    monkeypatch.setitem(METHODS, toy.name, toy)
+    model = make_model("llama")  # hidden 32, MLP 64: two groups of 32 in the down projection
+    report = quantize_model(model, toy.name)
+    down = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(down, layer) and report.method == toy.name
+    if layer is W4A16Linear:
+        assert down.weight_scale.shape == (32, 2)
+    else:
+        assert down.weight_absmax.shape == (32,)
+    assert f"| `{toy.name}` |" in method_table()
 
 
 def test_the_readme_shows_the_registry():

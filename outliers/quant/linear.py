@@ -1,7 +1,8 @@
 """``Int8Linear``: a drop-in for ``nn.Linear`` and GPT-2's ``Conv1D`` on real int8 arithmetic.
 
 Methods are the rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339),
-declared in ``outliers.quant.methods`` (``method_table()`` prints them).
+declared in ``outliers.quant.methods`` (``method_table()`` prints them); the registry's
+FP8 and W4A16 rows run on ``outliers.quant.emulated`` instead.
 
 Weights are stored as int8 codes plus float32 statistics (the memory saving
 is real). With decomposition, columns of X holding any ``|x| >= threshold`` go
@@ -28,7 +29,7 @@ from torch import nn
 from outliers.arch.linear import weight_of
 from outliers.errors import InvalidArgumentError
 from outliers.quant.int8 import check_threshold, int8_mm_dequant, int8_vectorwise_quant
-from outliers.quant.methods import Granularity, Scheme, get_method
+from outliers.quant.methods import Format, Granularity, Scheme, get_method
 from outliers.quant.quantizers import (
     absmax_matmul_dequant,
     dequantize_absmax,
@@ -76,6 +77,11 @@ class Int8Linear(nn.Module):
     ):
         super().__init__()
         self.spec = get_method(method)
+        if self.spec.format is not Format.INT8:
+            raise InvalidArgumentError(
+                f"Int8Linear runs int8 methods; {method!r} is {self.spec.format} "
+                "(outliers.quant.emulated; quantize_model picks the layer)"
+            )
         if outlier_weights not in OUTLIER_WEIGHTS:
             raise InvalidArgumentError(f"outlier_weights must be one of {OUTLIER_WEIGHTS}, got {outlier_weights!r}")
         if backend not in BACKENDS:

@@ -1,14 +1,20 @@
 """The quantization methods: one frozen record each, in one registry.
 
-The rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339).
+The rows of Table 1 of Dettmers et al. 2022, "LLM.int8()" (arXiv 2208.07339),
+then two reference rows of later work: FP8 E4M3 W8A8 and W4A16 round-to-nearest.
 A method says how X (the activations) and W (the weights) are quantized:
 
-* its ``scheme``: absmax (symmetric, codes in [-127, 127]) or zeropoint
-  (asymmetric, [-128, 127]; ``outliers.quant.quantizers``);
+* its ``format``: ``int8`` codes (``Int8Linear``, real integer arithmetic),
+  ``fp8-e4m3`` (emulated: ``outliers.quant.emulated.FP8Linear``) or ``int4``
+  weights with X left in float (``W4A16Linear``); the format picks the layer;
+* its ``scheme``: absmax (symmetric; int8 codes in [-127, 127], FP8 scaled so
+  that absmax lands on E4M3's 448) or zeropoint (asymmetric; int8 codes in
+  [-128, 127], ``outliers.quant.quantizers``; int4 codes in [0, 15]);
 * the granularity of the statistics: one per ``tensor``, per ``row`` of X
-  (a token), or per output ``channel`` of W;
+  (a token), per output ``channel`` of W, or per ``group`` of ``group_size``
+  input columns of one output channel; ``activations=None`` leaves X in float;
 * whether it uses the mixed-precision decomposition (feature columns of X
-  holding any ``|x| >= threshold`` go through a float matmul).
+  holding any ``|x| >= threshold`` go through a float matmul; int8 only).
 
 ``Int8Linear``, ``quantize_model``, the CLI's ``--method`` choices, study
 validation, report labels and the README's method table all read
@@ -24,6 +30,7 @@ from enum import StrEnum
 from outliers.errors import InvalidArgumentError
 
 __all__ = [
+    "Format",
     "Scheme",
     "Granularity",
     "Method",
@@ -36,6 +43,14 @@ __all__ = [
 ]
 
 
+class Format(StrEnum):
+    """The number format of the codes; it picks the layer (``outliers.quant.model.LAYERS``)."""
+
+    INT8 = "int8"  # X and W in int8, int32 accumulation: Int8Linear
+    FP8_E4M3 = "fp8-e4m3"  # X and W rounded through torch.float8_e4m3fn, float32 products: FP8Linear (emulated)
+    INT4 = "int4"  # W in int4 groups, X in float: W4A16Linear (weight-only)
+
+
 class Scheme(StrEnum):
     ABSMAX = "absmax"
     ZEROPOINT = "zeropoint"
@@ -45,36 +60,83 @@ class Granularity(StrEnum):
     TENSOR = "tensor"  # one statistic for the whole tensor
     ROW = "row"  # one per row of X: per token
     CHANNEL = "channel"  # one per output channel of W (a row of W stored (out, in))
+    GROUP = "group"  # one per group of ``group_size`` input columns of one output channel of W
 
     @property
     def dim(self) -> int | None:
-        """The ``dim`` argument of the quantizer functions: None for tensor-wise, -1 per row."""
+        """The ``dim`` argument of the quantizer functions: None for tensor-wise, -1 per row (groups: within a row)."""
         return None if self is Granularity.TENSOR else -1
+
+
+_T, _R, _C, _G = Granularity.TENSOR, Granularity.ROW, Granularity.CHANNEL, Granularity.GROUP
+
+
+@dataclass(frozen=True)
+class _Supports:
+    """What one format's layer implements; a record asking for more is refused when it is declared."""
+
+    schemes: tuple[Scheme, ...]
+    activations: tuple[Granularity | None, ...]
+    weights: tuple[Granularity, ...]
+    decomposition: bool
+
+
+_SUPPORTS = {
+    Format.INT8: _Supports((Scheme.ABSMAX, Scheme.ZEROPOINT), (_T, _R), (_T, _C), True),
+    Format.FP8_E4M3: _Supports((Scheme.ABSMAX,), (_T, _R), (_T, _C), False),
+    Format.INT4: _Supports((Scheme.ZEROPOINT,), (None,), (_G,), False),
+}
+
+
+def _shapes(ok: _Supports) -> str:
+    """What a format quantizes, in words: "quantizes X per tensor or row, W per tensor or channel"."""
+    w = " or ".join(g.value for g in ok.weights)
+    if None in ok.activations:
+        return f"leaves X in float and quantizes W per {w}"
+    return f"quantizes X per {' or '.join(g.value for g in ok.activations if g is not None)}, W per {w}"
 
 
 @dataclass(frozen=True)
 class Method:
-    """One quantization method. ``label`` is its row name in tables and reports (the paper's wording)."""
+    """One quantization method. ``label`` is its row name in tables and reports (the paper's wording).
+
+    ``activations=None`` leaves X in float (weight-only); ``group_size`` is
+    set exactly when ``weights`` is ``Granularity.GROUP``.
+    """
 
     name: str
     label: str
     scheme: Scheme
-    activations: Granularity
+    activations: Granularity | None
     weights: Granularity
     decomposition: bool = False
+    format: Format = Format.INT8
+    group_size: int | None = None
     settings: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         # a method without a label would vanish from reports: refuse it when it is declared
         if not self.label:
             raise ValueError(f"method {self.name!r} needs a label")
-        if self.activations is Granularity.CHANNEL or self.weights is Granularity.ROW:
-            raise ValueError(f"method {self.name!r}: X is quantized per tensor or row, W per tensor or channel")
+        ok = _SUPPORTS[self.format]
+        if self.activations not in ok.activations or self.weights not in ok.weights:
+            raise ValueError(f"method {self.name!r}: {self.format} {_shapes(ok)}")
+        if self.scheme not in ok.schemes:
+            raise ValueError(f"method {self.name!r}: {self.format} takes scheme {' or '.join(ok.schemes)}")
+        if self.decomposition and not ok.decomposition:
+            raise ValueError(f"method {self.name!r}: decomposition is int8 only")
+        grouped = self.weights is Granularity.GROUP
+        if grouped != (self.group_size is not None) or (self.group_size is not None and self.group_size < 1):
+            raise ValueError(
+                f"method {self.name!r}: group_size >= 1 goes with group-wise weights, got {self.group_size}"
+            )
         extra = ("threshold", "outlier_weights") if self.decomposition else ()
         object.__setattr__(self, "settings", ("round_to", *extra))
 
     @property
     def x_dim(self) -> int | None:
+        if self.activations is None:
+            raise ValueError(f"method {self.name!r} leaves X in float: it has no X granularity")
         return self.activations.dim
 
     @property
@@ -95,7 +157,7 @@ def register_method(method: Method) -> Method:
 
 
 _A, _Z = Scheme.ABSMAX, Scheme.ZEROPOINT
-_T, _R, _C = Granularity.TENSOR, Granularity.ROW, Granularity.CHANNEL
+_FP8, _INT4 = Format.FP8_E4M3, Format.INT4
 for _m in [
     Method("absmax", "int8 absmax", _A, _T, _T),
     Method("zeropoint", "int8 zeropoint", _Z, _T, _T),
@@ -105,6 +167,10 @@ for _m in [
     Method("absmax-row+decomp", "absmax row-wise + decomposition", _A, _R, _T, decomposition=True),
     Method("llm.int8", "absmax LLM.int8() (vector-wise + decomposition)", _A, _R, _C, decomposition=True),
     Method("zeropoint-llm.int8", "zeropoint LLM.int8()", _Z, _R, _C, decomposition=True),
+    # reference rows of later work (after Table 1)
+    Method("fp8-tensor", "FP8 E4M3 W8A8 per-tensor (emulated)", _A, _T, _T, format=_FP8),
+    Method("fp8-token", "FP8 E4M3 W8A8 per-token X, per-channel W (emulated)", _A, _R, _C, format=_FP8),
+    Method("w4a16-g128", "W4A16 RTN int4 g128 (weight-only)", _Z, None, _G, format=_INT4, group_size=128),
 ]:
     register_method(_m)
 
@@ -121,15 +187,23 @@ def label(method: str) -> str:
     return FLOAT_LABEL if method == "fp32" else get_method(method).label
 
 
-_X_WORDS = {Granularity.TENSOR: "tensor", Granularity.ROW: "per token"}
+_FORMAT_WORDS = {Format.INT8: "int8", Format.FP8_E4M3: "FP8 E4M3, emulated", Format.INT4: "int4 weights, zeropoint"}
+_X_WORDS = {Granularity.TENSOR: "tensor", Granularity.ROW: "per token", None: "float (not quantized)"}
 _W_WORDS = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "per output channel"}
+
+
+def _w_words(m: Method) -> str:
+    if m.weights is Granularity.GROUP:
+        return f"groups of {m.group_size} inputs per output channel"
+    return _W_WORDS[m.weights]
 
 
 def method_table() -> str:
     """Return the README's method table (markdown), one row per registered method."""
-    rows = ["| method | X | W | decomposition |", "|---|---|---|---|"]
+    rows = ["| method | format | X | W | decomposition |", "|---|---|---|---|---|"]
     for m in METHODS.values():
         rows.append(
-            f"| `{m.name}` | {_X_WORDS[m.activations]} | {_W_WORDS[m.weights]} | {'yes' if m.decomposition else 'no'} |"
+            f"| `{m.name}` | {_FORMAT_WORDS[m.format]} | {_X_WORDS[m.activations]} | {_w_words(m)} "
+            f"| {'yes' if m.decomposition else 'no'} |"
         )
     return "\n".join(rows)

@@ -2,8 +2,11 @@
 
 ``quantize_model`` swaps every ``nn.Linear`` / ``Conv1D`` (except those named
 in ``skip``; ``lm_head`` by default, as transformers' bitsandbytes integration
-does) for an ``Int8Linear``, in place, and reports what it did. The files are
-safetensors with the settings in their metadata; nothing is pickled.
+does) for the layer of the method's format (``Int8Linear`` for int8,
+``FP8Linear`` / ``W4A16Linear`` from ``outliers.quant.emulated``), in place, and
+reports what it did. The files are safetensors with the settings in their
+metadata (every format, one layout: the FP8 codes are stored as float8_e4m3fn,
+the int4 codes packed two per byte); nothing is pickled.
 """
 
 from __future__ import annotations
@@ -20,12 +23,25 @@ from torch import nn
 from outliers.arch.linear import in_features, is_linear, out_features, weight_of
 from outliers.arch.registry import architecture_of
 from outliers.errors import InvalidArgumentError, ModelFileError
+from outliers.quant.emulated import LAYERS, EmulatedLinear
 from outliers.quant.linear import Int8Linear
-from outliers.quant.methods import get_method
+from outliers.quant.methods import Format, get_method
 
-__all__ = ["QuantReport", "quantize_model", "quantized_copy", "save_quantized", "load_quantized", "FORMAT"]
+__all__ = [
+    "QuantReport",
+    "QuantizedLinear",
+    "quantize_linear",
+    "quantize_model",
+    "quantized_copy",
+    "save_quantized",
+    "load_quantized",
+    "FORMAT",
+]
 
+# The file layout is the one int8 files always had; FP8 and W4A16 layers only add methods to its
+# module list (a reader that predates them stops at "unknown method").
 FORMAT = "outliers.int8/1"
+QuantizedLinear = Int8Linear | EmulatedLinear  # EmulatedLinear: FP8Linear, W4A16Linear
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,7 @@ class QuantReport:
     replaced: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bytes_before: int = 0  # weights of the replaced modules, as they were
-    bytes_after: int = 0  # their int8 codes, statistics (and float copies for outlier_weights="fp")
+    bytes_after: int = 0  # their codes, statistics (and float copies for outlier_weights="fp")
 
     @property
     def saved_fraction(self) -> float:
@@ -69,8 +85,50 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _existing(model: nn.Module) -> list[Int8Linear]:
-    return [m for m in model.modules() if isinstance(m, Int8Linear)]
+def _existing(model: nn.Module) -> list[QuantizedLinear]:
+    return [m for m in model.modules() if isinstance(m, Int8Linear | EmulatedLinear)]
+
+
+def quantize_linear(
+    module: nn.Module,
+    method: str = "llm.int8",
+    *,
+    threshold: float = 6.0,
+    outlier_weights: str = "int8",
+    name: str = "",
+    round_to: str | None = None,
+) -> QuantizedLinear:
+    """Return the method's layer quantized from an ``nn.Linear`` or ``Conv1D``: its format picks the class.
+
+    ``Int8Linear.from_linear`` for int8 methods (``threshold`` and
+    ``outlier_weights`` as there), ``FP8Linear`` / ``W4A16Linear.from_linear``
+    for the others (which take neither).
+
+    Raises:
+        InvalidArgumentError: unknown method, or a module that is not a linear layer.
+    """
+    spec = get_method(method)
+    if spec.format is Format.INT8:
+        return Int8Linear.from_linear(
+            module, method, threshold=threshold, outlier_weights=outlier_weights, name=name, round_to=round_to
+        )
+    return LAYERS[spec.format].from_linear(module, method, name=name, round_to=round_to)
+
+
+def _shell(spec: dict[str, Any]) -> nn.Module:
+    """An empty layer for one module entry of a saved file, to be filled by ``load_model``."""
+    common = {"bias": spec["bias"], "name": spec["name"], "round_to": spec.get("round_to")}
+    fmt = get_method(spec["method"]).format
+    if fmt is Format.INT8:
+        return Int8Linear(
+            spec["in"],
+            spec["out"],
+            spec["method"],
+            threshold=spec["threshold"] or 0.0,
+            outlier_weights=spec["outlier_weights"],
+            **common,
+        )
+    return LAYERS[fmt](spec["in"], spec["out"], spec["method"], **common)
 
 
 def quantize_model(
@@ -82,9 +140,11 @@ def quantize_model(
     outlier_weights: str = "int8",
     round_to: str | None = None,
 ) -> QuantReport:
-    """Replace the model's linear layers by ``Int8Linear`` in place; return a report.
+    """Replace the model's linear layers by the method's layer in place; return a report.
 
-    ``skip`` names modules left in float; None takes the architecture's
+    ``Int8Linear`` for int8 methods, ``FP8Linear`` or ``W4A16Linear`` for the
+    emulated ones (``threshold`` and ``outlier_weights`` matter only with
+    decomposition). ``skip`` names modules left in float; None takes the architecture's
     (``lm_head`` for every built-in family). ``round_to="float16"``
     reproduces bitsandbytes' arithmetic on a float32 model (see
     ``outliers.quant.linear``).
@@ -93,10 +153,10 @@ def quantize_model(
         InvalidArgumentError: unknown method, bad threshold, or a model that is
             already quantized (quantize a fresh float copy instead).
     """
-    get_method(method)
+    spec = get_method(method)
     if done := _existing(model):
         raise InvalidArgumentError(
-            f"model is already quantized ({len(done)} Int8Linear modules, method {done[0].method!r}); "
+            f"model is already quantized ({len(done)} {type(done[0]).__name__} modules, method {done[0].method!r}); "
             "quantize a fresh float copy instead"
         )
     if skip is None:
@@ -107,14 +167,14 @@ def quantize_model(
         if _skipped(name, skip):
             skipped.append(name)
             continue
-        q = Int8Linear.from_linear(
+        q = quantize_linear(
             module, method, threshold=threshold, outlier_weights=outlier_weights, name=name, round_to=round_to
         )
         before += _nbytes(module.weight) + _nbytes(module.bias)
         after += sum(_nbytes(b) for b in q.buffers())
         _set_module(model, name, q)
         replaced.append(name)
-    t = threshold if get_method(method).decomposition else 0.0
+    t = threshold if spec.decomposition else 0.0
     return QuantReport(method, float(t), outlier_weights, replaced, skipped, before, after)
 
 
@@ -132,7 +192,7 @@ def quantized_copy(
     The copy shares every tensor it does not quantize (embeddings, norms,
     ``lm_head``) with ``model``: only the module tree is copied, so the float
     model and any number of quantized ones cost one set of float weights plus
-    the int8 codes of each.
+    the codes of each.
     """
     get_method(method)
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -148,7 +208,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
 
     layers = _existing(model)
     if not layers:
-        raise InvalidArgumentError("model has no Int8Linear modules; call quantize_model first")
+        raise InvalidArgumentError(
+            "model has no Int8Linear, FP8Linear or W4A16Linear modules; call quantize_model first"
+        )
     names = {m: n for n, m in model.named_modules()}
     modules = [
         {
@@ -157,8 +219,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
             "out": m.out_features,
             "bias": m.bias is not None,
             "method": m.method,
-            "threshold": m.threshold,
-            "outlier_weights": m.outlier_weights,
+            "threshold": m.threshold if isinstance(m, Int8Linear) else 0.0,
+            "outlier_weights": m.outlier_weights if isinstance(m, Int8Linear) else "int8",
             "round_to": m.round_to,
         }
         for m in layers
@@ -168,8 +230,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     meta = {
         "format": FORMAT,
         "method": layers[0].method,
-        "threshold": str(layers[0].threshold),
-        "outlier_weights": layers[0].outlier_weights,
+        "threshold": str(modules[0]["threshold"]),
+        "outlier_weights": modules[0]["outlier_weights"],
         "modules": json.dumps(modules),
         "outliers_version": __version__,
     }
@@ -181,12 +243,13 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
 def load_quantized(model: nn.Module, path: str | Path, method: str | None = None) -> nn.Module:
     """Load a file written by ``save_quantized`` into a float model of the same architecture.
 
-    The listed layers become ``Int8Linear`` shells filled from the file: no
+    The listed layers become empty layers of their method's format, filled from the file: no
     re-quantization, so outputs are bit-identical to the saved model's.
 
     Raises:
         ModelFileError: missing file, no or foreign metadata, a method other
             than ``method`` (when given), or modules that do not fit the model.
+        InvalidArgumentError: a method this version does not know.
     """
     from safetensors import safe_open
     from safetensors.torch import load_model
@@ -210,16 +273,7 @@ def load_quantized(model: nn.Module, path: str | Path, method: str | None = None
             old = model.get_submodule(spec["name"])
         except AttributeError:
             raise ModelFileError(f"{path}: module {spec['name']} is not in this model") from None
-        shell = Int8Linear(
-            spec["in"],
-            spec["out"],
-            spec["method"],
-            threshold=spec["threshold"] or 0.0,
-            bias=spec["bias"],
-            outlier_weights=spec["outlier_weights"],
-            name=spec["name"],
-            round_to=spec.get("round_to"),
-        )
+        shell = _shell(spec)
         shape = (out_features(old), in_features(old))
         if shape != (spec["out"], spec["in"]):
             raise ModelFileError(
