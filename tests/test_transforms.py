@@ -39,6 +39,7 @@ def test_the_float_model_is_unchanged_to_float32_rounding(arch, transform):
     ppl = lambda x: torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1), BATCH[:, 1:].flatten())  # noqa: E731
     assert ppl(b).item() == pytest.approx(ppl(a).item(), rel=1e-5)
     assert info["transform"] == transform.label and logits(model).equal(a)  # the original is untouched
+    assert out.get_input_embeddings().weight is model.get_input_embeddings().weight  # shared, not copied
 
 
 def test_smoothing_moves_a_planted_outlier_channel_into_the_weights():

@@ -55,6 +55,18 @@ def activation_max(model: nn.Module, windows: torch.Tensor, batch_size: int = 4)
     return seen
 
 
+def _copy_for(model: nn.Module, transform: Transform) -> nn.Module:
+    """A copy sharing every tensor the transform leaves alone (embeddings, ``lm_head``; norms when only rotating)."""
+    changed: set[int] = set()
+    for g in input_groups(model):
+        owners = [model.get_submodule(n) for n in g.linears]
+        if transform.smooth is not None and g.norm is not None:
+            owners.append(model.get_submodule(g.norm))
+        changed |= {id(t) for m in owners for t in (*m.parameters(), *m.buffers())}
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in changed}
+    return deepcopy(model, memo=shared)
+
+
 def transformed_copy(
     model: nn.Module,
     transform: Transform,
@@ -66,13 +78,17 @@ def transformed_copy(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return a copy of the float model with ``transform`` applied, and what was done.
 
+    The copy holds new tensors only where the transform writes (the
+    quantizable linears' weights, the norms smoothing folds into) and shares
+    the rest with ``model``.
+
     ``ids`` is the calibration corpus for smoothing (its last
     ``transform.calib_windows`` windows of ``window``, after its first
     ``reserved`` tokens). The record holds the transform's settings, the
     calibration tokens, where each group's smoothing went and each rotation's
     Hadamard construction.
     """
-    out = deepcopy(model)
+    out = _copy_for(model, transform)
     info: dict[str, Any] = {"transform": transform.label, **transform.settings()}
     if transform.smooth is not None:
         if ids is None:
