@@ -167,6 +167,8 @@ def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
                 "all",
                 "--threshold",
                 "1.5",
+                "--calib-windows",
+                "2",
                 "--json",
                 str(out),
                 "--quiet",
@@ -178,8 +180,10 @@ def test_eval_method_and_table(model_dir, text_file, tmp_path, capsys):
     records = json.loads(out.read_text())
     from outliers.quant.methods import METHODS
 
-    assert [r["method"] for r in records][:2] == ["fp32", "absmax"] and len(records) == 1 + len(METHODS)
+    assert [r["method"] for r in records][:2] == ["fp32", "absmax"] and len(records) == 1 + len(METHODS) + 1
     assert "| 32-bit float" in printed and "| zeropoint LLM.int8()" in printed
+    assert "| SmoothQuant (smooth 0.5, absmax vector-wise)" in printed  # the usual pairing, last
+    assert records[-1]["extra"]["smooth"] == 0.5 and records[-1]["extra"]["calib_tokens"] == 64
     llm = next(r for r in records if r["method"] == "llm.int8")
     assert records[0]["kl_vs_ref"] is None and llm["kl_vs_ref"] >= 0 and 0 <= llm["top1_agreement"] <= 1
     # one reference for all methods, on the same windows

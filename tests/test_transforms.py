@@ -132,3 +132,21 @@ def test_scan_after_a_transform_says_so_and_records_it(model_dir, text_file, tmp
     assert meta["smooth"] == 0.5 and meta["rotate"] == "hadamard" and meta["calib_tokens"] == 64
     assert main([*argv[:-4], "--smooth", "2"]) == 2
     assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_eval_after_a_rotation_scores_against_the_untransformed_float_model(model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from outliers.cli import main
+
+    argv = ["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32", "--quiet"]
+    argv += ["--max-windows", "2", "--rotate", "hadamard", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--method", "fp32"]) == 0
+    rotated_float = json.loads((tmp_path / "r.json").read_text())
+    assert rotated_float["ppl"] == pytest.approx(rotated_float["ref_ppl"], rel=1e-5)  # a rotation changes nothing
+    assert rotated_float["kl_vs_ref"] < 1e-9 and rotated_float["extra"]["hadamard"] == [
+        "sylvester(32)",
+        "sylvester(64)",
+    ]
+    assert main([*argv, "--method", "llm.int8"]) == 0
+    assert "llm.int8 after hadamard (threshold 6.0)" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from outliers.cli.common import check_writable, ci, print_table
+from outliers.cli.common import add_transform_args, check_writable, ci, print_table, transform_of
 from outliers.errors import OutputPathError
 
 
@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default="fp32",
-        help=f"fp32 (no quantization), one of the Table-1 methods ({', '.join(METHODS)}), "
-        "or 'all' for the Table-1 layout (default: %(default)s)",
+        help=f"fp32 (no quantization), one of the methods ({', '.join(METHODS)}), smoothquant "
+        "(absmax-vector after smoothing, alpha --smooth or 0.5), or 'all' for the Table-1 layout "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--threshold",
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tokenizer adds one); window: every window is BOS + window-1 corpus tokens, all scored "
         "(default: %(default)s)",
     )
+    add_transform_args(p)
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -79,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from outliers.eval.perplexity import PerplexitySettings, perplexity
     from outliers.models.load import load_model
     from outliers.quant.int8 import check_threshold
-    from outliers.quant.methods import METHODS, get_method
+    from outliers.quant.methods import get_method
     from outliers.quant.model import quantized_copy
 
     json_path = check_writable(args.json) if args.json else None
     # Validate everything before spending seconds loading a model.
     settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size, args.bos)
-    methods = ["fp32", *METHODS] if args.method == "all" else [args.method]
-    for m in methods:
+    rows = _rows(args.method, transform_of(args))
+    for m, _ in rows:
         if m != "fp32":
             get_method(m)
     check_threshold(args.threshold)
@@ -99,13 +101,22 @@ def run(args: argparse.Namespace) -> int:
         )
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
-    ref_states: dict | None = {} if len(methods) > 1 else None  # the reference runs once for all methods
-    results = []
-    for m in methods:
-        target, report = model, None
+    ref_states: dict | None = {} if len(rows) > 1 else None  # the reference runs once for all methods
+    calib = encode_corpus(tokenizer, load_corpus(args.calib_corpus)) if args.calib_corpus else ids
+    reserved = 0 if args.calib_corpus else _evaluated_tokens(len(ids), settings)
+    results, labels = [], []
+    for m, transform in rows:
+        source, applied = model, dict[str, Any]()
+        if transform:
+            from outliers.quant.calibration import transformed_copy
+
+            source, applied = transformed_copy(
+                model, transform, calib, window=settings.window, reserved=reserved, batch_size=settings.batch_size
+            )
+        target, report = source, None
         if m != "fp32":
             target, report = quantized_copy(
-                model, m, args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to
+                source, m, args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to
             )
         result = perplexity(
             target,
@@ -117,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=settings.batch_size,
             bos=settings.bos,
             bos_token_id=bos_id,
-            reference=model if report is not None else None,
+            reference=model if report is not None or transform else None,
             reference_states=ref_states,
             progress=progress,
             model_name=args.model,
@@ -134,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 weight_bytes_before=report.bytes_before,
                 weight_bytes_after=report.bytes_after,
             )
+        result.extra.update(applied)
         results.append(result)
-        del target
+        labels.append(_label(m, transform))
+        del target, source
     r0 = results[0]
     head = [
         ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights})"),
@@ -148,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
         ),
     ]
     if len(results) == 1:
-        print_table(head + _result_rows(r0))
+        m, transform = rows[0]
+        print_table(head + _result_rows(r0, m + (f" after {transform.label}" if transform else "")))
     else:
         print_table(head)
-        print(_method_table(results, args.model, args.threshold))
+        print(_method_table(results, labels, args.model, args.threshold))
     if note := few_windows_note(r0.n_windows):
         print(f"note: {note}", file=sys.stderr)
     if json_path:
@@ -165,10 +179,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _result_rows(r) -> list[tuple[str, Any]]:
+def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:
+    """The (method, transform) pairs to evaluate: one, or the Table-1 layout with a SmoothQuant row."""
+    from dataclasses import replace
+
+    from outliers.quant.methods import METHODS
+
+    smoothquant = ("absmax-vector", replace(transform, smooth=0.5 if transform.smooth is None else transform.smooth))
+    if method == "smoothquant":
+        return [smoothquant]
+    if method != "all":
+        return [(method, transform)]
+    rows = [("fp32", type(transform)()), *((m, transform) for m in METHODS)]
+    return rows + ([smoothquant] if transform.smooth is None else [])
+
+
+def _label(method: str, transform: Any) -> str:
+    """A row's name: the method's label and the transform before it (``smooth 0.5 + hadamard``)."""
+    from outliers.quant.methods import label
+
+    if method == "absmax-vector" and transform.smooth is not None and not transform.rotate:
+        return f"SmoothQuant (smooth {transform.smooth:g}, absmax vector-wise)"
+    return label(method) + (f" after {transform.label}" if transform else "")
+
+
+def _evaluated_tokens(n: int, settings: Any) -> int:
+    """How many tokens from the corpus' start evaluation reads: calibration must start after them."""
+    if settings.max_windows is None:
+        return n
+    step = settings.window if settings.protocol == "chunks" else (settings.stride or settings.window // 2)
+    return min(n, settings.window + (settings.max_windows - 1) * step)
+
+
+def _result_rows(r, name: str) -> list[tuple[str, Any]]:
     """One result as printed by ``outliers eval``: the number, its interval, and its agreement with the reference."""
     n = f"95 % CI over {r.n_windows} windows"
-    method = r.method + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
+    method = name + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
     rows: list[tuple[str, Any]] = [
         ("method", method),
         ("perplexity", f"{r.ppl:.4f}  {ci(r.ppl_ci95)}  {n}"),
@@ -188,16 +234,14 @@ def _result_rows(r) -> list[tuple[str, Any]]:
     return rows
 
 
-def _method_table(results: list, model: str, threshold: float) -> str:
+def _method_table(results: list, labels: list[str], model: str, threshold: float) -> str:
     """The paper's Table-1 layout for one model, with intervals and agreement with the float model."""
-    from outliers.quant.methods import label
-
     rows = []
-    for r in results:
+    for r, name in zip(results, labels, strict=True):
         delta = "" if r.delta_ppl_pct is None else f"{r.delta_ppl_pct:+.1f} % {ci(r.delta_ppl_pct_ci95, '+.1f')}"
         agree = "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.1f} %"
         kl = "" if r.kl_vs_ref is None else f"{r.kl_vs_ref:.4f}"
-        rows.append((label(r.method), f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{r.tokens_per_s:.0f}"))
+        rows.append((name, f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{r.tokens_per_s:.0f}"))
     head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
