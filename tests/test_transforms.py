@@ -150,3 +150,18 @@ def test_eval_after_a_rotation_scores_against_the_untransformed_float_model(mode
     ]
     assert main([*argv, "--method", "llm.int8"]) == 0
     assert "llm.int8 after hadamard (threshold 6.0)" in capsys.readouterr().out
+
+
+def test_eval_takes_a_list_of_methods_from_its_baseline(model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from outliers.cli import main
+
+    argv = ["eval", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--window", "32", "--quiet"]
+    argv += ["--max-windows", "2", "--calib-windows", "2", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--method", "absmax,smoothquant,w4a16-g128"]) == 0
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [r["method"] for r in records] == ["fp32", "absmax", "absmax-vector", "w4a16-g128"]
+    assert records[2]["extra"]["smooth"] == 0.5 and "| SmoothQuant" in capsys.readouterr().out
+    assert main([*argv, "--method", "absmax,nonsense"]) == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err

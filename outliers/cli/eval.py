@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         default="fp32",
         help=f"fp32 (no quantization), one of the methods ({', '.join(METHODS)}), smoothquant "
-        "(absmax-vector after smoothing, alpha --smooth or 0.5), or 'all' for the Table-1 layout "
-        "(default: %(default)s)",
+        "(absmax-vector after smoothing, alpha --smooth or 0.5), a comma-separated list of them, or 'all' "
+        "for the Table-1 layout (default: %(default)s)",
     )
     p.add_argument(
         "--threshold",
@@ -186,12 +186,13 @@ def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:
     from outliers.quant.methods import METHODS
 
     smoothquant = ("absmax-vector", replace(transform, smooth=0.5 if transform.smooth is None else transform.smooth))
-    if method == "smoothquant":
-        return [smoothquant]
-    if method != "all":
-        return [(method, transform)]
-    rows = [("fp32", type(transform)()), *((m, transform) for m in METHODS)]
-    return rows + ([smoothquant] if transform.smooth is None else [])
+    if method == "all":
+        rows = [("fp32", type(transform)()), *((m, transform) for m in METHODS)]
+        return rows + ([smoothquant] if transform.smooth is None else [])
+    names = [n.strip() for n in method.split(",") if n.strip()]
+    if len(names) > 1 and "fp32" not in names:
+        names.insert(0, "fp32")  # a table starts from its baseline
+    return [smoothquant if n == "smoothquant" else (n, transform) for n in names]
 
 
 def _label(method: str, transform: Any) -> str:
