@@ -139,7 +139,7 @@ def test_bad_arguments_name_the_value(tokenizer):
     model = make_model("llama")
     with pytest.raises(InvalidArgumentError, match="max_new_tokens must be >= 1, got 0"):
         side_by_side(model, model, tokenizer, PROMPT, max_new_tokens=0, method="fp32")
-    with pytest.raises(InvalidArgumentError, match=r"no Int8Linear layers\); pass method="):
+    with pytest.raises(InvalidArgumentError, match=r"no quantized layers\); pass method="):
         side_by_side(model, model, tokenizer, PROMPT)
     with pytest.raises(InvalidArgumentError, match="tokenizes to no tokens"):
         side_by_side(model, model, tokenizer, "", method="fp32")
@@ -189,3 +189,12 @@ def test_smollm2_float_continuation_is_what_generate_gives(smollm2):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     assert res.reference.ids == tuple(out[0, ids.shape[1] :].tolist())
     assert res.method == "llm.int8" and all(math.isfinite(c.ppl) and c.ppl >= 1 for c in (res.reference, res.quantized))
+
+
+def test_the_method_is_read_off_any_quantized_layer():
+    from outliers.eval.generate import _method_of
+    from outliers.quant.model import quantized_copy
+
+    model = make_model("llama")
+    for method in ("llm.int8", "fp8-tensor", "w4a16-g128"):
+        assert _method_of(quantized_copy(model, method)[0]) == method

@@ -125,11 +125,12 @@ def _continuation(
 
 
 def _method_of(quantized: nn.Module) -> str:
-    from outliers.quant.linear import Int8Linear
+    from outliers.quant.methods import METHODS
 
-    methods = {m.method for m in quantized.modules() if isinstance(m, Int8Linear)}
+    # every quantized layer (Int8Linear, FP8Linear, W4A16Linear) names its registered method
+    methods = {str(m.method) for m in quantized.modules() if getattr(m, "method", None) in METHODS}
     if len(methods) != 1:
-        found = ", ".join(sorted(methods)) or "no Int8Linear layers"
+        found = ", ".join(sorted(methods)) or "no quantized layers"
         raise InvalidArgumentError(f"cannot tell the quantized model's method ({found}); pass method=")
     return methods.pop()
 

@@ -5,6 +5,7 @@
 ``int8``         LLM.int8()'s decomposition, the reference every fast path is tested against
 ``cpu_kernels``  fused one-pass Numba kernels for the CPU hot path
 ``linear``       ``Int8Linear``, a drop-in for nn.Linear and Conv1D
+``emulated``     ``FP8Linear`` (E4M3, emulated on CPU) and ``W4A16Linear`` (int4 weights, RTN g128)
 ``model``        whole-model quantize, quantized copy, save and load
 ``transforms``   what removes outliers before quantizing: SmoothQuant smoothing, Hadamard rotation
 ``hadamard``     Hadamard matrices of the models' sizes (Sylvester, Paley I/II, Kronecker products)
