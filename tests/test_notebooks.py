@@ -13,12 +13,13 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 pytestmark = pytest.mark.integration
 
 
-def test_the_four_notebooks_exist_without_outputs():
+def test_the_notebooks_exist_without_outputs():
     assert [p.stem for p in NOTEBOOKS] == [
         "01_outlier_features",
         "02_llm_int8_walkthrough",
         "03_threshold_ablation",
         "04_scale_study",
+        "05_beyond_llm_int8",
     ]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
