@@ -6,6 +6,11 @@ prints tokens/s, perplexity and the ratios to fp32 and to bitsandbytes.
 
     python benchmarks/eval_speed.py                 # SmolLM2, 8 windows x 512, 2 rounds
     python benchmarks/eval_speed.py --profile       # plus where llm.int8's time goes
+    python benchmarks/eval_speed.py --no-transforms # without the smoothed and rotated rows
+
+The rows after a Hadamard rotation carry its online cost: every quantized linear's
+input is rotated on the fly (``outliers.quant.transforms``; no earlier weight absorbs
+it), so "fp32 after hadamard" against fp32 is that cost alone.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
     p.add_argument("--profile", action="store_true", help="profile one batch of our llm.int8")
+    p.add_argument("--no-transforms", action="store_true", help="skip the smoothed and rotated rows")
     args = p.parse_args(argv)
 
     model, tok, info = outliers.load_model(args.model, progress=False)
@@ -51,6 +57,18 @@ def main(argv=None) -> int:
     for name, method, t in [("ours llm.int8 t=6", "llm.int8", 6.0), ("ours absmax-vector t=0", "absmax-vector", 0.0)]:
         configs[name] = copy.deepcopy(model)
         quantize_model(configs[name], method, t)
+    if not args.no_transforms:
+        from outliers.quant.calibration import transformed_copy
+        from outliers.quant.transforms import Transform
+
+        reserved = args.windows * args.window  # calibration from the corpus end, apart from the timed windows
+        rotated, _ = transformed_copy(model, Transform(rotate="hadamard"), window=args.window)
+        smoothed, _ = transformed_copy(model, Transform(smooth=0.5), ids, window=args.window, reserved=reserved)
+        configs["fp32 after hadamard"] = rotated
+        configs["ours llm.int8 t=6 after hadamard"] = copy.deepcopy(rotated)
+        quantize_model(configs["ours llm.int8 t=6 after hadamard"], "llm.int8", 6.0)
+        configs["ours smoothquant (absmax-vector after smooth 0.5)"] = smoothed
+        quantize_model(smoothed, "absmax-vector", 0.0)
     if not args.no_bnb:
         try:
             for t in (6.0, 0.0):
@@ -82,6 +100,13 @@ def main(argv=None) -> int:
         print(
             f"| {name} | {best[name]:.0f} | {statistics.median(speeds[name]):.0f} | "
             f"{best[name] / best['fp32']:.2f} | {vs_bnb} | {ppl[name]:.3f} |"
+        )
+
+    if "fp32 after hadamard" in best:
+        print(
+            f"\nonline Hadamard rotation of every quantized linear's input: fp32 after hadamard runs at "
+            f"{best['fp32 after hadamard'] / best['fp32']:.2f}x fp32; llm.int8 t=6 after it at "
+            f"{best['ours llm.int8 t=6 after hadamard'] / best['ours llm.int8 t=6']:.2f}x llm.int8 t=6"
         )
 
     if args.profile:
