@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+    from outliers.analysis.kvcache import KVCacheResult
     from outliers.analysis.sinks import SinkResult
     from outliers.analysis.stats import OutlierStats
     from outliers.analysis.superweight_effects import SuperWeightEffects
     from outliers.analysis.superweights import SuperWeightResult
+    from outliers.analysis.weights import WeightStats
     from outliers.eval.result import PerplexityResult
 
 __all__ = [
@@ -277,3 +279,33 @@ def outlier_stats_html(stats: OutlierStats) -> str:
     model = str(stats.meta.get("model", ""))
     settings = [("model", model), ("corpus", stats.meta.get("corpus")), *provenance(stats.meta)]
     return render_html(_named("Outlier statistics", model), rows, settings, tables=tables)
+
+
+def weights_html(w: WeightStats) -> str:
+    """``WeightStats``: the largest |w| and kurtosis and where, the share beyond 6σ, int8 errors; the layers."""
+    s = w.summary()
+    rows: list[tuple[Any, ...]] = [
+        ("max |w|", s["max_abs"], s["max_abs_layer"]),
+        ("max kurtosis", s["max_kurtosis"], f"{s['max_kurtosis_layer']}; mean {s['mean_kurtosis']:.2f}, normal = 3"),
+        ("beyond 6σ", s["beyond_6sigma"], f"{s['n_beyond_6sigma']} weights in {s['layers_beyond_6sigma']} layers"),
+    ]
+    rows += [(f"int8 {m} error", s[f"mean_rel_err_{m}"], "‖W − Ŵ‖/‖W‖, mean") for m in ("absmax", "zeropoint")]
+    settings = [("model", w.meta.get("model")), ("layers", s["n_layers"]), *provenance(w.meta)]
+    tables = [("layers by kurtosis", w.top("kurtosis", len(w.layers)))]
+    return render_html(_named("Weight outliers", w.meta.get("model", "")), rows, settings, tables=tables)
+
+
+def kvcache_html(r: KVCacheResult) -> str:
+    """``KVCacheResult``: per kind, layers with outlier channels, concentration, per-token vs per-channel error."""
+    rows: list[tuple[Any, ...]] = [
+        (
+            kind,
+            f"{100 * v['layers_with_outliers']:.0f} % of layers",
+            f"median concentration {v['median_concentration']:.2f}; int8 error per token "
+            f"{v['err_per_token']:.4f}, per channel {v['err_per_channel']:.4f}",
+        )
+        for kind, v in r.summary().items()
+    ]
+    settings = [("model", r.meta.get("model")), ("k", f"{r.k:g}"), ("window", r.window), *provenance(r.meta)]
+    tables = [("per layer", r.layers)]
+    return render_html(_named("Key and value channels", r.meta.get("model", "")), rows, settings, tables=tables)

@@ -212,3 +212,17 @@ def test_render_html_rows_and_settings(n):
     html = render_html("t", [("a", 1.0, "x")] * n, [("model", "m"), ("stride", None), ("bos", "")])
     well_formed(html)
     assert html.count("<tr>") == n and "model m" in html and "stride" not in html and "bos" not in html
+
+
+def test_weights_and_kv_channels_show_their_summaries():
+    from outliers.analysis.kvcache import kv_channels
+    from outliers.analysis.weights import weight_stats
+
+    model = make_model("llama")
+    w = weight_stats(model, meta={"model": "<b>tiny</b>"})._repr_html_()
+    well_formed(w)
+    assert "Weight outliers" in w and "&lt;b&gt;tiny" in w and "layers by kurtosis" in w
+    ids = torch.randint(0, 384, (200,), generator=torch.Generator().manual_seed(0))
+    kv = kv_channels(model, ids, window=32, max_windows=2, progress=False)._repr_html_()
+    well_formed(kv)
+    assert "Key and value channels" in kv and "keys_cached" in kv and "per channel" in kv

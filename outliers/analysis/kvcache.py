@@ -77,6 +77,11 @@ class KVCacheResult:
     bos: str  # "corpus", "window" or "rows" (2-D input)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        from outliers.display import kvcache_html
+
+        return kvcache_html(self)
+
     def summary(self) -> dict[str, dict[str, float]]:
         """Per kind: share of layers with outlier channels, median and max concentration, mean errors."""
         out = {}

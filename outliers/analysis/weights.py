@@ -107,6 +107,11 @@ class WeightStats:
     methods: tuple[str, ...] = tuple(WEIGHT_METHODS)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        from outliers.display import weights_html
+
+        return weights_html(self)
+
     def top(self, column: str, n: int = 10) -> pd.DataFrame:
         """The ``n`` layers with the largest ``column``."""
         return self.layers.sort_values(column, ascending=False, kind="stable").head(n)
