@@ -146,10 +146,12 @@ def super_weight_effects(
     control_k: int = 7000,
     restore_fraction: float = 0.5,
     progress: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> SuperWeightEffects:
     """Score the original model, the super weights zeroed, zeroed with the super activation restored, and the
     ``control_k`` largest other down-projection weights zeroed, on the first ``max_windows`` chunks of
-    ``window`` tokens. The model is unchanged on return, whatever happens.
+    ``window`` tokens. The model is unchanged on return, whatever happens. ``meta`` (``model``, ``corpus``)
+    names the model and corpus in the four results.
 
     Raises:
         InvalidArgumentError: restore_fraction outside (0, 1], a bad control_k, a family without ``down``.
@@ -164,6 +166,7 @@ def super_weight_effects(
         if r not in rows.setdefault(b, []):
             rows[b].append(r)
     kw: dict[str, Any] = dict(window=window, max_windows=max_windows, batch_size=batch_size, progress=progress)
+    kw |= {"model_name": (meta or {}).get("model"), "corpus_name": (meta or {}).get("corpus", "")}
     states: dict = {}  # the original model's final states per batch: every edit is paired against them
     store: dict = {}
     with _row_hooks(model, rows, store, None):

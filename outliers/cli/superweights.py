@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         control_k=args.control_k,
         restore_fraction=args.restore_fraction,
         progress=progress,
+        meta=run_facts(args.model, info, corpus),
     )
     print(
         f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights}) on {corpus.name}: "
