@@ -165,3 +165,97 @@ def test_eval_takes_a_list_of_methods_from_its_baseline(model_dir, text_file, tm
     assert records[2]["extra"]["smooth"] == 0.5 and "| SmoothQuant" in capsys.readouterr().out
     assert main([*argv, "--method", "absmax,nonsense"]) == 2
     assert "unknown method 'nonsense'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- row names, and the columns LLM.int8() sends to float
+
+
+ROWS = [
+    (Transform(), "llm.int8"),
+    (Transform(smooth=0.5), "llm.int8@smooth=0.5"),
+    (Transform(rotate="hadamard"), "llm.int8@hadamard"),
+    (Transform(smooth=1.0, rotate="hadamard"), "llm.int8@smooth=1+hadamard"),
+    (Transform(smooth=0.1234567), "llm.int8@smooth=0.1234567"),  # never rounded into another alpha's name
+]
+
+
+@pytest.mark.parametrize("transform, name", ROWS, ids=[name for _, name in ROWS])
+def test_row_names_round_trip(transform, name):
+    from outliers.quant.transforms import parse_row, row_name
+
+    assert row_name("llm.int8", transform) == name
+    assert parse_row(name) == ("llm.int8", transform)
+    assert parse_row("absmax-row+decomp@smooth=0.5") == ("absmax-row+decomp", Transform(smooth=0.5))  # '+' in a name
+    method, t = parse_row("fp32@hadamard+smooth=0.50", seed=3, calib_windows=2)  # any order and spelling in
+    assert row_name(method, t) == "fp32@smooth=0.5+hadamard" and (t.seed, t.calib_windows) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("llm.int8@", "expected METHOD or METHOD@TRANSFORM"),
+        ("@hadamard", "expected METHOD or METHOD@TRANSFORM"),
+        ("llm.int8@givens", "unknown or repeated step 'givens'"),
+        ("llm.int8@hadamard+hadamard", "unknown or repeated step 'hadamard'"),
+        ("llm.int8@smooth=x", "smooth='x' is not a number"),
+        ("llm.int8@smooth=2", "alpha must be in [0, 1], got 2.0"),
+    ],
+    ids=["no-transform", "no-method", "unknown", "twice", "not-a-number", "alpha"],
+)
+def test_bad_row_names_are_refused(name, message):
+    from outliers.quant.transforms import parse_row
+
+    with pytest.raises(InvalidArgumentError) as e:
+        parse_row(name)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_float_columns_are_the_planted_dims_at_the_planted_points(arch):
+    from outliers.arch.registry import architecture_of
+    from outliers.quant.decomposed import float_columns
+    from outliers.quant.model import quantized_copy
+
+    model = planted_model(arch)  # dims 3 and 17 reach 6 in the inputs of q/k/v and the FFN expansion; no other does
+    quantized, _ = quantized_copy(model, "llm.int8", 6.0)
+    with torch.inference_mode(), float_columns(quantized) as seen:
+        quantized(input_ids=BATCH)
+    family = architecture_of(model)
+    planted_at = [p.split(".")[-1] for s in (family.attn_in, family.ffn_in) for p in s.linears]
+    at_points = [n for n in seen.calls if n.split(".")[-1] in planted_at]
+    assert len(at_points) == 2 * len(planted_at) and all(seen.calls[n] == 1 for n in seen.calls)
+    assert all(seen.layer_share(n) == len(PLANTED) / 32 for n in at_points)
+    assert seen.share == pytest.approx(sum(map(seen.layer_share, seen.calls)) / seen.n_calls)  # one call each
+    assert not any(m._forward_pre_hooks for m in quantized.modules())  # gone with the block
+
+
+def test_float_columns_count_nothing_without_decomposition_and_leave_no_hook_after_an_error():
+    from outliers.quant.decomposed import float_columns
+    from outliers.quant.model import quantized_copy
+
+    model = planted_model("llama")
+    for method, threshold in (("llm.int8", 0.0), ("absmax-vector", 6.0)):
+        quantized, _ = quantized_copy(model, method, threshold)
+        with torch.inference_mode(), float_columns(quantized) as seen:
+            quantized(input_ids=BATCH)
+        assert seen.share == (0.0 if method == "llm.int8" else None)  # threshold 0: decomposing, sends none
+    quantized, _ = quantized_copy(model, "llm.int8", 6.0)
+    with pytest.raises(RuntimeError, match="stop"), float_columns(quantized):
+        raise RuntimeError("stop")
+    assert not any(m._forward_pre_hooks for m in quantized.modules())
+
+
+def test_float_columns_look_through_a_transform_at_what_is_quantized():
+    """Smoothing moves the planted dims' range into the weights: fewer columns reach the threshold."""
+    from outliers.quant.decomposed import float_columns
+    from outliers.quant.model import quantized_copy
+
+    model = planted_model("llama")
+    shares = []
+    for transform in (Transform(), Transform(smooth=0.5)):
+        source = transformed_copy(model, transform, CORPUS, window=32, reserved=96)[0] if transform else model
+        quantized, _ = quantized_copy(source, "llm.int8", 6.0, round_to="float16")
+        with torch.inference_mode(), float_columns(quantized) as seen:
+            quantized(input_ids=BATCH)
+        shares.append(seen.share)
+    assert shares[0] > 0.05 and shares[1] < shares[0] / 2

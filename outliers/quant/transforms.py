@@ -300,3 +300,64 @@ def rotate(model: nn.Module, seed: int = 0) -> dict[str, str]:
             _place(model, name, rot)
         out[g.name] = rot.construction
     return out
+
+
+# ---------------------------------------------------------------- row names: a method after a transform
+
+__all__ += ["row_name", "parse_row"]
+
+
+def _alpha(a: float) -> str:
+    """α as it is written in a row name: ``0.5``, ``1``; the shortest exact repr where ``g`` would round."""
+    s = f"{a:g}"
+    return s if float(s) == a else repr(float(a))
+
+
+def row_name(method: str, transform: Transform) -> str:
+    """Return the name of a row that quantizes with ``method`` after ``transform``: ``"llm.int8@smooth=0.5"``.
+
+    No transform: the method's name alone (``"llm.int8"``), so rows without a
+    transform keep the names (and the study cell keys) they always had. Else
+    ``method@`` and the transform's steps in the order they are applied,
+    joined by ``+``: ``smooth=α`` then the rotation (``"llm.int8@hadamard"``,
+    ``"llm.int8@smooth=0.5+hadamard"``). This is the canonical spelling;
+    ``seed`` and ``calib_windows`` are settings, not part of the name (a study
+    keeps them in the cell's fingerprint).
+    """
+    if "@" in method or not method:
+        raise InvalidArgumentError(f"a method name is non-empty and holds no '@', got {method!r}")
+    steps = ([f"smooth={_alpha(transform.smooth)}"] if transform.smooth is not None else []) + (
+        [transform.rotate] if transform.rotate else []
+    )
+    return f"{method}@{'+'.join(steps)}" if steps else method
+
+
+def parse_row(name: str, *, seed: int = 0, calib_windows: int = 16) -> tuple[str, Transform]:
+    """Return ``(method, transform)`` of a row name written by ``row_name``; ``seed``/``calib_windows`` fill in.
+
+    The method part is not looked up (``"fp32@hadamard"`` is a transformed
+    float model); ``row_name(*parse_row(name))`` gives the canonical spelling.
+
+    Raises:
+        InvalidArgumentError: an empty method or transform, an unknown step, a step given twice, or a bad α.
+    """
+    method, at, spec = name.partition("@")
+    if not method or (at and not spec):
+        raise InvalidArgumentError(f"row name {name!r}: expected METHOD or METHOD@TRANSFORM (e.g. llm.int8@hadamard)")
+    smooth: float | None = None
+    rotation: str | None = None
+    for step in spec.split("+") if spec else ():
+        key, eq, value = step.partition("=")
+        if key == "smooth" and eq and smooth is None:
+            try:
+                smooth = float(value)
+            except ValueError:
+                raise InvalidArgumentError(f"row name {name!r}: smooth={value!r} is not a number") from None
+        elif not eq and key in ROTATIONS and rotation is None:
+            rotation = key
+        else:
+            raise InvalidArgumentError(
+                f"row name {name!r}: unknown or repeated step {step!r}; steps are smooth=ALPHA and one of "
+                f"{', '.join(ROTATIONS)}, joined by '+'"
+            )
+    return method, Transform(smooth, rotation, seed=seed, calib_windows=calib_windows)
