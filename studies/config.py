@@ -7,6 +7,8 @@ models = ["smollm2-135m"]
 corpora = ["builtin"]
 methods = ["llm.int8", "absmax-row+decomp"]
 thresholds = [0, 1, 2, 3, 4, 5, 6, 8, 10, 16]
+alphas = [0.5]            # optional: also quantize after SmoothQuant smoothing at each alpha
+rotations = ["hadamard"]  # optional: ... and after each rotation
 protocol = "chunks"
 window = 512
 max_windows = 8
@@ -65,6 +67,8 @@ _KEY_ORDER = (
     "corpora",
     "methods",
     "thresholds",
+    "alphas",
+    "rotations",
     "protocol",
     "window",
     "stride",

@@ -3,7 +3,8 @@
 One worker runs in the study's process (``backend="local"``) or as a Ray
 actor per model (``studies.ray_backend``). It loads a model once for all of
 its cells, tokenizes each corpus once, keeps a cache per (model, corpus) for
-each measure (the float model's hidden states, for perplexity), and returns
+each measure (the float model's hidden states and the transformed float
+model of the current transform, for perplexity) while its cells run, and returns
 every cell's result with its provenance: the weights, the corpus' and the
 token ids' hashes and the library versions. A cell that raises is returned
 as failed, with its error, and the worker goes on.
@@ -75,6 +76,10 @@ class Worker:
                 corpus = load_corpus(cell["corpus"])
                 self.tokens[tkey] = encode_corpus(tok, corpus), corpus.sha256
             ids, corpus_sha256 = self.tokens[tkey]
+            # cells come grouped by (model, corpus): what the measures kept for another corpus (a transformed
+            # copy of the model among it) goes, so one is held at a time
+            for key in [k for k in self.caches if k[:2] != tkey]:
+                del self.caches[key]
             bos_id = None
             if self.cfg.bos == "window":
                 from outliers.data.corpus import bos_token_id

@@ -37,6 +37,10 @@ def test_builtin_configs_parse():
     assert len(cells(cfg)) == 1 + 2 * 10
     for name in ("methods", "scale"):
         assert load_config(f"studies/configs/{name}.toml").models == ("installed",)
+    grid = cells(load_config("studies/configs/methods.toml"))
+    assert len(grid) == (1 + 11) * len({c["model"] for c in grid})  # fp32 and every registered method, per model
+    transforms = load_config("studies/configs/smoothing_vs_decomposition.toml")
+    assert len(cells(transforms)) == 1 + 3 * 6  # fp32; llm.int8 as is, after smooth 0.5, after hadamard
 
 
 def test_installed_expands_to_installed_causal_builtins(monkeypatch):
@@ -338,3 +342,125 @@ def test_two_models_get_the_phenomena_beside_the_emergence(tmp_path, model_dir, 
 
     phen = pd.read_csv(out / "phenomena.csv")
     assert len(phen) == 2 and phen["sink rate"].between(0, 1).all() and (phen["max ∞-norm"] > 0).all()
+
+
+# ---------------------------------------------------------------- transforms before quantizing (alphas, rotations)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("alphas = [1.5]", "alphas (smoothing strengths) must be in [0, 1], got [1.5]"),
+        ('alphas = ["half"]', "alphas must be a list of int or float"),
+        ('rotations = ["givens"]', "unknown rotation(s) ['givens'] in rotations; choose from hadamard"),
+        ('alphas = [0.5]\nmeasure = ["outliers"]', "alphas apply to the perplexity measure, which `measure` lacks"),
+        ("alphas = [0.5, 0.5]", "alphas lists [0.5] more than once"),
+        ('rotations = ["hadamard"]\nmethods = []', "rotations transform methods' inputs, but `methods` is empty"),
+    ],
+    ids=["alpha-range", "alpha-type", "rotation", "no-perplexity", "twice", "no-method"],
+)
+def test_bad_transform_settings_name_the_key(tmp_path, lines, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[study]\nname = "x"\nmodels = ["m"]\n{lines}\n')
+    with pytest.raises(InvalidArgumentError, match=str(path)) as e:
+        load_config(path)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "protocol, bos", [("chunks", "corpus"), ("sliding", "corpus"), ("chunks", "window")], ids=lambda v: v
+)
+def test_calibration_starts_after_the_last_token_evaluation_reads(protocol, bos):
+    import torch
+
+    from outliers.cli.eval import _evaluated_tokens
+    from outliers.eval.windows import PerplexitySettings
+    from studies.config import parse_config
+    from studies.measures.perplexity import evaluated_tokens
+
+    study = {"name": "x", "models": ["m"], "protocol": protocol, "bos": bos, "window": 32, "max_windows": 3}
+    cfg = parse_config({"study": study})
+    ids = torch.cat([torch.tensor([0]), torch.arange(1, 1000)])  # token 0 stands for a BOS at the corpus start
+    settings = PerplexitySettings(protocol, 32, None, 3, 4, bos)
+    reserved = evaluated_tokens(ids, cfg, 0)
+    # 3 windows of 32 (of 31 corpus tokens after a BOS of each window's own, the corpus' first dropped), or
+    # windows starting every 16 tokens
+    assert reserved == {"chunks-corpus": 96, "sliding-corpus": 64, "chunks-window": 1 + 3 * 31}[f"{protocol}-{bos}"]
+    assert reserved <= _evaluated_tokens(len(ids), settings)  # the CLI's bound, exact for bos="corpus"
+
+
+def _planted_llama(folder, tokenizer, hidden=128, gain=6.0):
+    """A tiny llama whose pre-attention and pre-FFN norms scale dims 3 and 17 by ``gain``.
+
+    Normalized values are about N(0, 1): scaled by 6 the two dims reach |x| >= 6 in any batch, no other dim
+    does; a Hadamard rotation spreads them over 128 dims (rms about 1.4), so nothing reaches 6 any more.
+    (At 32 dims, or with helpers.planted_model's gain 40, the rotated spread reaches 6 in most columns.)
+    """
+    import torch
+    from helpers import PLANTED, make_model
+
+    from outliers.arch.registry import architecture_of, blocks
+
+    model = make_model("llama", hidden=hidden)
+    family = architecture_of(model)
+    with torch.no_grad():
+        for _, _, block in blocks(model, family):
+            for shared in (family.attn_in, family.ffn_in):
+                block.get_submodule(shared.norm).weight[list(PLANTED)] = gain
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_transforms_cross_methods_and_thresholds(tmp_path, text_file, tokenizer, monkeypatch):
+    import outliers.quant.calibration as calibration
+    from outliers.quant.transforms import Transform
+    from studies.measures import MEASURES
+    from studies.planning import plan
+
+    model = _planted_llama(tmp_path / "model", tokenizer)
+    plain = load_config(write_config(tmp_path, model, text_file, thresholds="[0, 6]"))  # llm.int8 and absmax
+    path = tmp_path / "transformed.toml"
+    path.write_text((tmp_path / "study.toml").read_text() + 'alphas = [0.5]\nrotations = ["hadamard"]\n')
+    cfg = load_config(path)
+    made = []
+    make = calibration.transformed_copy
+    monkeypatch.setattr(calibration, "transformed_copy", lambda *a, **kw: made.append(a[1]) or make(*a, **kw))
+    out = tmp_path / "out"
+    assert run_study(cfg, out, progress=False) == {"done": 1 + 3 * 3, "failed": 0, "skipped": 0, "stale": 0}
+    assert made == [Transform(smooth=0.5), Transform(rotate="hadamard")]  # once each, for its three cells
+    assert run_study(cfg, out, progress=False) == {"done": 0, "failed": 0, "skipped": 10, "stale": 0}
+
+    # identity: the study without alphas/rotations finds every one of its cells done here, keys and fingerprints
+    store = Store(out)
+    assert {p.state for p in plan(plain, store)} == {"done"}
+    rows = store.frame()
+    ours = {p.key for p in plan(plain, store)}
+    transformed = rows[rows.method.str.contains("@")]
+    assert len(transformed) == 6 and not set(transformed.key) & ours
+    settings = {
+        r.method: MEASURES["perplexity"].settings_of({"method": r.method}, cfg) for r in transformed.itertuples()
+    }
+    assert settings["llm.int8@smooth=0.5"]["transform"] == {"smooth": 0.5, "rotate": None, "calib_windows": 16}
+    assert "calibration" in settings["llm.int8@smooth=0.5"] and "calibration" not in settings["absmax@hadamard"]
+    assert settings["absmax@hadamard"]["transform"] == {"smooth": None, "rotate": "hadamard", "seed": 0}
+    assert transformed.fingerprint.nunique() == 6 and not set(transformed.fingerprint) & set(
+        rows.fingerprint[~rows.method.str.contains("@")]
+    )
+    extra = {r.method: r.result["extra"] for r in transformed.itertuples()}
+    assert extra["llm.int8@smooth=0.5"]["calib_tokens"] == 16 * 32 and extra["absmax@hadamard"]["hadamard"]
+
+    # the share of columns through float: the planted dims at q/k/v and gate/up (5 of each block's 7 linears)
+    share = {(r.method, r.threshold): r.result.get("float_columns_pct") for r in rows.itertuples()}
+    assert share[("llm.int8", 6.0)] == pytest.approx(100 * 2 / 128 * 5 / 7)
+    assert share[("llm.int8@hadamard", 6.0)] < share[("llm.int8", 6.0)]
+    assert share[("llm.int8", 0.0)] == 0 and share[("absmax", 0.0)] is None  # no decomposition: none recorded
+
+    text = write_report(out).read_text()
+    assert "## Smoothing and rotation vs decomposition" in text and (out / "transform_curves.png").exists()
+    delta = (out / "transforms_delta.md").read_text().splitlines()
+    assert delta[0].endswith("| threshold | no transform | after smooth 0.5 | after hadamard |")
+    assert len(delta) == 2 + 3 and all(line.count(" %") == 3 for line in delta[2:])  # llm.int8 x 2, absmax
+    assert len((out / "transforms_float_columns.md").read_text().splitlines()) == 2 + 2  # llm.int8 only
+    assert "LLM.int8() (vector-wise + decomposition) after hadamard" in (out / "agreement.md").read_text()
+    assert "after" not in (out / "table1_t6.md").read_text()  # the Table-1 layout keeps the untransformed rows

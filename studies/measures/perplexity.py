@@ -9,6 +9,15 @@ intervals as ``docs/protocols.md`` says); its model shares every unquantized
 tensor with the float one (``outliers.quant.model.quantized_copy``), and the
 float model's final hidden states are kept per (model, corpus), so the
 reference runs once per study. Per-token NLLs are stored beside each row.
+
+``alphas`` and ``rotations`` cross the grid with transforms applied to the
+float model before quantizing (``outliers.quant.transforms``: SmoothQuant
+smoothing, Hadamard rotation): a transformed cell's method is a row name,
+``"llm.int8@smooth=0.5"`` (``row_name``), and its reference is still the
+untransformed float model. A worker calibrates each transform once for all
+of its cells and holds one transformed copy at a time. Every cell of a
+decomposing method records the share of input columns sent through the
+float matmul (``float_columns_pct``, ``outliers.quant.decomposed``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from outliers.errors import InvalidArgumentError
 from outliers.quant.methods import METHODS, label
+from outliers.quant.transforms import ROTATIONS, Transform, parse_row, row_name
 
 from ..format import fmt_delta
 from ..settings import floats
@@ -29,7 +39,18 @@ if TYPE_CHECKING:
 
     from studies.config import StudyConfig
 
-__all__ = ["PERPLEXITY", "ppl_rows", "perplexity_table", "agreement_table", "threshold_curves"]
+__all__ = [
+    "PERPLEXITY",
+    "ppl_rows",
+    "perplexity_table",
+    "agreement_table",
+    "threshold_curves",
+    "transforms",
+    "row_label",
+    "evaluated_tokens",
+    "transform_tables",
+    "transform_curves",
+]
 
 SETTINGS = (
     Setting("methods", (list,), ("llm.int8",), items=(str,)),
@@ -39,6 +60,9 @@ SETTINGS = (
     Setting("max_windows", (int,), 8),
     Setting("outlier_weights", (str,), "int8"),
     Setting("round_to", (str,), None),
+    # None, not (): a study without them writes neither key to study.json, as before they existed
+    Setting("alphas", (list,), None, items=(int, float), convert=floats),
+    Setting("rotations", (list,), None, items=(str,)),
 )
 
 
@@ -59,13 +83,45 @@ def validate(cfg: StudyConfig) -> None:
             raise InvalidArgumentError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if any(t < 0 for t in cfg.thresholds):
         raise InvalidArgumentError(f"thresholds must be >= 0, got {list(cfg.thresholds)}")
+    _validate_transforms(cfg)
+
+
+def _validate_transforms(cfg: StudyConfig) -> None:
+    alphas, rotations = cfg.alphas or (), cfg.rotations or ()
+    given = [k for k, v in (("alphas", alphas), ("rotations", rotations)) if v]
+    if not given:
+        return
+    if "perplexity" not in cfg.measure:
+        raise InvalidArgumentError(f"{' and '.join(given)} apply to the perplexity measure, which `measure` lacks")
+    if not cfg.methods:
+        raise InvalidArgumentError(f"{' and '.join(given)} transform methods' inputs, but `methods` is empty")
+    if bad := [a for a in alphas if not 0 <= a <= 1]:
+        raise InvalidArgumentError(f"alphas (smoothing strengths) must be in [0, 1], got {bad}")
+    if bad_r := [r for r in rotations if r not in ROTATIONS]:
+        raise InvalidArgumentError(f"unknown rotation(s) {bad_r} in rotations; choose from {', '.join(ROTATIONS)}")
+    for key, values in (("alphas", alphas), ("rotations", rotations)):
+        if twice := sorted({v for v in values if values.count(v) > 1}):
+            raise InvalidArgumentError(f"{key} lists {twice} more than once")
+    # every registered method takes every transform: both act on the float model before quantize_model, which
+    # replaces its linears whatever their format; a method that could not would be refused here
+
+
+def transforms(cfg: StudyConfig) -> list[Transform]:
+    """The transforms the grid crosses methods with: none, smoothing at each alpha, each rotation."""
+    return [
+        Transform(),
+        *(Transform(smooth=a) for a in cfg.alphas or ()),
+        *(Transform(rotate=r) for r in cfg.rotations or ()),
+    ]
 
 
 def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
+    # grouped by transform, so that a worker makes each transformed copy once and holds one at a time
     out: list[dict[str, Any]] = [{"method": "fp32", "threshold": None}]
-    for method in cfg.methods:
-        ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
-        out += [{"method": method, "threshold": t} for t in ts]
+    for transform in transforms(cfg):
+        for method in cfg.methods:
+            ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
+            out += [{"method": row_name(method, transform), "threshold": t} for t in ts]
     return out
 
 
@@ -78,39 +134,81 @@ def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
     }  # batching moves float sums in the last bits
     if cell["method"] != "fp32":
         s |= {"outlier_weights": cfg.outlier_weights, "round_to": cfg.round_to}
+    _, transform = parse_row(cell["method"])
+    if transform:  # only transformed cells: the others keep the fingerprints they always had
+        s["transform"] = transform.settings()
+        if transform.smooth is not None:
+            s["calibration"] = "the corpus' last calib_windows windows, after the tokens evaluation reads"
     return s
+
+
+def evaluated_tokens(ids: Any, cfg: StudyConfig, bos_token_id: int | None) -> int:
+    """How many tokens from the start of ``ids`` the cell's windows read: calibration must start after them.
+
+    The windows are cut by the same functions ``perplexity`` cuts them with (``outliers.eval.windows``).
+    """
+    from outliers.eval.windows import PerplexitySettings, spans, window_ids
+
+    settings = PerplexitySettings(cfg.protocol, cfg.window, cfg.stride, cfg.max_windows, cfg.batch_size, cfg.bos)
+    corpus = window_ids(ids, settings, bos_token_id)
+    return len(ids) - len(corpus) + max(s.end for s in spans(len(corpus), settings))  # + a dropped leading BOS
+
+
+def _transformed(transform: Transform, ctx: Context) -> tuple[Any, dict[str, Any]]:
+    """The float model after ``transform``, made once for the cells that share it (one held at a time)."""
+    held = ctx.cache.get("transformed")
+    if held is None or held[0] != transform:
+        from outliers.quant.calibration import transformed_copy
+
+        ctx.cache.pop("transformed", None)  # the last transform's copy goes before the next is made
+        cfg = ctx.cfg
+        copy, info = transformed_copy(
+            ctx.model,
+            transform,
+            ctx.ids,
+            window=cfg.window,
+            reserved=evaluated_tokens(ctx.ids, cfg, ctx.bos_token_id),
+            batch_size=cfg.batch_size,
+        )
+        ctx.cache["transformed"] = held = (transform, copy, info)
+    return held[1], held[2]
 
 
 def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from outliers.eval.perplexity import perplexity
+    from outliers.quant.decomposed import float_columns
     from outliers.quant.model import quantized_copy
 
     cfg, model = ctx.cfg, ctx.model
-    target, report, reference = model, None, None
-    if cell["method"] != "fp32":
+    method, transform = parse_row(cell["method"])
+    source, applied = _transformed(transform, ctx) if transform else (model, {})
+    target, report = source, None
+    if method != "fp32":
         target, report = quantized_copy(
-            model, cell["method"], cell["threshold"], outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
+            source, method, cell["threshold"], outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
         )
-        reference = model
-    r = perplexity(
-        target,
-        ctx.ids,
-        protocol=cfg.protocol,
-        window=cfg.window,
-        stride=cfg.stride,
-        max_windows=cfg.max_windows,
-        batch_size=cfg.batch_size,
-        bos=cfg.bos,
-        bos_token_id=ctx.bos_token_id,
-        reference=reference,
-        reference_states=ctx.cache.setdefault("reference_states", {}),
-        progress=ctx.progress,
-        model_name=cell["model"],
-        corpus_name=cell["corpus"],
-        method=None if cell["method"] == "fp32" else cell["method"],
-    )
+    reference = model if report is not None or transform else None  # the untransformed float model
+    with float_columns(target) as columns:
+        r = perplexity(
+            target,
+            ctx.ids,
+            protocol=cfg.protocol,
+            window=cfg.window,
+            stride=cfg.stride,
+            max_windows=cfg.max_windows,
+            batch_size=cfg.batch_size,
+            bos=cfg.bos,
+            bos_token_id=ctx.bos_token_id,
+            reference=reference,
+            reference_states=ctx.cache.setdefault("reference_states", {}),
+            progress=ctx.progress,
+            model_name=cell["model"],
+            corpus_name=cell["corpus"],
+            method=None if method == "fp32" else method,
+        )
     if not math.isfinite(r.ppl):
         raise FloatingPointError(f"perplexity is {r.ppl} (mean NLL {r.nll})")
+    r.extra.update(applied)  # the transform's settings, calibration tokens, Hadamard constructions (as outliers eval)
     result = r.to_dict()
     if report is not None:
         result.update(
@@ -118,6 +216,8 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
             weight_bytes_after=report.bytes_after,
             replaced=len(report.replaced),
         )
+    if columns.share is not None:  # a decomposing method: the mean over (layer, forward call) of the float share
+        result.update(float_columns_pct=100 * columns.share, float_columns_calls=columns.n_calls)
     result["token_nll"] = r.token_nll
     return result
 
@@ -133,6 +233,17 @@ def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
     return ppl
 
 
+def _untransformed(ppl: pd.DataFrame) -> pd.DataFrame:
+    """The rows without a transform (their method is a plain name, ``row_name``): the Table-1 layout's."""
+    return ppl[~ppl.method.str.contains("@", regex=False)]
+
+
+def row_label(name: str) -> str:
+    """A row's report label: its method's, and the transform before it (``"... after smooth 0.5"``)."""
+    method, transform = parse_row(name)
+    return label(method) + (f" after {transform.label}" if transform else "")
+
+
 def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """The paper's Table-1 layout at one decomposition threshold: one row per method, per model its
     perplexity and the paired change against fp32 with its 95 % interval.
@@ -142,7 +253,7 @@ def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """
     import pandas as pd
 
-    ppl = ppl_rows(df)
+    ppl = _untransformed(ppl_rows(df))
     decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
     ppl = ppl[
         (ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.method != "fp32"))
@@ -171,7 +282,7 @@ def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
     rows = [
         {
             "model": r.model,
-            "method": label(r.method),
+            "method": row_label(r.method),
             "threshold": f"{r.threshold:g}",
             "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
             "top-1 agreement %": interval(
@@ -188,7 +299,7 @@ def threshold_curves(df: pd.DataFrame) -> Figure:
     import seaborn as sns
     from matplotlib.figure import Figure
 
-    ppl = df[(df.kind == "perplexity") & (df.status == "done")]
+    ppl = _untransformed(df[(df.kind == "perplexity") & (df.status == "done")])  # transform_curves has the rest
     curves = ppl[ppl.method != "fp32"]
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -198,6 +309,118 @@ def threshold_curves(df: pd.DataFrame) -> Figure:
     ax.set(xlabel="decomposition threshold", ylabel="perplexity", title="Perplexity vs threshold")
     ax.legend(fontsize=8)
     return fig
+
+
+def _by_transform(ppl: pd.DataFrame) -> pd.DataFrame:
+    """The quantized rows with their method (``base``), ``transform_label`` (``""``: none) and report ``line``."""
+    rows = ppl[ppl.method != "fp32"]
+    parsed = rows.method.map(parse_row)
+    return rows.assign(
+        base=parsed.map(lambda p: p[0]),
+        transform_label=parsed.map(lambda p: p[1].label),
+        line=rows.method.map(row_label),
+        float_columns_pct=rows.result.map(lambda r: r.get("float_columns_pct", math.nan)),
+    )
+
+
+def transform_tables(ppl: pd.DataFrame, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per (model, method, threshold) a row, per transform a column: the perplexity change against fp32 with
+    its paired interval, and (decomposing methods only) the % of input columns that went through float."""
+    import pandas as pd
+
+    rows = _by_transform(ppl)
+    heads = {t.label: f"after {t.label}" if t else "no transform" for t in transforms(cfg)}
+    several = len(cfg.corpora) > 1
+    delta, share = [], []
+    for (model, corpus), at in rows.groupby(["model", "corpus"], sort=False):
+        for method in cfg.methods:
+            decomposes = METHODS[method].decomposition
+            for t in cfg.thresholds if decomposes else (0.0,):
+                key = {"model": model, **({"corpus": corpus} if several else {})}
+                key |= {"method": label(method), "threshold": f"{t:g}"}
+                d, f = dict(key), dict(key)
+                for name, head in heads.items():
+                    r = at[(at.base == method) & (at.threshold == t) & (at.transform_label == name)]
+                    d[head] = fmt_delta(r.delta_ppl_pct.iloc[-1], r.delta_ppl_pct_ci95.iloc[-1]) if len(r) else ""
+                    f[head] = r.float_columns_pct.iloc[-1] if len(r) else math.nan
+                delta.append(d)
+                share += [f] if decomposes else []
+    return pd.DataFrame(delta), pd.DataFrame(share)
+
+
+def transform_curves(ppl: pd.DataFrame) -> Figure:
+    """The perplexity change against fp32 (95 % bands) and the % of columns through float against the
+    decomposition threshold: one line per method and transform (and model, corpus where there are several)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    rows = _by_transform(ppl)
+    rows = rows[rows.base.map(lambda m: METHODS[m].decomposition)].sort_values("threshold")
+    if rows.model.nunique() > 1 or rows.corpus.nunique() > 1:
+        rows = rows.assign(line=rows.line + " · " + rows.model + " · " + rows.corpus)
+    lines = list(dict.fromkeys(rows.line))
+    colours = dict(zip(lines, sns.color_palette(n_colors=len(lines)), strict=True))
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_d, ax_f = fig.subplots(1, 2)
+    common = {"x": "threshold", "hue": "line", "hue_order": lines, "palette": colours, "marker": "o"}
+    sns.lineplot(rows, y="delta_ppl_pct", ax=ax_d, estimator=None, **common)
+    sns.lineplot(rows, y="float_columns_pct", ax=ax_f, estimator=None, legend=False, **common)
+    for line, g in rows.groupby("line", sort=False):
+        ci = [c if c else (math.nan, math.nan) for c in g.delta_ppl_pct_ci95]
+        lo, hi = [c[0] for c in ci], [c[1] for c in ci]
+        ax_d.fill_between(g.threshold, lo, hi, color=colours[line], alpha=0.15, lw=0)
+    ax_d.axhline(0, ls="--", c="k", lw=1)
+    ax_d.set(xlabel="decomposition threshold", ylabel="perplexity vs fp32 (%)", title="Perplexity change vs fp32")
+    ax_f.set(xlabel="decomposition threshold", ylabel="input columns through float (%)", title="Columns through float")
+    ax_d.legend(fontsize=8)
+    return fig
+
+
+def _transform_section(ppl: pd.DataFrame, cfg: StudyConfig) -> list:
+    """The report's section on smoothing and rotation before quantizing (studies with alphas or rotations)."""
+    delta, share = transform_tables(ppl, cfg)
+    default = Transform()
+    applied = (
+        [
+            f"SmoothQuant smoothing at strength alpha, its per-channel maxima from the last {default.calib_windows} "
+            f"windows of {cfg.window} tokens of each corpus (never tokens evaluation reads)"
+        ]
+        if cfg.alphas
+        else []
+    )
+    applied += [f"a randomized Hadamard rotation (seed {default.seed})"] if cfg.rotations else []
+    parts: list = [
+        "## Smoothing and rotation vs decomposition",
+        "",
+        "Each transform is applied to the float model before quantizing and leaves its function unchanged "
+        f"(to float rounding): {'; '.join(applied)}. Every row is scored against the untransformed fp32 model "
+        "on the same windows.",
+        "",
+        "### Perplexity change vs fp32",
+        "",
+        "Per decomposition threshold (threshold 0: no decomposition) and transform, the change in perplexity "
+        "against fp32 with its paired 95 % bootstrap interval over windows.",
+        "",
+        Table(delta, "transforms_delta"),
+        "",
+    ]
+    if len(share):
+        parts += [
+            "### Input columns through float",
+            "",
+            "The share (%) of a decomposing layer's input columns that hold any |x| >= threshold, which "
+            "LLM.int8() sends through the float matmul: the mean over every (quantized layer, forward call) of "
+            f"that call's share, each call weighted alike. A call is one batch of up to {cfg.batch_size} windows, "
+            "so the share grows with the batch. Blank: a cell computed before the share was recorded "
+            "(`studies run --recompute-older` redoes it).",
+            "",
+            Table(share, "transforms_float_columns", ".2f"),
+            "",
+        ]
+    rows = _by_transform(ppl)
+    if rows[rows.base.map(lambda m: METHODS[m].decomposition)].threshold.nunique() > 1:
+        parts += [Image(transform_curves(ppl), "transform_curves.png", "transform curves"), ""]
+    return parts
 
 
 def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
@@ -221,9 +444,10 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         "",
     ]
     has_decomp = any(METHODS[m].decomposition for m in cfg.methods)
+    plain = _untransformed(ppl)
     for t in thresholds if has_decomp else thresholds[:1]:
         heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
-        if has_decomp and not ((ppl.threshold == t) & (ppl.method != "fp32")).any():
+        if has_decomp and not ((plain.threshold == t) & (plain.method != "fp32")).any():
             parts += [heading, "", f"No decomposition cell at threshold {t:g} is done.", ""]
             continue
         stem = f"table1_t{t:g}" if has_decomp else "table1"
@@ -261,6 +485,8 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
             Image(threshold_curves(df), "threshold_curves.png", "threshold curves"),
             "",
         ]
+    if cfg.alphas or cfg.rotations:
+        parts += _transform_section(ppl, cfg)
     return parts
 
 
