@@ -190,9 +190,10 @@ def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:
         rows = [("fp32", type(transform)()), *((m, transform) for m in METHODS)]
         return rows + ([smoothquant] if transform.smooth is None else [])
     names = [n.strip() for n in method.split(",") if n.strip()]
+    rows = [smoothquant if n == "smoothquant" else (n, transform) for n in names]
     if len(names) > 1 and "fp32" not in names:
-        names.insert(0, "fp32")  # a table starts from its baseline
-    return [smoothquant if n == "smoothquant" else (n, transform) for n in names]
+        rows.insert(0, ("fp32", type(transform)()))  # a table starts from its baseline, the float model as it is
+    return rows
 
 
 def _label(method: str, transform: Any) -> str:
