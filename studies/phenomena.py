@@ -59,6 +59,7 @@ def phenomena_figure(table: pd.DataFrame) -> Figure:
     """One panel per phenomenon the table holds, against parameters (log)."""
     import seaborn as sns
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     panels = [(col, title) for col, title in _PANELS if col in table and table[col].notna().any()]
     fig = Figure(figsize=(3.2 * len(panels), 3.4), layout="constrained")
@@ -70,4 +71,7 @@ def phenomena_figure(table: pd.DataFrame) -> Figure:
             ax.annotate(name, (r["params (M)"], r[col]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         log = col in ("max ∞-norm", "mean kurtosis")
         ax.set(xscale="log", yscale="log" if log else "linear", title=title, ylabel="")
+        ticks = sorted(table["params (M)"].unique())  # the models' own sizes: log minor labels overlap
+        ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     return fig
