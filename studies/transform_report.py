@@ -48,7 +48,7 @@ def transform_tables(ppl: pd.DataFrame, cfg: StudyConfig) -> tuple[pd.DataFrame,
     several = len(cfg.corpora) > 1
     delta, share = [], []
     for (model, corpus), at in rows.groupby(["model", "corpus"], sort=False):
-        for method in cfg.methods:
+        for method in (m for m in cfg.methods if "@" not in m):  # named rows with a transform are in Table 1
             decomposes = METHODS[method].decomposition
             for t in cfg.thresholds if decomposes else (0.0,):
                 key = {"model": model, **({"corpus": corpus} if several else {})}

@@ -38,7 +38,9 @@ def test_builtin_configs_parse():
     for name in ("methods", "scale"):
         assert load_config(f"studies/configs/{name}.toml").models == ("installed",)
     grid = cells(load_config("studies/configs/methods.toml"))
-    assert len(grid) == (1 + 11) * len({c["model"] for c in grid})  # fp32 and every registered method, per model
+    per_model = 1 + 11 + 4  # fp32, every registered method, SmoothQuant and three int8 rows after a rotation
+    assert len(grid) == per_model * len({c["model"] for c in grid})
+    assert "llm.int8@hadamard" in {c["method"] for c in grid}
     transforms = load_config("studies/configs/smoothing_vs_decomposition.toml")
     assert len(cells(transforms)) == 1 + 3 * 6  # fp32; llm.int8 as is, after smooth 0.5, after hadamard
 
@@ -464,3 +466,25 @@ def test_transforms_cross_methods_and_thresholds(tmp_path, text_file, tokenizer,
     assert len((out / "transforms_float_columns.md").read_text().splitlines()) == 2 + 2  # llm.int8 only
     assert "LLM.int8() (vector-wise + decomposition) after hadamard" in (out / "agreement.md").read_text()
     assert "after" not in (out / "table1_t6.md").read_text()  # the Table-1 layout keeps the untransformed rows
+
+
+def test_rows_named_with_their_transform_are_in_the_table1_layout(tmp_path, model_dir, text_file):
+    path = write_config(
+        tmp_path,
+        model_dir("llama"),
+        text_file,
+        methods='["llm.int8", "absmax-vector@smooth=0.5", "llm.int8@hadamard"]',
+        thresholds="[6]",
+        max_windows="1",
+    )
+    cfg = load_config(path)
+    assert [c["method"] for c in cells(cfg)] == ["fp32", "llm.int8", "absmax-vector@smooth=0.5", "llm.int8@hadamard"]
+    out = tmp_path / "out"
+    assert run_study(cfg, out, progress=False)["failed"] == 0
+    write_report(out)
+    table = (out / "table1_t6.md").read_text()
+    assert "absmax vector-wise after smooth 0.5" in table and "after hadamard" in table
+    bad = tmp_path / "bad.toml"
+    bad.write_text(path.read_text().replace("llm.int8@hadamard", "llm.int8@givens"))
+    with pytest.raises(InvalidArgumentError, match="unknown or repeated step 'givens'"):
+        load_config(bad)

@@ -259,3 +259,18 @@ def test_float_columns_look_through_a_transform_at_what_is_quantized():
             quantized(input_ids=BATCH)
         shares.append(seen.share)
     assert shares[0] > 0.05 and shares[1] < shares[0] / 2
+
+
+def test_eval_takes_row_names_with_their_transform(model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from outliers.cli import main
+
+    argv = ["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32", "--quiet"]
+    argv += ["--max-windows", "2", "--calib-windows", "2", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--method", "llm.int8,llm.int8@hadamard,absmax-vector@smooth=0.5+hadamard"]) == 0
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [r["extra"].get("transform", "") for r in records] == ["", "", "hadamard", "smooth 0.5 + hadamard"]
+    assert "| absmax LLM.int8() (vector-wise + decomposition) after hadamard" in capsys.readouterr().out
+    assert main([*argv, "--method", "llm.int8@hadamard", "--rotate", "hadamard"]) == 2
+    assert "in the row name (llm.int8@hadamard) or by flags, not both" in capsys.readouterr().err

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         default="fp32",
         help=f"fp32 (no quantization), one of the methods ({', '.join(METHODS)}), smoothquant "
-        "(absmax-vector after smoothing, alpha --smooth or 0.5), a comma-separated list of them, or 'all' "
+        "(absmax-vector after smoothing, alpha --smooth or 0.5), a row name with its transform "
+        "(llm.int8@hadamard, absmax-vector@smooth=0.5), a comma-separated list of them, or 'all' "
         "for the Table-1 layout (default: %(default)s)",
     )
     p.add_argument(
@@ -189,8 +190,20 @@ def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:
     if method == "all":
         rows = [("fp32", type(transform)()), *((m, transform) for m in METHODS)]
         return rows + ([smoothquant] if transform.smooth is None else [])
+    from outliers.errors import InvalidArgumentError
+    from outliers.quant.transforms import parse_row
+
     names = [n.strip() for n in method.split(",") if n.strip()]
-    rows = [smoothquant if n == "smoothquant" else (n, transform) for n in names]
+    if transform and any("@" in n for n in names):
+        raise InvalidArgumentError("give a transform in the row name (llm.int8@hadamard) or by flags, not both")
+    rows = [
+        smoothquant
+        if n == "smoothquant"
+        else parse_row(n, seed=transform.seed, calib_windows=transform.calib_windows)
+        if "@" in n
+        else (n, transform)
+        for n in names
+    ]
     if len(names) > 1 and "fp32" not in names:
         rows.insert(0, ("fp32", type(transform)()))  # a table starts from its baseline, the float model as it is
     return rows

@@ -77,7 +77,7 @@ def validate(cfg: StudyConfig) -> None:
                 f"[report] thresholds {missing} are not in the study's thresholds {list(cfg.thresholds)}"
             )
     for m in cfg.methods:
-        if m not in METHODS:
+        if parse_row(m)[0] not in METHODS:  # a row name (llm.int8@hadamard) names its method first
             raise InvalidArgumentError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if any(t < 0 for t in cfg.thresholds):
         raise InvalidArgumentError(f"thresholds must be >= 0, got {list(cfg.thresholds)}")
@@ -117,9 +117,12 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
     # grouped by transform, so that a worker makes each transformed copy once and holds one at a time
     out: list[dict[str, Any]] = [{"method": "fp32", "threshold": None}]
     for transform in transforms(cfg):
-        for method in cfg.methods:
+        for name in cfg.methods:
+            method, own = parse_row(name)
+            if own and transform:  # a row named with its own transform is not crossed with others
+                continue
             ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
-            out += [{"method": row_name(method, transform), "threshold": t} for t in ts]
+            out += [{"method": row_name(method, own or transform), "threshold": t} for t in ts]
     return out
 
 
@@ -231,9 +234,14 @@ def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
     return ppl
 
 
-def _untransformed(ppl: pd.DataFrame) -> pd.DataFrame:
-    """The rows without a transform (their method is a plain name, ``row_name``): the Table-1 layout's."""
-    return ppl[~ppl.method.str.contains("@", regex=False)]
+def _untransformed(ppl: pd.DataFrame, listed: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The Table-1 layout's rows: those without a transform (a plain method name, ``row_name``) and those the
+    study's ``methods`` name with theirs (``"absmax-vector@smooth=0.5"``)."""
+    return ppl[~ppl.method.str.contains("@", regex=False) | ppl.method.isin(listed)]
+
+
+def _base(name: str) -> str:
+    return parse_row(name)[0]
 
 
 def row_label(name: str) -> str:
@@ -242,24 +250,24 @@ def row_label(name: str) -> str:
     return label(method) + (f" after {transform.label}" if transform else "")
 
 
-def perplexity_table(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def perplexity_table(df: pd.DataFrame, threshold: float, listed: tuple[str, ...] = ()) -> pd.DataFrame:
     """The paper's Table-1 layout at one decomposition threshold: one row per method, per model its
     perplexity and the paired change against fp32 with its 95 % interval.
 
     Methods without decomposition have one cell each (their threshold is moot) and appear in every
-    threshold's table.
+    threshold's table. ``listed``: transformed rows the study names in ``methods``, shown after the rest.
     """
     import pandas as pd
 
-    ppl = _untransformed(ppl_rows(df))
-    decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[m].decomposition)
+    ppl = _untransformed(ppl_rows(df), listed)
+    decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[_base(m)].decomposition)
     ppl = ppl[
         (ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.method != "fp32"))
     ]
     order = ["fp32", *METHODS]
     rows = []
-    for method in sorted(ppl.method.unique(), key=order.index):
-        row = {"method": label(method)}
+    for method in sorted(ppl.method.unique(), key=lambda m: ("@" in m, order.index(_base(m)), m)):
+        row = {"method": row_label(method)}
         for model, r in ppl[ppl.method == method].groupby("model", sort=False):
             r = r.iloc[-1]
             row[model] = r.ppl
@@ -329,15 +337,15 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         "this corpus slice.",
         "",
     ]
-    has_decomp = any(METHODS[m].decomposition for m in cfg.methods)
-    plain = _untransformed(ppl)
+    has_decomp = any(METHODS[_base(m)].decomposition for m in cfg.methods)
+    plain = _untransformed(ppl, cfg.methods)
     for t in thresholds if has_decomp else thresholds[:1]:
         heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
         if has_decomp and not ((plain.threshold == t) & (plain.method != "fp32")).any():
             parts += [heading, "", f"No decomposition cell at threshold {t:g} is done.", ""]
             continue
         stem = f"table1_t{t:g}" if has_decomp else "table1"
-        parts += [heading, "", Table(perplexity_table(df, t), stem, ".3f"), ""]
+        parts += [heading, "", Table(perplexity_table(df, t, cfg.methods), stem, ".3f"), ""]
     flat = ppl[
         [
             "model",
