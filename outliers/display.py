@@ -38,6 +38,8 @@ __all__ = [
     "superweights_html",
     "superweight_effects_html",
     "outlier_stats_html",
+    "weights_html",
+    "kvcache_html",
 ]
 
 MAX_ROWS = 10

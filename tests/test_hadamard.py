@@ -184,3 +184,13 @@ def test_seed_determines_the_signs():
     assert not torch.equal(q0, q1)
     ratio = q0 / q1  # the same H with other column signs: each column's ratio is one constant ±1
     assert torch.equal(ratio, ratio[:1].expand_as(ratio)) and (ratio.abs() == 1).all()
+
+
+@pytest.mark.parametrize("n", [2, 64, 576, 640, 1536, 2048])
+def test_kronecker_factors_are_the_matrix_without_building_it(n):
+    from outliers.quant.hadamard import kronecker_factors
+
+    a, b, name = kronecker_factors(n)
+    full, full_name = hadamard_matrix(n)
+    assert name == full_name and torch.equal(torch.kron(a, b), full)
+    assert a.shape[0] + b.shape[0] <= max(n // 4, 2) + 4  # n (a + b) multiply-adds, far below n^2

@@ -488,3 +488,16 @@ def test_rows_named_with_their_transform_are_in_the_table1_layout(tmp_path, mode
     bad.write_text(path.read_text().replace("llm.int8@hadamard", "llm.int8@givens"))
     with pytest.raises(InvalidArgumentError, match="unknown or repeated step 'givens'"):
         load_config(bad)
+
+
+def test_a_row_named_twice_is_one_cell(tmp_path, model_dir, text_file):
+    path = write_config(
+        tmp_path,
+        model_dir("llama"),
+        text_file,
+        methods='["llm.int8", "llm.int8@smooth=0.50"]',
+        thresholds="[6]",
+        alphas="[0.5]",
+    )
+    names = [c["method"] for c in cells(load_config(path))]
+    assert names == ["fp32", "llm.int8", "llm.int8@smooth=0.5"]

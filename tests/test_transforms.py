@@ -13,6 +13,7 @@ from outliers.quant.model import quantize_model
 from outliers.quant.transforms import (
     ChannelScale,
     Rotation,
+    Shared,
     Transform,
     TransformedInput,
     input_groups,
@@ -83,16 +84,54 @@ def test_calibration_never_overlaps_evaluation():
 def test_linears_of_one_input_share_one_rotation_that_computes_once():
     model, _ = transformed_copy(make_model("llama"), Transform(rotate="hadamard"), window=32)
     attn = model.model.layers[0].self_attn
-    rot = attn.q_proj.op
-    assert isinstance(rot, Rotation) and rot is attn.k_proj.op is attn.v_proj.op and rot.readers == 3
+    shared = attn.q_proj.op
+    assert isinstance(shared, Shared) and shared is attn.k_proj.op is attn.v_proj.op and shared.readers == 3
+    assert isinstance(shared.op, Rotation)
     calls = []
-    original = Rotation.rotate
-    Rotation.rotate = lambda self, x: calls.append(self) or original(self, x)  # type: ignore[method-assign]
+    original = Rotation.forward
+    Rotation.forward = lambda self, x: calls.append(self) or original(self, x)  # type: ignore[method-assign]
     try:
         logits(model)
     finally:
-        Rotation.rotate = original  # type: ignore[method-assign]
-    assert calls.count(rot) == 1 and rot._memo is None  # no activation kept after its readers
+        Rotation.forward = original  # type: ignore[method-assign]
+    assert calls.count(shared.op) == 1 and shared._memo is None  # no activation kept after its readers
+
+
+def test_a_scale_module_then_a_rotation_still_compute_once_per_input():
+    """Families without a foldable norm (OLMo, BERT) get a ChannelScale before q/k/v; a rotation then composes
+    with it into one shared op, not one per linear."""
+    from outliers.quant.transforms import _place
+
+    model = make_model("llama")
+    qkv = tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    _place(model, qkv, ChannelScale(torch.full((32,), 2.0)))
+    _place(model, qkv, Rotation(32, seed=0))
+    attn = model.model.layers[0].self_attn
+    shared = attn.q_proj.op
+    assert isinstance(shared, Shared) and shared is attn.k_proj.op is attn.v_proj.op
+    assert [type(m) for m in shared.op] == [ChannelScale, Rotation]
+    calls = []
+    original = Rotation.forward
+    Rotation.forward = lambda self, x: calls.append(self) or original(self, x)  # type: ignore[method-assign]
+    try:
+        logits(model)
+    finally:
+        Rotation.forward = original  # type: ignore[method-assign]
+    assert len(calls) == 1  # layer 0's q/k/v input, once
+
+
+def test_half_precision_inputs_are_rotated_without_bias():
+    rot = Rotation(576, seed=0)
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = (x.double() @ _dense(rot)).float()
+    got = rot(x).float()
+    assert got.dtype == torch.float32 and rot(x).dtype == torch.bfloat16
+    ratio = (got.norm(dim=1) / exact.norm(dim=1)).mean().item()
+    assert abs(ratio - 1) < 1e-3  # a bf16 copy of 1/24 alone would scale every output by 1.00195
+
+
+def _dense(rot: Rotation) -> torch.Tensor:
+    return torch.kron(rot.h_a.double(), rot.h_b.double()) * rot.signs.double()
 
 
 def test_transforms_compose_with_quantization_and_capture_sees_the_quantizer_input():
@@ -274,3 +313,19 @@ def test_eval_takes_row_names_with_their_transform(model_dir, text_file, tmp_pat
     assert "| absmax LLM.int8() (vector-wise + decomposition) after hadamard" in capsys.readouterr().out
     assert main([*argv, "--method", "llm.int8@hadamard", "--rotate", "hadamard"]) == 2
     assert "in the row name (llm.int8@hadamard) or by flags, not both" in capsys.readouterr().err
+
+
+def test_eval_checks_room_for_calibration_before_scoring(model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from outliers.cli import main
+
+    argv = ["eval", "--model", str(model_dir("opt")), "--corpus", str(text_file), "--window", "32", "--quiet"]
+    assert main([*argv, "--method", "all", "--json", str(tmp_path / "all.json")]) == 0  # the whole corpus
+    assert "note: no SmoothQuant row: calibration needs 16 windows" in capsys.readouterr().err
+    assert all("smooth" not in r["extra"] for r in json.loads((tmp_path / "all.json").read_text()))
+    assert main([*argv, "--method", "llm.int8", "--smooth", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "calibration needs 16 windows" in err and "--max-windows" in err
+    assert main([*argv, "--method", "smoothquant", "--calib-corpus", str(text_file)]) == 2  # the same text
+    assert "calibration needs" in capsys.readouterr().err

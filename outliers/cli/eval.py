@@ -102,18 +102,26 @@ def run(args: argparse.Namespace) -> int:
         )
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
+    calib_corpus = load_corpus(args.calib_corpus) if args.calib_corpus else corpus
+    calib = encode_corpus(tokenizer, calib_corpus) if args.calib_corpus else ids
+    # the evaluated text itself, under another name, must not calibrate on what it evaluates either
+    reserved = _evaluated_tokens(len(ids), settings) if calib_corpus.sha256 == corpus.sha256 else 0
+    rows = _calibratable(rows, calib, settings.window, reserved, optional=args.method == "all" and not args.smooth)
     ref_states: dict | None = {} if len(rows) > 1 else None  # the reference runs once for all methods
-    calib = encode_corpus(tokenizer, load_corpus(args.calib_corpus)) if args.calib_corpus else ids
-    reserved = 0 if args.calib_corpus else _evaluated_tokens(len(ids), settings)
     results, labels = [], []
+    made: tuple[Any, Any, dict[str, Any]] | None = None  # one transformed copy at a time, for its rows
     for m, transform in rows:
         source, applied = model, dict[str, Any]()
         if transform:
             from outliers.quant.calibration import transformed_copy
 
-            source, applied = transformed_copy(
-                model, transform, calib, window=settings.window, reserved=reserved, batch_size=settings.batch_size
-            )
+            if made is None or made[0] != transform:
+                made = None  # the previous copy goes before the next is made
+                copy_, done = transformed_copy(
+                    model, transform, calib, window=settings.window, reserved=reserved, batch_size=settings.batch_size
+                )
+                made = (transform, copy_, done)
+            _, source, applied = made
         target, report = source, None
         if m != "fp32":
             target, report = quantized_copy(
@@ -216,6 +224,29 @@ def _label(method: str, transform: Any) -> str:
     if method == "absmax-vector" and transform.smooth is not None and not transform.rotate:
         return f"SmoothQuant (smooth {transform.smooth:g}, absmax vector-wise)"
     return label(method) + (f" after {transform.label}" if transform else "")
+
+
+def _calibratable(rows: list, ids: Any, window: int, reserved: int, *, optional: bool) -> list:
+    """The rows whose smoothing can calibrate apart from the evaluated tokens; checked before any is scored.
+
+    ``optional``: a row that cannot is left out with a note (the SmoothQuant row ``--method all`` adds),
+    else its ``CorpusError`` stops the command before the first row.
+    """
+    from outliers.errors import CorpusError
+    from outliers.quant.calibration import calibration_windows
+
+    out = []
+    for m, transform in rows:
+        if transform.smooth is not None:
+            try:
+                calibration_windows(ids, window, transform.calib_windows, reserved=reserved)
+            except CorpusError as e:
+                if not optional:
+                    raise CorpusError(f"{e}; or evaluate fewer tokens (--max-windows)") from None
+                print(f"note: no SmoothQuant row: {e}; or evaluate fewer tokens (--max-windows)", file=sys.stderr)
+                continue
+        out.append((m, transform))
+    return out
 
 
 def _evaluated_tokens(n: int, settings: Any) -> int:

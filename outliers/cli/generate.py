@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default="llm.int8",
-        help=f"one of the Table-1 methods ({', '.join(METHODS)}) (default: %(default)s)",
+        help=f"one of the registered methods ({', '.join(METHODS)}) (default: %(default)s)",
     )
     p.add_argument(
         "--threshold",

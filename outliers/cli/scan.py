@@ -77,19 +77,22 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
     ids = encode_corpus(tokenizer, corpus)
     applied: dict = {}
+    bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     if transform:  # measure what the quantizer would see
         from outliers.quant.calibration import transformed_copy
 
-        calib = encode_corpus(tokenizer, load_corpus(args.calib_corpus)) if args.calib_corpus else ids
+        calib_corpus = load_corpus(args.calib_corpus) if args.calib_corpus else corpus
+        calib = encode_corpus(tokenizer, calib_corpus) if args.calib_corpus else ids
+        # the scanned text (a BOS per window reads one token more) is never calibrated on, under any name
+        read = min(len(ids), args.max_tokens + (bos_id is not None))
         model, applied = transformed_copy(
             model,
             transform,
             calib,
             window=args.window,
-            reserved=0 if args.calib_corpus else min(len(ids), args.max_tokens),
+            reserved=read if calib_corpus.sha256 == corpus.sha256 else 0,
             batch_size=args.batch_size,
         )
-    bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = scan(

@@ -56,7 +56,7 @@ import torch
 
 from outliers.errors import InvalidArgumentError
 
-__all__ = ["hadamard_matrix", "block_hadamard", "random_hadamard"]
+__all__ = ["hadamard_matrix", "kronecker_factors", "block_hadamard", "random_hadamard"]
 
 _H2 = torch.tensor([[1, 1], [1, -1]], dtype=torch.int8)
 
@@ -131,6 +131,28 @@ def _plan(n: int) -> tuple[str, int, int] | None:
         if m % 4 == 0 and (base := _paley_base(m)) is not None:
             return base[0], base[1], n // m
     return None
+
+
+def kronecker_factors(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Return ``(H_a, H_b, name)`` with H_a ⊗ H_b a Hadamard matrix of order n (int8), without building it.
+
+    ``x (H_a ⊗ H_b)`` costs n·(a + b) multiply-adds instead of n²: the Paley factor and a Sylvester one, or for
+    a power of two two Sylvester halves (Sylvester's H_{2^k} is H_2's k-fold Kronecker power, so
+    H_{2^i} ⊗ H_{2^j} = H_{2^(i+j)}). ``name`` is ``hadamard_matrix(n)``'s.
+
+    Raises:
+        InvalidArgumentError: as ``hadamard_matrix``.
+    """
+    plan = _plan(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+    if plan is None:
+        hadamard_matrix(n)  # raises, naming what is wrong with n
+        raise InvalidArgumentError(f"no Hadamard matrix of order n = {n}")
+    kind, q, p = plan
+    if kind == "sylvester":
+        a = 1 << (n.bit_length() - 1) // 2
+        return _sylvester(a), _sylvester(n // a), f"sylvester({n})"
+    h = _paley1(q) if kind == "paley1" else _paley2(q)
+    return h, _sylvester(p), f"{kind}({q})" + (f"⊗sylvester({p})" if p > 1 else "")
 
 
 @lru_cache(maxsize=16)

@@ -18,11 +18,13 @@ quantized linear's input is multiplied by Q = H·diag(signs)/√n, an
 orthogonal Hadamard matrix with seeded random signs, and its weight by Q
 (W ← W Q, so (x Q)(W Q)ᵀ = x Wᵀ). H = H_m ⊗ H_{2^k} is a true Hadamard
 matrix of the full size (``outliers.quant.hadamard``), applied with its
-Kronecker structure: n·(m + 2^k) multiply-adds per token instead of n².
+Kronecker structure: n·(a + b) multiply-adds per token instead of n²
+(``hadamard.kronecker_factors``).
 No earlier weight absorbs the input's rotation here (QuaRot's full scheme
 rotates the residual stream itself), so it is an online cost:
 ``benchmarks/eval_speed.py`` measures it. Linears that read one input share
-one ``Rotation``, which rotates that input once per forward.
+one online op (``Shared``), computed once per forward. Half-precision inputs
+are scaled and rotated in float32: a bf16 copy of 1/24 is off by 0.2 %, a bias.
 
 Either online step sits in a ``TransformedInput`` at the linear's place:
 ``.op`` then ``.linear``, so capture hooks on ``.linear`` see what the
@@ -47,6 +49,7 @@ __all__ = [
     "Group",
     "ChannelScale",
     "Rotation",
+    "Shared",
     "TransformedInput",
     "input_groups",
     "smoothing_scales",
@@ -151,6 +154,11 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(s == name or s in parts or name.endswith("." + s) for s in skip)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.dtype:
+    # a half-precision copy of 1/s or of ±1/sqrt(n) is off by up to 2^-9: a bias, not a rounding
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class ChannelScale(nn.Module):
     """x / s per channel: smoothing where no norm can absorb it."""
 
@@ -161,63 +169,65 @@ class ChannelScale(nn.Module):
         self.register_buffer("inv_s", 1 / s.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.inv_s.to(x.dtype)
+        dt = _at_least_float32(x)
+        return (x.to(dt) * self.inv_s.to(dt)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"channels={self.inv_s.numel()}"
 
 
 class Rotation(nn.Module):
-    """x ↦ x Q with Q = (H_m ⊗ H_s)·diag(signs)/√n, applied through the Kronecker structure.
+    """x ↦ x Q with Q = (H_a ⊗ H_b)·diag(signs)/√n, applied through the Kronecker structure, never built."""
 
-    Shared by the ``readers`` linears of one input: the first computes, the
-    others take the same result for the same input tensor.
-    """
-
-    h_m: torch.Tensor
-    h_s: torch.Tensor
+    h_a: torch.Tensor
+    h_b: torch.Tensor
     signs: torch.Tensor
 
-    def __init__(self, n: int, seed: int, readers: int = 1):
+    def __init__(self, n: int, seed: int):
         super().__init__()
-        from outliers.quant.hadamard import hadamard_matrix
+        from outliers.quant.hadamard import kronecker_factors
 
-        _, self.construction = hadamard_matrix(n)
-        s = n & -n  # the largest power of two dividing n
-        while s > 1:  # the largest 2^k whose cofactor has a known Hadamard matrix
-            try:
-                h_m, _ = hadamard_matrix(n // s)
-                break
-            except InvalidArgumentError:
-                s //= 2
-        else:
-            h_m, _ = hadamard_matrix(n)
-        h_s, _ = hadamard_matrix(s)
+        h_a, h_b, self.construction = kronecker_factors(n)
         signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-        self.register_buffer("h_m", h_m.float())
-        self.register_buffer("h_s", h_s.float())
-        self.register_buffer("signs", signs.float() / n**0.5)
-        self.n, self.readers = n, readers
-        self._memo: tuple[torch.Tensor, torch.Tensor, int] | None = None
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q in x's dtype (float64 for weights: the float model's product then changes only by rounding)."""
-        m, s = self.h_m.shape[0], self.h_s.shape[0]
-        h_m, h_s, signs = (t.to(x.dtype) for t in (self.h_m, self.h_s, self.signs))
-        y = h_m.t() @ x.reshape(*x.shape[:-1], m, s) @ h_s  # x (H_m ⊗ H_s), never built
-        return y.reshape(x.shape) * signs
+        self.register_buffer("h_a", h_a.float())
+        self.register_buffer("h_b", h_b.float())
+        self.register_buffer("signs", signs.double() / n**0.5)
+        self.n = n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._memo is not None and self._memo[0] is x:
-            _, y, left = self._memo
-            self._memo = (x, y, left - 1) if left > 1 else None
+        """x Q, computed in float32 at least (float64 for float64 x: weights are rotated so)."""
+        dt = _at_least_float32(x)
+        a, b = self.h_a.shape[0], self.h_b.shape[0]
+        h_a, h_b, signs = (t.to(dt) for t in (self.h_a, self.h_b, self.signs))
+        y = h_a.t() @ x.to(dt).reshape(*x.shape[:-1], a, b) @ h_b  # x (H_a ⊗ H_b)
+        return (y.reshape(x.shape) * signs).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, H={self.construction}"
+
+
+class Shared(nn.Module):
+    """``op`` for the ``readers`` linears of one input: the first computes, the others take the same result
+    for the same input tensor, and no activation is kept once the last has read it."""
+
+    def __init__(self, op: nn.Module, readers: int):
+        super().__init__()
+        self.op, self.readers = op, readers
+        self._memo: tuple[torch.Tensor, int, torch.Tensor, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        version = 0 if x.is_inference() else x._version  # inference tensors keep no version counter
+        memo = self._memo
+        if memo is not None and memo[0] is x and memo[1] == version:  # the same tensor, unchanged
+            _, _, y, left = memo
+            self._memo = (x, version, y, left - 1) if left > 1 else None
             return y
-        y = self.rotate(x)
-        self._memo = (x, y, self.readers - 1) if self.readers > 1 else None
+        y = self.op(x)
+        self._memo = (x, version, y, self.readers - 1) if self.readers > 1 else None
         return y
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, H={self.construction}, readers={self.readers}"
+        return f"readers={self.readers}"
 
 
 class TransformedInput(nn.Module):
@@ -231,15 +241,22 @@ class TransformedInput(nn.Module):
         return self.linear(self.op(x))
 
 
-def _place(model: nn.Module, name: str, op: nn.Module) -> None:
-    """Put ``op`` before the linear at ``name``, after any op already there."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    current = getattr(owner, child)
-    if isinstance(current, TransformedInput):
-        current.op = nn.Sequential(current.op, op)
-    else:
-        setattr(owner, child, TransformedInput(op, current))
+def _place(model: nn.Module, names: tuple[str, ...], op: nn.Module) -> None:
+    """Put ``op`` before the linears at ``names`` (one input's readers), after any op already there; the
+    readers share one composed op, computed once per forward."""
+    first = model.get_submodule(names[0])
+    if isinstance(first, TransformedInput):
+        before = first.op.op if isinstance(first.op, Shared) else first.op
+        op = nn.Sequential(before, op)
+    shared = Shared(op, len(names)) if len(names) > 1 else op
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        current = getattr(owner, child)
+        if isinstance(current, TransformedInput):
+            current.op = shared
+        else:
+            setattr(owner, child, TransformedInput(shared, current))
 
 
 def _linear(model: nn.Module, name: str) -> nn.Module:
@@ -275,9 +292,7 @@ def smooth(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[str, str]:
             fold_inverse_scale(model.get_submodule(g.norm), g.norm_kind, s)
             where[g.name] = g.norm
         else:
-            op = ChannelScale(s)
-            for n in g.linears:
-                _place(model, n, op)
+            _place(model, g.linears, ChannelScale(s))
             where[g.name] = "module"
     return where
 
@@ -292,12 +307,13 @@ def rotate(model: nn.Module, seed: int = 0) -> dict[str, str]:
     out = {}
     for k, g in enumerate(input_groups(model)):
         n = in_features(_linear(model, g.linears[0]))
-        assert n is not None
-        rot = Rotation(n, seed + k, readers=len(g.linears)).to(next(model.parameters()).device)
+        if n is None:
+            raise InvalidArgumentError(f"{g.linears[0]} is not a linear layer")
+        rot = Rotation(n, seed + k).to(next(model.parameters()).device)
         for name in g.linears:
             w = weight_of(_linear(model, name))
-            w.copy_(rot.rotate(w.double()).to(w.dtype))  # W Q: rows of W rotate as inputs do
-            _place(model, name, rot)
+            w.copy_(rot(w.double()).to(w.dtype))  # W Q in float64: rows of W rotate as inputs do
+        _place(model, g.linears, rot)
         out[g.name] = rot.construction
     return out
 

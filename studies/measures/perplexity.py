@@ -123,7 +123,8 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
                 continue
             ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
             out += [{"method": row_name(method, own or transform), "threshold": t} for t in ts]
-    return out
+    # a row listed by name and also made by alphas/rotations is one cell, not two
+    return list({(c["method"], c["threshold"]): c for c in out}.values())
 
 
 def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
@@ -237,7 +238,8 @@ def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
 def _untransformed(ppl: pd.DataFrame, listed: tuple[str, ...] = ()) -> pd.DataFrame:
     """The Table-1 layout's rows: those without a transform (a plain method name, ``row_name``) and those the
     study's ``methods`` name with theirs (``"absmax-vector@smooth=0.5"``)."""
-    return ppl[~ppl.method.str.contains("@", regex=False) | ppl.method.isin(listed)]
+    canonical = {row_name(*parse_row(m)) for m in listed}  # "smooth=0.50" names the row "smooth=0.5"
+    return ppl[~ppl.method.str.contains("@", regex=False) | ppl.method.isin(canonical)]
 
 
 def _base(name: str) -> str:
