@@ -29,9 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from outliers.arch.linear import is_linear, weight_of
-from outliers.arch.registry import Architecture, architecture_of
+from outliers.arch.registry import Architecture, architecture_of, is_skipped
 from outliers.errors import InvalidArgumentError
-from outliers.quant.model import _skipped  # the one rule for what quantize_model leaves in float
 from outliers.quant.quantizers import dequantize_absmax, dequantize_zeropoint, quantize_absmax, quantize_zeropoint
 
 __all__ = [
@@ -182,7 +181,7 @@ def _roles(arch: Architecture) -> dict[str, str]:
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Return ``(name, module)`` of the linears ``quantize_model`` replaces with its default ``skip``, in order."""
     skip = architecture_of(model).skip
-    return [(n, m) for n, m in model.named_modules() if n and is_linear(m) and not _skipped(n, skip)]
+    return [(n, m) for n, m in model.named_modules() if n and is_linear(m) and not is_skipped(n, skip)]
 
 
 def _where(arch: Architecture, name: str) -> tuple[int | None, str, str]:
@@ -261,7 +260,7 @@ def weight_stats(
         InvalidArgumentError: a name in ``layers`` that ``quantize_model`` would not replace.
     """
     chosen, arch = _select(model, layers), architecture_of(model)
-    skipped = [n for n, m in model.named_modules() if n and is_linear(m) and _skipped(n, arch.skip)]
+    skipped = [n for n, m in model.named_modules() if n and is_linear(m) and is_skipped(n, arch.skip)]
     rows = []
     for name, module in tqdm(chosen, desc="weights", unit="layer", disable=not progress, leave=False):
         block, kind, role = _where(arch, name)

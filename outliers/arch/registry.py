@@ -140,6 +140,12 @@ def register_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
+def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """Whether the module at ``name`` is one ``skip`` names (whole path, a path part, or a path suffix)."""
+    parts = name.split(".")
+    return any(s == name or s in parts or name.endswith("." + s) for s in skip)
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     """Return the registered family of a transformers model (by ``config.model_type``), or ``GENERIC``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from outliers.arch.linear import in_features, is_linear, out_features, weight_of
-from outliers.arch.registry import architecture_of
+from outliers.arch.registry import architecture_of, is_skipped
 from outliers.errors import InvalidArgumentError, ModelFileError
 from outliers.quant.emulated import LAYERS, EmulatedLinear
 from outliers.quant.linear import Int8Linear
@@ -69,11 +69,6 @@ class QuantReport:
             f"skipped {len(self.skipped)} ({', '.join(self.skipped) or 'none'}); weights "
             f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"
         )
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    return any(s == name or s in parts or name.endswith("." + s) for s in skip)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -164,7 +159,7 @@ def quantize_model(
     replaced, skipped, before, after = [], [], 0, 0
     targets = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     for name, module in targets:
-        if _skipped(name, skip):
+        if is_skipped(name, skip):
             skipped.append(name)
             continue
         q = quantize_linear(

@@ -41,7 +41,7 @@ from torch import nn
 
 from outliers.arch.linear import in_features, is_linear, weight_of
 from outliers.arch.norms import fold_inverse_scale
-from outliers.arch.registry import NormKind, architecture_of, blocks
+from outliers.arch.registry import NormKind, architecture_of, blocks, is_skipped
 from outliers.errors import InvalidArgumentError
 
 __all__ = [
@@ -115,7 +115,7 @@ def input_groups(model: nn.Module, skip: tuple[str, ...] | None = None) -> list[
     """
     arch = architecture_of(model)
     skip = arch.skip if skip is None else skip
-    linears = [n for n in _linear_paths(model) if not _skipped(n, skip)]
+    linears = [n for n in _linear_paths(model) if not is_skipped(n, skip)]
     groups: list[Group] = []
     if arch.blocks is not None:
         for i, path, _ in blocks(model, arch):
@@ -147,11 +147,6 @@ def _linear_paths(model: nn.Module) -> list[str]:
 
 def _inside(name: str, wrapped: set[str]) -> bool:
     return any(name.startswith(w + ".") for w in wrapped)
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    return any(s == name or s in parts or name.endswith("." + s) for s in skip)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.dtype:
