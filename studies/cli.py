@@ -35,6 +35,11 @@ def _cmd_run(args) -> int:
     path = _resolve(args.config)
     cfg = load_config(path)
     out = Path(args.out or Path("studies_out") / cfg.name)
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        print(dry_run(cfg, out))
+        return 0
     counts = run_study(
         cfg,
         out,
@@ -106,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--recompute-older",
         action="store_true",
         help="also redo cells whose inputs are unchanged but were computed by another commit",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid, each cell's state and estimated memory and where it fits; run nothing",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)

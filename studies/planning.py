@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "cells",
     "cell_key",
+    "check_reachable",
     "expand_models",
     "Fingerprints",
     "plan",
@@ -61,6 +62,39 @@ def expand_models(models: tuple[str, ...]) -> list[str]:
         )
         out += [n for n in names if n not in out]
     return out
+
+
+def check_reachable(cfg: StudyConfig) -> None:
+    """Raise before any cell runs when a hub model of the study can be had neither from the cache nor the hub.
+
+    Without this, each of its cells would fail on its own (and wait on the
+    network); the hub is probed once, and only if some hub id is not cached.
+    Other specs are left to the cells: a bad name or path fails its cells and
+    says why.
+
+    Raises:
+        HubUnavailableError: naming the first such model and why the hub is out of reach.
+    """
+    from outliers.errors import HubUnavailableError, OutliersError
+    from outliers.models.hub import hub_snapshot, hub_unreachable
+    from outliers.models.source import resolve
+
+    why: str | None = ""  # "": not probed yet
+    for name in expand_models(cfg.models):
+        try:
+            hub_id = resolve(name).hub_id
+        except OutliersError:
+            continue
+        if hub_id is None or hub_snapshot(hub_id) is not None:
+            continue
+        if why == "":
+            why = hub_unreachable()
+        if why is not None:
+            raise HubUnavailableError(
+                f"{hub_id} cannot be reached: no Hugging Face hub and not in the local cache ({why}); "
+                "run where the hub is reachable, copy its snapshot into the Hugging Face cache, or name a "
+                "local folder instead"
+            )
 
 
 def cells(cfg: StudyConfig) -> list[dict[str, Any]]:

@@ -16,7 +16,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .config import StudyConfig, write_study
-from .planning import STATES, Fingerprints, PlannedCell, cell_key, cells, code_commit, expand_models, plan, version
+from .planning import (
+    STATES,
+    Fingerprints,
+    PlannedCell,
+    cell_key,
+    cells,
+    check_reachable,
+    code_commit,
+    expand_models,
+    plan,
+    version,
+)
 from .store import Store
 
 __all__ = ["cells", "cell_key", "run_study", "expand_models", "Fingerprints", "plan", "PlannedCell", "STATES"]
@@ -50,6 +61,7 @@ def run_study(
         from outliers.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"backend must be 'local' or 'ray', got {backend!r}")
+    check_reachable(cfg)  # a hub model out of reach stops the study before any cell, not once per cell
     store = Store(out)
     write_study(cfg, out)
     commit = code_commit()

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from outliers.errors import HubUnavailableError
 
-__all__ = ["hub_reachable", "hub_kwargs", "hub_snapshot"]
+__all__ = ["hub_reachable", "hub_unreachable", "hub_kwargs", "hub_snapshot"]
 
 
 def hub_snapshot(hub_id: str) -> Path | None:
@@ -23,16 +23,21 @@ def hub_snapshot(hub_id: str) -> Path | None:
         return None
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Return why the hub cannot be reached from here (``HF_HUB_OFFLINE`` set, no answer), or None when it can."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
+        return "HF_HUB_OFFLINE is set"
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as e:
+        return f"{url.hostname}:{port} not reached within {timeout:g} s: {e.strerror or e}"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    return hub_unreachable(timeout) is None
 
 
 def hub_kwargs(hub_id: str) -> dict[str, Any]:
