@@ -246,7 +246,8 @@ class Int8Linear(nn.Module):
             out, cols = self._forward_generic(xq, bias)
         if cols.numel():
             w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
-            out.addmm_(x[:, cols], w_cols.to(x.dtype).t())
+            # out is float32; a half x (CUDA, torch backend) must meet it there, as the Numba epilogue does
+            out.addmm_(x[:, cols].to(out.dtype), w_cols.to(out.dtype).t())
         return out
 
     def _numba(self, x: torch.Tensor) -> bool:
