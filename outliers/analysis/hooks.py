@@ -95,17 +95,20 @@ def capture(
         pts = list(points)
     else:
         pts = resolve_points(model, points, patterns)
-    device = next(model.parameters()).device
+    from outliers.models.dispatch import input_device
+
+    device = input_device(model)  # a dispatched model's first weight may be offloaded (meta)
     if stats is None:
         stats = OutlierStats(pts, float(threshold), float(relative_k), top_k, moments=moments).to(device)
     index = {p.name: i for i, p in enumerate(stats.points)}
-    state: dict = {"union": {}, "mask": None, "labels": None, "seqs": 0}
+    state: dict = {"union": {}, "mask": None, "labels": None, "seqs": 0, "moved": {}}
 
     def on_model(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         state["union"] = {}
         state["mask"] = state["labels"] = None
+        state["moved"] = {}
         if ids is None or ids.dim() != 2:
             return
         b, s = ids.shape
@@ -125,9 +128,13 @@ def capture(
         x2 = x.detach().reshape(-1, x.shape[-1])
         labels = state["labels"]
         if state["mask"] is not None and x2.shape[0] == state["mask"].numel():
-            x2 = x2[state["mask"]]
+            x2 = x2[state["mask"].to(x2.device)]
         elif labels is not None and x2.shape[0] != labels[0].numel():
             labels = None  # e.g. a cached generation step: no per-position labels
+        if labels is not None and labels[0].device != x2.device:  # a block on another device than the input
+            if x2.device not in state["moved"]:
+                state["moved"][x2.device] = tuple(t.to(x2.device) for t in labels)
+            labels = state["moved"][x2.device]
         seq, pos, tok = labels if labels is not None else (None, None, None)
         stats.update(point, x2, state["union"], seq, pos, tok, index[point.name])
 
@@ -149,3 +156,5 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+        if len({t.device for t in stats.tensors.values()}) > 1:  # blocks on several devices: merge on the CPU
+            stats.to("cpu")

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from outliers.analysis.hooks import capture
 from outliers.analysis.stats import OutlierStats
 from outliers.errors import CorpusError, InvalidArgumentError
+from outliers.models.dispatch import input_device
 
 __all__ = ["scan", "cut_windows"]
 
@@ -93,7 +94,7 @@ def scan(
     if corpus_tokens < max_tokens:
         note = f"asked for {max_tokens} tokens but the corpus holds {corpus_tokens}: scanned {scanned}"
         warnings.warn(note, stacklevel=2)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with capture(
         model,
         points,

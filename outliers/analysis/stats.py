@@ -149,6 +149,18 @@ class OutlierStats:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
 
+    def _at(self, key: str, device: torch.device) -> torch.Tensor:
+        """The accumulator ``key``, moved to ``device`` first if it is elsewhere.
+
+        Accumulators live where their activations are: with blocks on several
+        devices (``outliers.models.dispatch``) each point's move once, to its
+        block's device; ``capture`` brings them all to the CPU at its end.
+        """
+        t = self.tensors[key]
+        if t.device != device:
+            t = self.tensors[key] = t.to(device)
+        return t
+
     # ------------------------------------------------------------ updates
 
     def update(
@@ -175,6 +187,8 @@ class OutlierStats:
         for key in (point.space, point.space + ":rel"):
             if key not in union or union[key].shape != (rows, dims):
                 union[key] = torch.zeros((rows, dims), dtype=torch.uint8, device=x.device)
+            elif union[key].device != x.device:  # this pass's earlier points ran on another device
+                union[key] = union[key].to(x.device)
         if x.device.type == "cpu":
             from outliers.analysis.cpu_kernels import point_stats
 
@@ -192,8 +206,8 @@ class OutlierStats:
             r = point_stats_torch(
                 x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"], self.moments
             )
-        T, key = self.tensors, point.name + "/"
-        T[key + Stat.ABSMAX] = torch.maximum(T[key + Stat.ABSMAX], r.absmax)
+        T, key, at = self.tensors, point.name + "/", lambda k: self._at(k, x.device)
+        T[key + Stat.ABSMAX] = torch.maximum(at(key + Stat.ABSMAX), r.absmax)
         for stat, v in (
             (Stat.COUNT, r.count),
             (Stat.SUM_OUT, r.sum_out),
@@ -203,8 +217,8 @@ class OutlierStats:
             (Stat.POS, r.pos),
             (Stat.NEG, r.count - r.pos),
         ):
-            T[key + stat] += v
-        T[f"{point.space}/{SpaceStat.HIST}"] += r.hist
+            at(key + stat).add_(v)
+        at(f"{point.space}/{SpaceStat.HIST}").add_(r.hist)
         self.nonfinite[point.name] += int(r.nonfinite)
         self.tokens[point.name] += rows
         if point.kind == "residual" and bool((r.row_max > 100).any()):
@@ -216,26 +230,27 @@ class OutlierStats:
             med = flat[:: max(1, flat.numel() // 8192)].abs().nan_to_num(0.0, 0.0, 0.0).median()
             cand = torch.nonzero(r.row_max > 100).view(-1)  # only these rows can hold one
             a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
-            T[key + Stat.MASSIVE] += ((a > 100) & (a > 1000 * med)).sum(0)
+            at(key + Stat.MASSIVE).add_(((a > 100) & (a > 1000 * med)).sum(0))
         if self.top_k and seq_ids is not None and rows:
             self._update_top(r.row_max, r.row_arg, x, point_index, seq_ids, positions, token_ids)
         if r.row_moments is not None and rows:
             self._update_moments(key, r.row_moments, r.row_max, seq_ids)
 
     def _update_moments(self, key: str, m: torch.Tensor, row_max: torch.Tensor, seq_ids: torch.Tensor | None) -> None:
-        T = self.tensors
         for stat, v in moment_sums(m, row_max, seq_ids).items():
+            acc = self._at(key + stat, v.device)
             if stat is PointStat.TOKEN_KURT_MAX:
-                T[key + stat] = torch.maximum(T[key + stat], v)
+                self.tensors[key + stat] = torch.maximum(acc, v)
             else:
-                T[key + stat] += v
+                acc.add_(v)
 
     def flush_union(self, union: dict[str, torch.Tensor]) -> None:
         """Count one forward pass's OR-ed ``|x| >= t`` positions per space."""
         for space in self.spaces:
             if space in union:
-                self.tensors[f"{space}/{SpaceStat.UNION}"] += union[space].sum(0, dtype=torch.int64)
-                self.tensors[f"{space}/{SpaceStat.REL_UNION}"] += union[space + ":rel"].sum(0, dtype=torch.int64)
+                self._at(f"{space}/{SpaceStat.UNION}", union[space].device).add_(union[space].sum(0, dtype=torch.int64))
+                rel = union[space + ":rel"]
+                self._at(f"{space}/{SpaceStat.REL_UNION}", rel.device).add_(rel.sum(0, dtype=torch.int64))
                 self.tokens[f"space:{space}"] += union[space].shape[0]
 
     def _update_top(self, row_max, row_arg, x, point_index, seq_ids, positions, token_ids) -> None:

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from outliers.errors import OutputPathError
+from outliers.errors import InvalidArgumentError, OutputPathError
 
-__all__ = ["check_writable", "check_out_dir", "print_table", "ci", "run_facts", "add_transform_args", "transform_of"]
+__all__ = [
+    "check_writable",
+    "check_out_dir",
+    "print_table",
+    "ci",
+    "run_facts",
+    "add_transform_args",
+    "transform_of",
+    "add_device_map_args",
+    "Placement",
+    "placement_of",
+]
 
 
 def check_writable(path: str) -> Path:
@@ -87,3 +100,68 @@ def transform_of(args: Any) -> Any:
     from outliers.quant.transforms import Transform
 
     return Transform(smooth=args.smooth, rotate=args.rotate, seed=args.seed, calib_windows=args.calib_windows)
+
+
+def add_device_map_args(p: Any) -> None:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder`` (``outliers.models.dispatch``)."""
+    p.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread the model over devices with accelerate: auto (the GPUs found, then CPU, then disk), balanced, "
+        "balanced_low_0, sequential, a JSON object {module: GPU index | cpu | disk} or a .json file holding one",
+    )
+    p.add_argument(
+        "--max-memory", metavar="DEV=SIZE,...", help="budget per device for --device-map, e.g. 0=20GiB,cpu=64GiB"
+    )
+    p.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="where --device-map puts blocks offloaded to disk (a fresh folder inside DIR, removed at exit)",
+    )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a command's models run: as loaded (no map), or dispatched over devices.
+
+    Calling it on a model returns the model itself, or a dispatched copy that
+    shares its tensors (the same copy for the same model), so the float model
+    can stay on the CPU as the source of quantized and transformed copies:
+    quantization happens before dispatch.
+    """
+
+    device_map: Any = None  # None, a strategy name or a dict (outliers.models.dispatch)
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+    _copies: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """``load_model``'s placement arguments: empty without a map."""
+        if self.device_map is None:
+            return {}
+        return {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
+
+    def __call__(self, model: Any) -> Any:
+        from outliers.models.dispatch import dispatched_copy, is_dispatched
+
+        if self.device_map is None or is_dispatched(model):
+            return model
+        if model not in self._copies:
+            self._copies[model] = dispatched_copy(
+                model, self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder
+            )
+        return self._copies[model]
+
+
+def placement_of(args: Any) -> Placement:
+    """The ``Placement`` the arguments ask for, checked before a model loads."""
+    from outliers.models.dispatch import parse_device_map, parse_max_memory
+
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise InvalidArgumentError("--max-memory and --offload-folder only apply with --device-map")
+        return Placement()
+    if args.device != "cpu":
+        raise InvalidArgumentError(f"give --device ({args.device}) or --device-map, not both")
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    return Placement(parse_device_map(args.device_map), max_memory, args.offload_folder)

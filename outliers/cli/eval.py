@@ -7,7 +7,15 @@ import json
 import sys
 from typing import Any
 
-from outliers.cli.common import add_transform_args, check_writable, ci, print_table, transform_of
+from outliers.cli.common import (
+    add_device_map_args,
+    add_transform_args,
+    check_writable,
+    ci,
+    placement_of,
+    print_table,
+    transform_of,
+)
 from outliers.errors import OutputPathError
 
 
@@ -30,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (float16 only on CUDA)")
     p.add_argument("--device", default="cpu")
+    add_device_map_args(p)
     from outliers.quant.methods import METHODS
 
     p.add_argument(
@@ -93,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         if m != "fp32":
             get_method(m)
     check_threshold(args.threshold)
+    place = placement_of(args)  # with a map the float model stays on the CPU; each row runs dispatched
     progress = not args.quiet
     corpus = load_corpus(args.corpus)  # cheap: its errors come before a model load
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
@@ -128,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 source, m, args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to
             )
         result = perplexity(
-            target,
+            place(target),
             ids,
             protocol=settings.protocol,
             window=settings.window,
@@ -137,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=settings.batch_size,
             bos=settings.bos,
             bos_token_id=bos_id,
-            reference=model if report is not None or transform else None,
+            reference=place(model) if report is not None or transform else None,
             reference_states=ref_states,
             progress=progress,
             model_name=args.model,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from outliers.cli.common import add_transform_args, check_out_dir, run_facts, transform_of
+from outliers.cli.common import (
+    add_device_map_args,
+    add_transform_args,
+    check_out_dir,
+    placement_of,
+    run_facts,
+    transform_of,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--position-mode", choices=("union", "max", "mean"), default="union")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    add_device_map_args(p)
     p.add_argument(
         "--bos",
         choices=("corpus", "window"),
@@ -71,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
         from outliers.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"threshold must be > 0, got {args.threshold}")
+    place = placement_of(args)
     out = check_out_dir(args.out) if args.out else None
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
-    model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    streamed = {} if transform else place.load_kwargs()  # a transform needs the float model whole first
+    model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress, **streamed)
     ids = encode_corpus(tokenizer, corpus)
     applied: dict = {}
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
@@ -96,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats = scan(
-            model,
+            place(model),
             ids,
             points=kinds,
             threshold=args.threshold,

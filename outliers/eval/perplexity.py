@@ -30,6 +30,7 @@ from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_i
 from outliers.eval.lmhead import SplitLM, positions_per_chunk, split_lm
 from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
+from outliers.models.dispatch import input_device
 
 __all__ = ["PerplexitySettings", "PerplexityResult", "perplexity"]
 
@@ -176,6 +177,7 @@ def perplexity(
     corpus_ids = window_ids(ids, settings, bos_token_id)
     windows = spans(len(corpus_ids), settings)
     param = next(model.parameters())
+    device = input_device(model)  # not param.device: a dispatched model's first weight may be offloaded
     scorer = _Scorer(model)
     ref = _Scorer(reference) if reference is not None else None
     sums = _Sums()
@@ -186,7 +188,7 @@ def perplexity(
         if settings.prefix:
             assert bos_token_id is not None  # window_ids refused bos='window' without one
             x = torch.cat([torch.full((len(batch), 1), bos_token_id, dtype=x.dtype), x], dim=1)
-        x = x.to(param.device)
+        x = x.to(device)
         # Only the scored targets' predictions are needed: the last `keep` positions
         # (all of them for chunks; about `stride` for sliding).
         keep = max(s.n_scored for s in batch) + 1
@@ -244,7 +246,7 @@ def perplexity(
         corpus_tokens=len(ids),
         dtype=_short_dtype(param.dtype),
         method=method or _short_dtype(param.dtype),
-        device=str(param.device),
+        device=str(device),
         torch_threads=torch.get_num_threads(),
         ppl_ci95=ppl_interval(sums.nll, tokens),
         window_nll=sums.nll,

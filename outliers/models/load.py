@@ -17,6 +17,7 @@ import torch
 from outliers.cache import sha256_file
 from outliers.errors import HubUnavailableError, InvalidArgumentError, ModelFileError
 from outliers.models.builtin import DEFAULT_MODEL
+from outliers.models.dispatch import DeviceMap, check_offload, describe_placement, offload_subfolder, remove_with
 from outliers.models.gguf import check_gguf, convert_gguf, quiet_loading
 from outliers.models.hub import hub_kwargs
 from outliers.models.source import identity, provenance, resolve
@@ -82,6 +83,29 @@ def _is_causal(config: Any) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def _placement(auto: Any, config: Any, dtype: torch.dtype, device_map, max_memory, offload_folder) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments: the map planned on an empty (meta) model and checked first.
+
+    Planning here, not in transformers, gives one set of errors for both ways
+    of dispatching, and refuses float16 compute on a CPU-only map as ``device`` does.
+    """
+    from accelerate import init_empty_weights
+
+    from outliers.models.dispatch import plan_device_map
+
+    with init_empty_weights():
+        skeleton = auto.from_config(config, dtype=dtype)
+    plan = plan_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype)
+    if dtype == torch.float16 and set(plan.values()) <= {"cpu", "disk"}:
+        raise InvalidArgumentError("dtype float16 on a map without GPUs is refused: use float32 or bfloat16")
+    check_offload(plan, offload_folder)
+    out: dict[str, Any] = {"device_map": plan, "offload_buffers": True}
+    if "disk" in plan.values():
+        assert offload_folder is not None  # check_offload
+        out["offload_folder"] = offload_subfolder(offload_folder)
+    return out
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -90,6 +114,9 @@ def load_model(
     attn_implementation: str | None = None,
     cache: bool = True,
     progress: bool = True,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Return ``(model, tokenizer, info)`` for a built-in name, folder, GGUF file or hub id.
 
@@ -104,6 +131,14 @@ def load_model(
         cache: convert GGUF files into a cached float folder (False loads the
             GGUF directly every time, ~10x slower).
         progress: show transformers' loading bars.
+        device_map: spread the model over devices instead of ``device``: a
+            strategy (``"auto"``: the GPUs found, then CPU, then disk) or a dict
+            of module -> device (``outliers.models.dispatch``). Weights stream
+            from the files to their devices; to quantize, load without it and
+            use ``quantize_model`` then ``dispatch``.
+        max_memory: per-device budget for a strategy, e.g. ``{0: "20GiB", "cpu": "64GiB"}``.
+        offload_folder: where ``"disk"`` blocks go (a fresh folder inside it,
+            removed with the model).
 
     Raises:
         UnknownModelError, MissingPackageError, ModelFileError,
@@ -111,7 +146,9 @@ def load_model(
     """
     torch_dtype = parse_dtype(dtype)
     device = torch.device(device)
-    if torch_dtype == torch.float16 and device.type == "cpu":
+    if device_map is not None and device.type != "cpu":
+        raise InvalidArgumentError(f"give a device ({device}) or a device_map, not both")
+    if torch_dtype == torch.float16 and device.type == "cpu" and device_map is None:
         raise InvalidArgumentError(
             "dtype float16 on CPU is refused: CPU fp16 matmul is ~100x slower than fp32; "
             "use float32 or bfloat16, or a CUDA device"
@@ -148,13 +185,20 @@ def load_model(
             config = AutoConfig.from_pretrained(where, **cfg_kwargs)
             causal = _is_causal(config)
             auto = AutoModelForCausalLM if causal else AutoModel
+            if device_map is not None:
+                kwargs.update(_placement(auto, config, torch_dtype, device_map, max_memory, offload_folder))
             model = auto.from_pretrained(where, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where, **cfg_kwargs)
     except (HubUnavailableError, InvalidArgumentError):
         raise
     except Exception as e:
         raise ModelFileError(f"could not load model '{spec}' from {where}: {e}") from e
-    model.eval().requires_grad_(False).to(device)
+    placed = model.eval().requires_grad_(False)
+    plan = getattr(model, "hf_device_map", None) if device_map is not None else None
+    if plan is None:  # a dispatched model stays where accelerate put it
+        placed.to(device)
+    elif "offload_folder" in kwargs:
+        remove_with(model, kwargs["offload_folder"])
     config = model.config
     ident = identity(src)
     if ident["format"] == "hub" and ident["revision"] is None:  # downloaded just now
@@ -168,7 +212,7 @@ def load_model(
         model_class=type(model).__name__,
         n_params=sum(p.numel() for p in model.parameters()),
         dtype=torch_dtype_name,
-        device=str(device),
+        device=str(device) if plan is None else describe_placement(plan),
         hidden_size=getattr(config, "hidden_size", None),
         num_layers=getattr(config, "num_hidden_layers", None),
         vocab_size=getattr(config, "vocab_size", None),
