@@ -82,4 +82,5 @@ def test_scan_finds_planted_dims_and_llm_int8_stays_close(parallel):
     with torch.inference_mode():
         ref, out = model(input_ids=x).logits, q(input_ids=x).logits
     assert (ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.9
-    assert ((out - ref).abs().max() / ref.abs().max()) < 0.03  # absmax-vector without decomposition: 0.042
+    # relative RMS error 0.013 (parallel) and 0.018 (sequential); absmax-vector, without decomposition, 0.023 and 0.041
+    assert ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt() < 0.02
