@@ -49,7 +49,7 @@ def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
 
 
 def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from outliers.analysis.criteria import Criteria, massive_activations, summary
+    from outliers.analysis.criteria import Criteria, massive_activations, outlier_features, summary
     from outliers.analysis.moments import quantizability
     from outliers.analysis.scan import scan
 
@@ -68,8 +68,19 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     )
     rows = {scale: summary(st, Criteria(scale=scale)) for scale in ("absolute", "relative")}
     criteria = Criteria()
+    largest = {}  # the largest-magnitude outlier feature's shares, as the paper's Fig. 3 draws them
+    for scale in rows:
+        found = outlier_features(st, Criteria(scale=scale))  # largest |x| first
+        largest[scale] = (
+            {k: float(found[k].iloc[0]) for k in ("dim", "max_abs", "pct_layers", "pct_positions")}
+            if len(found)
+            else None
+        )
     return {
         "n_params": ctx.info.n_params,
+        "model_type": ctx.info.architecture,  # the family an emergence curve is fitted over
+        "model_class": ctx.info.model_class,
+        "largest": largest,
         "n_tokens": st.meta["tokens_scanned"],
         "threshold": cell["threshold"],
         "relative_k": st.relative_k,
@@ -100,6 +111,7 @@ def outlier_table(df: pd.DataFrame, thresholds: tuple[float, ...] | None = None)
         base = ppl[(ppl.model == r.model) & (ppl.method == "fp32")].ppl
         row = {
             "model": r.model,
+            "family": res.get("model_type", ""),  # "" for a cell stored before it was recorded
             "params (M)": res["n_params"] / 1e6,
             "criterion": res["absolute"]["criterion"],
             "outlier dims": res["absolute"]["outlier_dims"],
@@ -145,23 +157,54 @@ def moments_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def emergence(table: pd.DataFrame) -> Figure:
-    """Outlier dims against parameters and against fp32 perplexity (paper Fig. 3a/3b)."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
+    """The paper's Fig. 3a/3b: shares of layers and positions against parameters and fp32 perplexity.
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    absolute = table["criterion"].iloc[0] if "criterion" in table else "absolute"
-    relative = table["relative criterion"].iloc[0] if "relative criterion" in table else "relative"
-    for ax, x, scale in ((ax1, "params (M)", "log"), (ax2, "fp32 ppl", "linear")):
-        for col, name in (("outlier dims", absolute), ("dims (relative)", relative)):
-            sns.lineplot(table, x=x, y=col, marker="o", ax=ax, label=name)
-        for _, r in table.iterrows():
-            ax.annotate(r["model"], (r[x], r["outlier dims"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xscale=scale, ylabel="outlier feature dims", title=f"emergence vs {x}")
-        ax.set_yscale("symlog", linthresh=1)  # absolute counts run from 1 to the whole hidden size
-    ax2.invert_xaxis()  # lower perplexity (better models) to the right, as in the paper
-    return fig
+    ``table``: ``studies.emergence.emergence_table`` of a study's results, or
+    this module's ``outlier_table`` (its shares are means over the features).
+    The paper's points join the parameter axis; a family with at least six
+    models gets its logistic fit (``studies.emergence``).
+    """
+    from ..emergence import emergence_figure, fit_table, paper_points
+
+    if "params" not in table:  # the Table-4 layout
+        table = table.assign(params=table["params (M)"] * 1e6)
+    if "family" not in table:
+        table = table.assign(family="")
+    paper = paper_points()
+    return emergence_figure(table, paper, fit_table({"this study": table, "paper": paper}))
+
+
+def _emergence_section(df: pd.DataFrame) -> list:
+    from ..emergence import MIN_MODELS, emergence_figure, emergence_table, fit_table, paper_points
+
+    ours = emergence_table(df)
+    if len(ours) < 2:
+        return []
+    paper = paper_points()
+    fits = fit_table({"this study": ours, "paper": paper})
+    parts: list = [
+        "## Emergence (the paper's Fig. 3)",
+        "",
+        "Per model, the share of layers and of token positions touched by its largest outlier feature (|x| >= "
+        "the threshold), against parameters and against this study's fp32 perplexity. The paper's Table-4 "
+        "points (docs/paper_points.md; arXiv 2208.07339) join the parameter axis only: their perplexities are "
+        "on C4, this study's on its own corpus.",
+        "",
+        Table(ours, "emergence", ".3g"),
+        "",
+    ]
+    if len(fits):
+        parts += [
+            f"Logistic fits, share = top / (1 + exp(-slope (log10 params - midpoint))), per family with at least "
+            f"{MIN_MODELS} models (midpoint in log10 parameters); the _se columns are standard errors from the "
+            "fit's covariance:",
+            "",
+            Table(fits, "emergence_fits", ".3g"),
+            "",
+        ]
+    else:
+        parts += [f"No logistic fit: no family has {MIN_MODELS} models in one series; points, not a curve.", ""]
+    return parts + [Image(emergence_figure(ours, paper, fits), "emergence.png", "emergence"), ""]
 
 
 def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
@@ -177,8 +220,7 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         Table(t4, "table4", ".1f"),
         "",
     ]
-    if len(t4) > 1:
-        parts += [Image(emergence(t4), "emergence.png", "emergence"), ""]
+    parts += _emergence_section(df)
     phen = phenomena_table(df)
     if len(phen) > 1 and ((df.kind == "sinks") | (df.kind == "superweights")).any():
         parts += [
