@@ -56,6 +56,8 @@ CORE_SETTINGS: dict[str, Setting] = {
         Setting("dtype", (str,)),
         Setting("description", (str,)),
         Setting("expected_runtime", (str,)),
+        Setting("actor_memory_gib", (int, float)),  # Ray placement overrides (studies.ray_backend)
+        Setting("actor_gpus", (int, float)),
     )
 }
 REPORT_SETTINGS: dict[str, Setting] = {"thresholds": Setting("thresholds", (list,), items=(int, float), convert=floats)}
@@ -83,6 +85,8 @@ _KEY_ORDER = (
     "dtype",
     "description",
     "expected_runtime",
+    "actor_memory_gib",
+    "actor_gpus",
 )
 
 
@@ -105,6 +109,8 @@ class StudyConfig:
     dtype: str = "float32"
     description: str = ""
     expected_runtime: str = ""
+    actor_memory_gib: float | None = None  # Ray: memory per actor instead of the size-based estimate
+    actor_gpus: float | None = None  # Ray: GPUs per actor (default none: workers load on the CPU)
     report_thresholds: tuple[float, ...] | None = None  # [report] thresholds; None: all of `thresholds`
     settings: dict[str, Any] = field(default_factory=dict, hash=False)
 
