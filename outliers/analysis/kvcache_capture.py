@@ -19,6 +19,7 @@ from torch import nn
 
 from outliers.arch.registry import KeyValues, architecture_of, blocks
 from outliers.errors import InvalidArgumentError
+from outliers.eval.lmhead import run_for_hooks
 
 __all__ = ["OnKV", "kv_layout", "rotary_dims", "rope_pairs", "kv_hooks", "run_with_cache"]
 
@@ -113,7 +114,7 @@ def run_with_cache(
 
     # transformers 5 renamed the argument (past_key_values is deprecated); 4.x knows only the old name
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{name: DynamicCache()})
+    out = run_for_hooks(model, input_ids, attention_mask=attention_mask, use_cache=True, **{name: DynamicCache()})
     cache = getattr(out, "cache", None)
     cache = out.past_key_values if cache is None else cache
     if hasattr(cache, "layers"):

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from outliers.analysis.hooks import capture
 from outliers.analysis.stats import OutlierStats
 from outliers.errors import CorpusError, InvalidArgumentError
+from outliers.eval.lmhead import run_for_hooks
 from outliers.models.dispatch import input_device
 
 __all__ = ["scan", "cut_windows"]
@@ -108,7 +109,7 @@ def scan(
         for start in tqdm(
             range(0, n_windows, batch_size), desc="scan", unit="batch", disable=not progress, leave=False
         ):
-            model(input_ids=windows[start : start + batch_size].to(device))
+            run_for_hooks(model, windows[start : start + batch_size].to(device))
     st.meta.update(meta or {})
     st.meta.update(
         tokens_asked=max_tokens,

@@ -42,6 +42,7 @@ from outliers.analysis.scan import cut_windows
 from outliers.arch.registry import architecture_of, blocks
 from outliers.display import sinks_html
 from outliers.errors import InvalidArgumentError
+from outliers.eval.lmhead import run_for_hooks
 
 __all__ = ["SinkResult", "attention_sinks", "sink_hooks", "eager_attention", "local_layers"]
 
@@ -214,7 +215,7 @@ def attention_sinks(
     device = next(model.parameters()).device
     with eager_attention(model), sink_hooks(model) as sums:
         for start in tqdm(range(0, n, batch_size), desc="sinks", unit="batch", disable=not progress, leave=False):
-            model(input_ids=windows[start : start + batch_size].to(device))
+            run_for_hooks(model, windows[start : start + batch_size].to(device))
     local = local_layers(model, window)
     rows = [
         {"layer": layer, "head": h, "score": float(s) / (n * window), "local": layer in local}

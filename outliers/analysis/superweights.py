@@ -40,6 +40,7 @@ from outliers.arch.linear import weight_of
 from outliers.arch.registry import architecture_of, blocks
 from outliers.display import superweights_html
 from outliers.errors import InvalidArgumentError
+from outliers.eval.lmhead import run_for_hooks
 
 __all__ = ["SuperWeight", "SuperWeightResult", "super_weights", "down_projections", "spike_table", "zeroed"]
 
@@ -169,7 +170,7 @@ def _extremes(model: nn.Module, windows: torch.Tensor, batch_size: int) -> dict[
             handles.append(block.register_forward_hook(lambda m, a, o, b=b: on_block(b, o)))
         device = next(model.parameters()).device
         for start in range(0, len(windows), batch_size):
-            model(input_ids=windows[start : start + batch_size].to(device))
+            run_for_hooks(model, windows[start : start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
