@@ -139,8 +139,8 @@ def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
                       + b × H × w² × 4               and one layer's attention scores
         logits      = 2 × 2²³ × 4                    perplexity: logits and their log-softmax a chunk of
                                                      positions at a time (``outliers.eval.lmhead``)
-                    = b × w × V × 4                  other cells: the model's own forward, every position's logits
-        sinks       + L × b × H × w² × 4             every layer's attention probabilities, kept for the sink rate
+                    = b × V × 4                      other cells: the last position's only (``run_for_hooks``)
+        sinks       + b × H × w² × 4                 eager attention: one layer's probabilities beside its scores
         scan        + 4 × L × h × 16 × 8             per capture point (4 per block) and dim, float64 accumulators
 
     and a cell needs weights + activations + logits + what its kind and method add.
@@ -152,7 +152,7 @@ def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
     b, w = cfg.batch_size, cfg.window
     need = P * d + b * w * 16 * h * 4 + b * H * w * w * 4
     kind, method = cell["kind"], cell["method"]
-    need += 2 * _CHUNK_LOGITS * 4 if kind == "perplexity" else b * w * V * 4
+    need += 2 * _CHUNK_LOGITS * 4 if kind == "perplexity" else b * V * 4
     if kind == "perplexity":
         need += cfg.max_windows * w * h * 4
         if method != "fp32":
@@ -160,7 +160,7 @@ def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
             if parse_row(method)[1]:
                 need += P * d
     elif kind == "sinks":
-        need += L * b * H * w * w * 4
+        need += b * H * w * w * 4
     elif kind == "outliers":
         need += 4 * L * h * 16 * 8
     return int(need)

@@ -76,8 +76,8 @@ def test_cell_memory_adds_what_each_cell_holds(tmp_path, text_file):
     assert fp32 == base + 2 * 2**23 * 4 + 2 * w * h * 4  # chunked logits, the reference's hidden states
     assert need("perplexity", "llm.int8") - fp32 == P - V * h  # one byte per code, embedding left out
     assert need("perplexity", "llm.int8@smooth=0.5") - need("perplexity", "llm.int8") == P * 4  # a float copy
-    assert need("sinks") == base + b * w * V * 4 + L * b * H * w * w * 4
-    assert need("outliers") == base + b * w * V * 4 + 4 * L * h * 16 * 8
+    assert need("sinks") == base + b * V * 4 + b * H * w * w * 4  # the last position's logits only
+    assert need("outliers") == base + b * V * 4 + 4 * L * h * 16 * 8
 
 
 def test_model_size_counts_what_load_model_counts(model_dir):
