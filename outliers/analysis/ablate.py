@@ -26,6 +26,7 @@ from outliers.analysis.stats import OutlierStats, Stat
 from outliers.arch.registry import GENERIC, architecture_of
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import perplexity
+from outliers.models.dispatch import input_device
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
 
@@ -100,7 +101,7 @@ def mean_top1_attention(model: nn.Module, windows: torch.Tensor) -> float:
 
     Needs a model loaded with ``attn_implementation="eager"`` (fused kernels return no probabilities).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model may have its embeddings offloaded
     total, n = 0.0, 0
     for w in windows:
         out = model(input_ids=w[None].to(device), output_attentions=True)

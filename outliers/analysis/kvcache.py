@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from outliers.analysis.kvcache_capture import kv_hooks, kv_layout, rope_pairs, rotary_dims, run_with_cache
 from outliers.analysis.scan import cut_windows
 from outliers.errors import InvalidArgumentError
+from outliers.models.dispatch import input_device
 from outliers.quant.quantizers import dequantize_absmax, quantize_absmax
 
 __all__ = ["KVCacheResult", "kv_channels", "KINDS"]
@@ -250,7 +251,7 @@ def kv_channels(
         bos = "window" if bos_token_id is not None else "corpus"
     keep_all = torch.ones_like(windows, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     cached = "measured" if kv.rope is not None or kv.key_norm else "projected"
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model may have its embeddings offloaded
     runs: dict[tuple[str, int], _Running] = {}
     state: dict[str, torch.Tensor] = {}
 

@@ -43,6 +43,7 @@ from outliers.arch.registry import architecture_of, blocks
 from outliers.display import sinks_html
 from outliers.errors import InvalidArgumentError
 from outliers.eval.lmhead import run_for_hooks
+from outliers.models.dispatch import input_device
 
 __all__ = ["SinkResult", "attention_sinks", "sink_hooks", "eager_attention", "local_layers"]
 
@@ -212,7 +213,7 @@ def attention_sinks(
         )
     windows, _ = cut_windows(ids, window, bos_token_id=bos_token_id, max_windows=max_windows)
     n = len(windows)
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model may have its embeddings offloaded
     with eager_attention(model), sink_hooks(model) as sums:
         for start in tqdm(range(0, n, batch_size), desc="sinks", unit="batch", disable=not progress, leave=False):
             run_for_hooks(model, windows[start : start + batch_size].to(device))

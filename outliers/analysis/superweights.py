@@ -41,6 +41,7 @@ from outliers.arch.registry import architecture_of, blocks
 from outliers.display import superweights_html
 from outliers.errors import InvalidArgumentError
 from outliers.eval.lmhead import run_for_hooks
+from outliers.models.dispatch import input_device
 
 __all__ = ["SuperWeight", "SuperWeightResult", "super_weights", "down_projections", "spike_table", "zeroed"]
 
@@ -168,7 +169,7 @@ def _extremes(model: nn.Module, windows: torch.Tensor, batch_size: int) -> dict[
         for b, _, block in blocks(model, arch):
             handles.append(downs[b].register_forward_hook(lambda m, a, o, b=b: on_down(b, a, o)))
             handles.append(block.register_forward_hook(lambda m, a, o, b=b: on_block(b, o)))
-        device = next(model.parameters()).device
+        device = input_device(model)  # a dispatched model may have its embeddings offloaded
         for start in range(0, len(windows), batch_size):
             run_for_hooks(model, windows[start : start + batch_size].to(device))
     finally:

@@ -58,7 +58,9 @@ class GenerationResult:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from outliers.models.dispatch import input_device
+
+    return input_device(model)  # a dispatched model may have its embeddings offloaded
 
 
 @torch.inference_mode()

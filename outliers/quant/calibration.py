@@ -16,6 +16,7 @@ from torch import nn
 
 from outliers.analysis.hooks import pre_hooks
 from outliers.errors import CorpusError
+from outliers.models.dispatch import input_device
 from outliers.quant.transforms import Transform, input_groups, rotate, smooth, smoothing_scales
 
 __all__ = ["calibration_windows", "activation_max", "transformed_copy"]
@@ -48,7 +49,7 @@ def activation_max(model: nn.Module, windows: torch.Tensor, batch_size: int = 4)
         g = first[name]
         seen[g] = torch.maximum(seen[g], x) if g in seen else x
 
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model may have its embeddings offloaded
     with pre_hooks(model, list(first), record):
         for start in range(0, len(windows), batch_size):
             model(input_ids=windows[start : start + batch_size].to(device))
