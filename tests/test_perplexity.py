@@ -279,3 +279,28 @@ def test_intervals_cover_the_statistic_and_widen_with_spread():
     assert dlo == pytest.approx(1.0, abs=1e-6) and dhi == pytest.approx(1.0, abs=1e-6)
     assert rate_interval(tokens, tokens) == pytest.approx((1.0, 1.0))
     assert all(math.isnan(v) for v in ppl_interval([1.0], [3]))
+
+
+# ---------------------------------------------------------------- speed: the first batch apart
+
+
+def test_first_batch_is_reported_apart_from_the_steady_rate(ids):
+    r = perplexity(make_model("llama"), ids, window=32, max_windows=5, batch_size=2, progress=False)
+    assert 0 < r.warmup_seconds < r.seconds
+    fed_after_first = (5 - 2) * 32  # three windows of 32 tokens after the first batch of two
+    assert r.steady_tokens_per_s == pytest.approx(fed_after_first / (r.seconds - r.warmup_seconds))
+    assert r.tokens_per_s == pytest.approx(5 * 32 / r.seconds)  # its meaning unchanged: every batch
+
+
+def test_one_batch_has_no_steady_rate(ids):
+    r = perplexity(make_model("llama"), ids, window=32, max_windows=2, batch_size=4, progress=False)
+    assert r.steady_tokens_per_s is None and r.warmup_seconds == r.seconds
+
+
+def test_results_stored_before_the_speed_fields_still_load(ids):
+    from outliers.eval.result import PerplexityResult
+
+    d = perplexity(make_model("opt"), ids, window=32, max_windows=3, progress=False).to_dict()
+    old = {k: v for k, v in d.items() if k not in ("warmup_seconds", "steady_tokens_per_s")}
+    r = PerplexityResult(**old)
+    assert r.warmup_seconds is None and r.steady_tokens_per_s is None and r.tokens_per_s == d["tokens_per_s"]

@@ -182,6 +182,7 @@ def perplexity(
     ref = _Scorer(reference) if reference is not None else None
     sums = _Sums()
     n_fed = 0
+    first: tuple[float, int] | None = None  # the first batch's (seconds, tokens fed): its one-time set-up is in it
     bar = tqdm(total=len(windows), unit="win", desc="perplexity", disable=not progress, leave=False)
     for batch in batches(windows, settings.batch_size):
         x = torch.stack([corpus_ids[s.begin : s.end] for s in batch])
@@ -204,6 +205,8 @@ def perplexity(
                     reference_states[key] = r_states
         _score_batch(scorer, ref, q_states, r_states, x, batch, settings.prefix, sums)
         n_fed += x.numel()
+        if first is None:
+            first = (scorer.seconds, n_fed)
         bar.update(len(batch))
     bar.close()
 
@@ -211,6 +214,8 @@ def perplexity(
     n_scored = sum(tokens)
     nll = sum(sums.nll) / n_scored
     seconds = scorer.seconds
+    assert first is not None  # spans() returns at least one window
+    steady_s, steady_fed = seconds - first[0], n_fed - first[1]
     fields: dict[str, Any] = {}
     if ref is not None and reference is not None:
         ref_nll = sum(sums.ref_nll) / n_scored
@@ -235,6 +240,8 @@ def perplexity(
         n_windows=len(windows),
         seconds=seconds,
         tokens_per_s=n_fed / seconds if seconds > 0 else math.inf,
+        warmup_seconds=first[0],
+        steady_tokens_per_s=(steady_fed / steady_s if steady_s > 0 else math.inf) if steady_fed else None,
         protocol=settings.protocol,
         window=settings.window,
         stride=settings.stride,

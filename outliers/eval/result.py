@@ -20,7 +20,15 @@ class PerplexityResult:
     tokens (their ratio of sums is ``nll``); ``token_nll`` holds every scored
     token's NLL in window order (float32, left out of ``to_dict``). The
     ``*_ci95`` fields are 95 % bootstrap intervals over windows. The fields
-    from ``ref_dtype`` on are set when a reference model was given.
+    from ``ref_dtype`` to ``window_top1`` are set when a reference model was given.
+
+    Speed: ``seconds`` and ``tokens_per_s`` cover every batch, the first one
+    included, as they always have (a study's stored cells hold them). The first
+    batch also pays one-time set-up (kernels loading from their cache, the int8
+    GEMM's first-call set-up, first allocations), so ``warmup_seconds`` is its
+    share of ``seconds`` and ``steady_tokens_per_s`` the rate over the batches
+    after it: the number to compare across methods (None with a single
+    batch). Both are None in results made before they existed.
     """
 
     ppl: float
@@ -57,6 +65,8 @@ class PerplexityResult:
     window_ref_nll: list[float] | None = None
     window_kl: list[float] | None = None
     window_top1: list[int] | None = None
+    warmup_seconds: float | None = None  # the first batch's share of `seconds`, one-time set-up included
+    steady_tokens_per_s: float | None = None  # tokens fed per second after the first batch; None with one batch
     extra: dict[str, Any] = field(default_factory=dict)
     token_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
 
