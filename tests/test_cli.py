@@ -410,3 +410,80 @@ def test_ablate_cli_on_explicit_dims(model_dir, text_file, tmp_path, capsys):
         == 2
     )
     assert "out of range" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- --quantize-lm-head, set-up apart from speed
+
+
+def _tied_llama():
+    """A tiny Llama whose lm_head is the input embedding (as SmolLM2's, Gemma's and Qwen's are)."""
+    import torch
+    from helpers import make_config
+    from transformers import AutoModelForCausalLM
+
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    return model
+
+
+def test_quantized_lm_head_leaves_the_tied_embedding_alone():
+    import torch
+
+    from outliers.cli.eval import quantize_skip
+    from outliers.eval.lmhead import split_lm
+    from outliers.quant.linear import Int8Linear
+    from outliers.quant.model import quantized_copy
+
+    model = _tied_llama()
+    emb = model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    assert quantize_skip(model, False) is None  # the architecture's skip: the head stays float
+    q, report = quantized_copy(model, "llm.int8", 6.0, skip=quantize_skip(model, True))
+    assert "lm_head" in report.replaced and report.skipped == []
+    assert isinstance(q.get_output_embeddings(), Int8Linear) and split_lm(q).head.out_features == 384
+    assert q.get_input_embeddings().weight is emb  # the lookup reads the shared float tensor, untouched
+    assert torch.equal(emb, before)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is emb  # the float model still tied
+    x = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, out = model(input_ids=x).logits, q(input_ids=x).logits
+        split = split_lm(q)
+        torch.testing.assert_close(split.logits(split.hidden(x)), out)  # the chunked head is the model's head
+    assert float((out - ref).norm() / ref.norm()) < 0.03
+    float_head, _ = quantized_copy(model, "llm.int8", 6.0)
+    with torch.inference_mode():
+        assert not torch.equal(float_head(input_ids=x).logits, out)  # the head's quantization does change them
+
+
+def test_quantize_lm_head_needs_a_linear_head():
+    from helpers import make_config
+    from transformers import AutoModel
+
+    from outliers.cli.eval import quantize_skip
+    from outliers.errors import InvalidArgumentError
+
+    body = AutoModel.from_config(make_config("llama"))  # no output head at all
+    with pytest.raises(InvalidArgumentError, match="no linear output head"):
+        quantize_skip(body, True)
+
+
+def test_eval_quantize_lm_head_and_set_up_apart(tmp_path, tokenizer, text_file, capsys):
+    folder = tmp_path / "tied"
+    _tied_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(folder), "--corpus", str(text_file), "--window", "32", "--max-windows", "6"]
+    assert main([*args, "--method", "llm.int8", "--quantize-lm-head", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["extra"]["skipped"] == [] and r["extra"]["replaced"] == 2 * 7 + 1
+    assert r["extra"]["load_seconds"] > 0 and r["extra"]["quantize_seconds"] > 0
+    assert 0 < r["warmup_seconds"] < r["seconds"] and r["steady_tokens_per_s"] > 0
+    assert "steady state, after the first batch" in printed and "quantize" in printed and "first batch" in printed
+    assert main([*args, "--method", "fp32,llm.int8", "--quantize-lm-head", "--quiet"]) == 0
+    assert "lm_head quantized" in capsys.readouterr().out
+    assert main([*args, "--max-windows", "2", "--quiet"]) == 0  # one batch of four: no steady state to report
+    assert "one batch: includes its warm-up" in capsys.readouterr().out

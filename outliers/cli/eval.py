@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from outliers.cli.common import (
@@ -63,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "originals (the paper) (default: %(default)s)",
     )
     p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the output head too (kept in float by default, as bitsandbytes and the paper do); "
+        "a head tied to the input embedding stays tied in the float model, the lookup unchanged",
+    )
+    p.add_argument(
         "--round-to",
         choices=("float16", "bfloat16"),
         default=None,
@@ -105,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
     place = placement_of(args)  # with a map the float model stays on the CPU; each row runs dispatched
     progress = not args.quiet
     corpus = load_corpus(args.corpus)  # cheap: its errors come before a model load
+    started = time.perf_counter()
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    load_s = time.perf_counter() - started
     if info.kind != "causal":
         raise InvalidArgumentError(
             f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM"
         )
+    skip = quantize_skip(model, args.quantize_lm_head)
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
     calib_corpus = load_corpus(args.calib_corpus) if args.calib_corpus else corpus
@@ -122,21 +132,26 @@ def run(args: argparse.Namespace) -> int:
     made: tuple[Any, Any, dict[str, Any]] | None = None  # one transformed copy at a time, for its rows
     for m, transform in rows:
         source, applied = model, dict[str, Any]()
+        setup = {"load_seconds": load_s}  # one-time costs, reported apart from tokens/s
         if transform:
             from outliers.quant.calibration import transformed_copy
 
             if made is None or made[0] != transform:
                 made = None  # the previous copy goes before the next is made
+                started = time.perf_counter()
                 copy_, done = transformed_copy(
                     model, transform, calib, window=settings.window, reserved=reserved, batch_size=settings.batch_size
                 )
+                setup["transform_seconds"] = time.perf_counter() - started
                 made = (transform, copy_, done)
             _, source, applied = made
         target, report = source, None
         if m != "fp32":
+            started = time.perf_counter()
             target, report = quantized_copy(
-                source, m, args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to
+                source, m, args.threshold, skip=skip, outlier_weights=args.outlier_weights, round_to=args.round_to
             )
+            setup["quantize_seconds"] = time.perf_counter() - started
         result = perplexity(
             place(target),
             ids,
@@ -165,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 weight_bytes_after=report.bytes_after,
             )
         result.extra.update(applied)
+        result.extra.update(setup)
         results.append(result)
         labels.append(_label(m, transform))
         del target, source
@@ -184,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print_table(head + _result_rows(r0, m + (f" after {transform.label}" if transform else "")))
     else:
         print_table(head)
-        print(_method_table(results, labels, args.model, args.threshold))
+        print(_method_table(results, labels, args.model, args.threshold, head_quantized=skip is not None))
     if note := few_windows_note(r0.n_windows):
         print(f"note: {note}", file=sys.stderr)
     if json_path:
@@ -284,27 +300,89 @@ def _result_rows(r, name: str) -> list[tuple[str, Any]]:
             ("KL vs reference", f"{r.kl_vs_ref:.5f} nats/token {ci(r.kl_vs_ref_ci95, '.5f')}"),
             ("top-1 agreement", f"{100 * r.top1_agreement:.2f} % {ci(r.top1_agreement_ci95, '.2f', 100)}"),
         ]
-    rows += [("seconds", r.seconds), ("tokens/s", r.tokens_per_s)]
+    rows += _speed_rows(r)
     if r.ref_seconds:
         rows.append(("reference s", r.ref_seconds))
     return rows
 
 
-def _method_table(results: list, labels: list[str], model: str, threshold: float) -> str:
+def _speed_rows(r) -> list[tuple[str, Any]]:
+    """Steady-state speed, and the one-time costs apart: load, transform, quantize, the first batch's warm-up.
+
+    The first batch loads the int8 kernels from their cache and sets up the int8 GEMM; counting it
+    would make a short run's ratio to fp32 a measure of set-up.
+    """
+    if r.steady_tokens_per_s is not None:
+        steady = f"{r.steady_tokens_per_s:.1f}  steady state, after the first batch"
+    else:
+        steady = f"{r.tokens_per_s:.1f}  one batch: includes its warm-up"
+    setup = [
+        f"{what} {r.extra[key]:.2f} s"
+        for what, key in (
+            ("load", "load_seconds"),
+            ("transform", "transform_seconds"),
+            ("quantize", "quantize_seconds"),
+        )
+        if key in r.extra
+    ]
+    if r.warmup_seconds is not None:
+        setup.append(f"first batch {r.warmup_seconds:.2f} s")
+    return [
+        ("tokens/s", steady),
+        ("seconds", f"{r.seconds:.3f}  all batches, {r.tokens_per_s:.1f} tokens/s with the first"),
+        ("set-up", ", ".join(setup)),
+    ]
+
+
+def _method_table(
+    results: list, labels: list[str], model: str, threshold: float, *, head_quantized: bool = False
+) -> str:
     """The paper's Table-1 layout for one model, with intervals and agreement with the float model."""
     rows = []
     for r, name in zip(results, labels, strict=True):
         delta = "" if r.delta_ppl_pct is None else f"{r.delta_ppl_pct:+.1f} % {ci(r.delta_ppl_pct_ci95, '+.1f')}"
         agree = "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.1f} %"
         kl = "" if r.kl_vs_ref is None else f"{r.kl_vs_ref:.4f}"
-        rows.append((name, f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{r.tokens_per_s:.0f}"))
-    head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s")
+        speed = r.steady_tokens_per_s if r.steady_tokens_per_s is not None else r.tokens_per_s
+        first = f"{r.warmup_seconds:.2f}" if r.warmup_seconds is not None else ""
+        setup = r.extra.get("quantize_seconds", 0.0) + r.extra.get("transform_seconds", 0.0)
+        rows.append((name, f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{speed:.0f}", first, f"{setup:.2f}"))
+    head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s", "first batch s", "set-up s")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     lines = ["", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    r0 = results[0]
+    steady = "after the first batch" if r0.steady_tokens_per_s is not None else "one batch, warm-up included"
     lines.append(
-        f"\nDecomposition threshold {threshold}; lm_head kept in float; {results[0].protocol} "
-        f"windows of {results[0].window}; intervals over {results[0].n_windows} windows, paired "
-        "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token."
+        f"\nDecomposition threshold {threshold}; lm_head {'quantized' if head_quantized else 'kept in float'}; "
+        f"{r0.protocol} windows of {r0.window}; intervals over {r0.n_windows} windows, paired "
+        "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token. tokens/s: steady state "
+        f"({steady}); set-up s: transform and quantization; model load {r0.extra.get('load_seconds', 0.0):.2f} s."
     )
     return "\n".join(lines)
+
+
+def quantize_skip(model: Any, quantize_lm_head: bool) -> tuple[str, ...] | None:
+    """Return ``quantize_model``'s ``skip``: None (the architecture's: the head stays float), or that minus the head.
+
+    The head is whatever ``get_output_embeddings`` returns, found by identity, so a family whose head has
+    another name is handled as one named ``lm_head``. A head tied to the input embedding stays tied in the
+    float model: ``quantized_copy`` replaces the copy's head module and leaves the shared tensor alone.
+
+    Raises:
+        InvalidArgumentError: the model has no linear output head to quantize.
+    """
+    if not quantize_lm_head:
+        return None
+    from outliers.arch.linear import is_linear
+    from outliers.arch.registry import architecture_of, is_skipped
+    from outliers.errors import InvalidArgumentError
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = [n for n, m in model.named_modules() if m is head and n]
+    if head is None or not is_linear(head) or not names:
+        raise InvalidArgumentError(
+            f"--quantize-lm-head: {type(model).__name__} has no linear output head (get_output_embeddings)"
+        )
+    return tuple(s for s in architecture_of(model).skip if not is_skipped(names[0], (s,)))
