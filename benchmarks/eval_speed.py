@@ -1,12 +1,15 @@
-"""Whole-model evaluation speed on CPU: fp32 vs our int8 methods vs bitsandbytes.
+"""Whole-model evaluation speed on CPU: fp32 vs our int8 methods vs bitsandbytes, against a measured ceiling.
 
-Runs every configuration on the same windows, interleaved over several rounds
-(shared machines swing 2-5x: only ratios inside one run mean anything), and
-prints tokens/s, perplexity and the ratios to fp32 and to bitsandbytes.
+Every configuration runs on the same windows, warmed up with one batch, then
+interleaved over several rounds (shared machines swing 2-5x: only ratios inside
+one run mean anything; the table takes each row's best round). Per model it
+prints tokens/s and ratios, the **ceiling** (the speed-up over fp32 if every
+quantized linear cost only its int8 GEMM; ``benchmarks/speed_parts.py`` says
+how each term is timed), llm.int8's share of it, and where llm.int8's time goes.
 
-    python benchmarks/eval_speed.py                 # SmolLM2, 8 windows x 512, 2 rounds
-    python benchmarks/eval_speed.py --profile       # plus where llm.int8's time goes
-    python benchmarks/eval_speed.py --no-transforms # without the smoothed and rotated rows
+    python benchmarks/eval_speed.py                        # SmolLM2, 8 windows x 512, 2 rounds
+    python benchmarks/eval_speed.py --models installed --rounds 3 --no-transforms
+    python benchmarks/eval_speed.py --profile              # plus torch.profiler's table of one batch
 
 The rows after a Hadamard rotation carry its online cost: every quantized linear's
 input is rotated on the fly (``outliers.quant.transforms``; no earlier weight absorbs
@@ -16,15 +19,23 @@ it), so "fp32 after hadamard" against fp32 is that cost alone.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import statistics
 import sys
+from collections import defaultdict
 
-import torch
+from outliers.threads import configure_threads
 
-import outliers
-from outliers.quant.model import quantize_model
+configure_threads()  # before torch loads, as the CLI does: idle OpenMP threads sleep (outliers.threads)
+
+import torch  # noqa: E402
+from speed_parts import PARTS, ceiling, int8_parts, isolated_gemms, machine_facts, timed_linears  # noqa: E402
+
+import outliers  # noqa: E402
+from outliers.cli.eval import quantize_skip  # noqa: E402
+from outliers.quant.model import quantized_copy  # noqa: E402
+
+INT8, HEAD = "ours llm.int8 t=6", "ours llm.int8 t=6, int8 lm_head"
 
 
 def bnb_model(folder: str, threshold: float):
@@ -39,24 +50,36 @@ def bnb_model(folder: str, threshold: float):
     )
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
-    p.add_argument("--profile", action="store_true", help="profile one batch of our llm.int8")
-    p.add_argument("--no-transforms", action="store_true", help="skip the smoothed and rotated rows")
-    args = p.parse_args(argv)
+def model_names(arg: str, max_mb: float) -> list[str]:
+    """``installed``: every installed causal built-in of at most ``max_mb`` of packaged weights."""
+    if arg != "installed":
+        return [n.strip() for n in arg.split(",") if n.strip()]
+    from outliers.models.builtin import BUILTIN_MODELS
+    from outliers.models.packaged import package_dir
 
-    model, tok, info = outliers.load_model(args.model, progress=False)
-    ids = outliers.encode_corpus(tok, outliers.load_corpus("builtin"))
-    configs = {"fp32": model}
-    for name, method, t in [("ours llm.int8 t=6", "llm.int8", 6.0), ("ours absmax-vector t=0", "absmax-vector", 0.0)]:
-        configs[name] = copy.deepcopy(model)
-        quantize_model(configs[name], method, t)
+    names = []
+    for m in BUILTIN_MODELS.values():
+        paths = [(d / f.path) if (d := package_dir(f.module)) else None for f in m.files]
+        if m.kind != "causal" or not all(p is not None and p.exists() for p in paths):
+            continue
+        mb = sum(p.stat().st_size for p in paths if p is not None) / 2**20
+        if mb > max_mb:
+            print(f"skipping {m.name}: {mb:.0f} MB of packaged weights > --max-mb {max_mb:g}", file=sys.stderr)
+            continue
+        names.append(m.name)
+    return names
+
+
+def configs_of(model, ids, args) -> tuple[dict, dict[str, list[str]]]:
+    """The models to time, and the names of the linears each int8 configuration quantizes."""
+    configs, replaced = {"fp32": model}, {}
+    for name, method, t, skip in [
+        ("ours absmax-vector t=0", "absmax-vector", 0.0, None),
+        (INT8, "llm.int8", 6.0, None),
+        (HEAD, "llm.int8", 6.0, quantize_skip(model, True)),
+    ]:
+        configs[name], report = quantized_copy(model, method, t, skip=skip)
+        replaced[name] = report.replaced
     if not args.no_transforms:
         from outliers.quant.calibration import transformed_copy
         from outliers.quant.transforms import Transform
@@ -65,61 +88,131 @@ def main(argv=None) -> int:
         rotated, _ = transformed_copy(model, Transform(rotate="hadamard"), window=args.window)
         smoothed, _ = transformed_copy(model, Transform(smooth=0.5), ids, window=args.window, reserved=reserved)
         configs["fp32 after hadamard"] = rotated
-        configs["ours llm.int8 t=6 after hadamard"] = copy.deepcopy(rotated)
-        quantize_model(configs["ours llm.int8 t=6 after hadamard"], "llm.int8", 6.0)
-        configs["ours smoothquant (absmax-vector after smooth 0.5)"] = smoothed
-        quantize_model(smoothed, "absmax-vector", 0.0)
+        configs["ours llm.int8 t=6 after hadamard"] = quantized_copy(rotated, "llm.int8", 6.0)[0]
+        configs["ours smoothquant (absmax-vector after smooth 0.5)"] = quantized_copy(smoothed, "absmax-vector", 0.0)[0]
     if not args.no_bnb:
         try:
             for t in (6.0, 0.0):
                 configs[f"bitsandbytes t={t:g}"] = bnb_model(model.name_or_path, t)
         except ImportError:
             print("bitsandbytes not installed: skipping it", file=sys.stderr)
+    return configs, replaced
 
-    speeds: dict[str, list[float]] = {k: [] for k in configs}
-    ppl: dict[str, float] = {}
+
+def bench(name: str, args) -> None:
+    model, tok, info = outliers.load_model(name, progress=False)
+    ids = outliers.encode_corpus(tok, outliers.load_corpus("builtin"))
+    configs, replaced = configs_of(model, ids, args)
+    head = next(n for n in replaced[HEAD] if n not in replaced[INT8])
+
+    def run(m, **kw):
+        kw = dict(window=args.window, max_windows=args.windows, batch_size=args.batch_size, progress=False) | kw
+        return outliers.perplexity(m, ids, **kw)
+
+    for m in configs.values():  # first calls load kernels and set up GEMMs: not part of any round
+        run(m, max_windows=args.batch_size)
+    speeds, seconds, res = defaultdict(list), defaultdict(list), {}
+    lin, iso, parts = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in range(args.rounds):
-        for name, m in configs.items():
-            res = outliers.perplexity(
-                m, ids, window=args.window, max_windows=args.windows, batch_size=args.batch_size, progress=False
-            )
-            speeds[name].append(res.tokens_per_s)
-            ppl[name] = res.ppl
-            print(f"round {r + 1}: {name:<24} {res.tokens_per_s:7.0f} tok/s", file=sys.stderr, flush=True)
+        for cname, m in configs.items():
+            res[cname] = run(m)
+            speeds[cname].append(res[cname].tokens_per_s)
+            seconds[cname].append(res[cname].seconds)
+            print(f"{name} round {r + 1}: {cname:<34} {res[cname].tokens_per_s:7.0f} tok/s", file=sys.stderr)
+        with timed_linears(model, replaced[HEAD]) as lt:  # the fp32 forward, its linears hook-timed
+            run(model)
+        for cname in (INT8, HEAD):
+            lin[cname].append(lt.total(replaced[cname]))
+            iso[cname].append(isolated_gemms(lt.calls(replaced[cname])))
+            with int8_parts(configs[cname]) as shares:
+                parts[cname].append(shares(run(configs[cname]).seconds))
+    quality = {}
+    states: dict = {}
+    for cname in (INT8, HEAD):
+        quality[cname] = run(configs[cname], reference=model, reference_states=states)
 
     best = {k: max(v) for k, v in speeds.items()}
+    t_fp32 = min(seconds["fp32"])
+    ceil = {k: ceiling(t_fp32, min(lin[k]), min(i for _, i in iso[k])) for k in (INT8, HEAD)}
+    ceil_iso = {k: ceiling(t_fp32, min(f for f, _ in iso[k]), min(i for _, i in iso[k])) for k in (INT8, HEAD)}
     print(
-        f"\n{info.name}, {args.windows} windows x {args.window} tokens, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds\n"
+        f"\n## {info.name} ({info.n_params / 1e6:.0f}M params), {args.windows} windows x {args.window} tokens, "
+        f"batch {args.batch_size}, best of {args.rounds} interleaved rounds\n"
     )
-    print("| config | tokens/s (best) | tokens/s (median) | x fp32 | x bitsandbytes, same t | perplexity |")
-    print("|---|---|---|---|---|---|")
-    for name in configs:
-        peer = "bitsandbytes t=6" if "t=6" in name else "bitsandbytes t=0"
-        vs_bnb = f"{best[name] / best[peer]:.2f}" if peer in best and name.startswith("ours") else ""
+    print("| config | tokens/s (best) | (median) | x fp32 | % of ceiling | x bnb t=6 | perplexity | KL | top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cname in configs:
+        ratio = best[cname] / best["fp32"]
+        own = HEAD if cname == HEAD else INT8 if cname.startswith("ours") and "after" not in cname else None
+        pct = f"{100 * ratio / ceil[own]:.0f} %" if own else ""
+        vs = f"{best[cname] / best['bitsandbytes t=6']:.2f}" if "bitsandbytes t=6" in best and cname != "fp32" else ""
+        q = quality.get(cname)
+        kl, top1 = (f"{q.kl_vs_ref:.4f}", f"{100 * q.top1_agreement:.1f} %") if q else ("", "")
         print(
-            f"| {name} | {best[name]:.0f} | {statistics.median(speeds[name]):.0f} | "
-            f"{best[name] / best['fp32']:.2f} | {vs_bnb} | {ppl[name]:.3f} |"
+            f"| {cname} | {best[cname]:.0f} | {statistics.median(speeds[cname]):.0f} | {ratio:.2f} | {pct} | {vs} "
+            f"| {res[cname].ppl:.3f} | {kl} | {top1} |"
         )
-
+    for k, what in ((INT8, "lm_head float"), (HEAD, "lm_head int8")):
+        print(f"| ceiling, {what} | {best['fp32'] * ceil[k]:.0f} | | {ceil[k]:.2f} | 100 % | | | | |")
+    for k in (INT8, HEAD):
+        f_in, (f_iso, i8) = min(lin[k]), (min(f for f, _ in iso[k]), min(i for _, i in iso[k]))
+        print(
+            f"\n{k}: quantized linears in the fp32 forward {f_in:.3f} s of {t_fp32:.3f} s "
+            f"({100 * f_in / t_fp32:.0f} %, hook-timed); the same calls timed apart: fp32 {f_iso:.3f} s, "
+            f"torch._int_mm {i8:.3f} s; ceiling {ceil[k]:.2f}x (with the isolated fp32 time: {ceil_iso[k]:.2f}x); "
+            f"llm.int8 at {100 * best[k] / best['fp32'] / ceil[k]:.0f} % of it"
+        )
+    if "bitsandbytes t=6" in best:
+        print(f"llm.int8 t=6 vs bitsandbytes t=6: {best[INT8] / best['bitsandbytes t=6']:.2f}x")
+    q0, q1 = quality[INT8], quality[HEAD]
+    print(
+        f"int8 lm_head costs {q1.delta_ppl_pct - q0.delta_ppl_pct:+.2f} points of perplexity vs fp32 "
+        f"({q0.delta_ppl_pct:+.2f} % -> {q1.delta_ppl_pct:+.2f} %), KL {q0.kl_vs_ref:.4f} -> {q1.kl_vs_ref:.4f}, "
+        f"top-1 {100 * q0.top1_agreement:.1f} % -> {100 * q1.top1_agreement:.1f} % ({head})"
+    )
+    print(f"\nwhere llm.int8's time goes (the pass with timing wrappers; median of {args.rounds}):\n")
+    print("| part | " + " | ".join(f"{k} s | share" for k in (INT8, HEAD)) + " |")
+    print("|---|---|---|---|---|")
+    for part in PARTS:
+        cells = []
+        for k in (INT8, HEAD):
+            s = statistics.median(p[0][part] for p in parts[k])
+            total = statistics.median(sum(p[0].values()) for p in parts[k])
+            cells.append(f"{s:.3f} | {100 * s / total:.0f} %")
+        print(f"| {part} | " + " | ".join(cells) + " |")
+    for note in sorted({n for k in (INT8, HEAD) for p in parts[k] for n in p[1]}):
+        print(f"note: {note}; its time is in decompose + glue")
     if "fp32 after hadamard" in best:
         print(
             f"\nonline Hadamard rotation of every quantized linear's input: fp32 after hadamard runs at "
             f"{best['fp32 after hadamard'] / best['fp32']:.2f}x fp32; llm.int8 t=6 after it at "
-            f"{best['ours llm.int8 t=6 after hadamard'] / best['ours llm.int8 t=6']:.2f}x llm.int8 t=6"
+            f"{best['ours llm.int8 t=6 after hadamard'] / best[INT8]:.2f}x llm.int8 t=6"
         )
-
     if args.profile:
         from torch.profiler import profile
 
         x = ids[: args.batch_size * args.window].view(args.batch_size, args.window)
-        m = configs["ours llm.int8 t=6"]
-        with torch.inference_mode():
-            m(x)
-            with profile() as prof:
-                m(x)
-        print("\nwhere one batch of ours llm.int8 t=6 spends its time (numba kernels show as the gap):")
+        with torch.inference_mode(), profile() as prof:
+            configs[INT8](x)
+        print(f"\nwhere one batch of {INT8} spends its time (numba kernels show as the gap):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2-135m", help="comma-separated built-ins or folders, or 'installed'")
+    p.add_argument("--max-mb", type=float, default=600, help="'installed' skips models with more packaged MB")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    p.add_argument("--profile", action="store_true", help="torch.profiler's table of one llm.int8 batch")
+    p.add_argument("--no-transforms", action="store_true", help="skip the smoothed and rotated rows")
+    args = p.parse_args(argv)
+    print("\n".join(machine_facts()))
+    for name in model_names(args.models, args.max_mb):
+        bench(name, args)
     return 0
 
 
