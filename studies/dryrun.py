@@ -1,11 +1,10 @@
 """``studies run --dry-run``: the grid, the memory each cell needs, and whether it fits the devices present.
 
-Nothing is loaded: a model's size comes from its ``config.json`` (a model
-built on the meta device, so tied weights count once, as ``load_model``
-counts them), from a built-in's GGUF header where it has not been converted
-yet, or from a hub id's cached or downloaded ``config.json``. A hub id that
-is neither cached nor reachable says "size unknown (offline)" and touches no
-network beyond the one reachability probe (``outliers.models.hub``).
+Nothing is loaded: a model's size is ``outliers.models.size.model_size``
+(safetensors headers and config.json, a GGUF header before conversion, a hub
+id's cached or downloaded config.json). A hub id that is neither cached nor
+reachable says "size unknown (offline)" and touches no network beyond the one
+reachability probe (``outliers.models.hub``).
 """
 
 from __future__ import annotations
@@ -14,28 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from outliers.errors import OutliersError
+from outliers.models.size import OFFLINE, ModelSize, model_size
+
 if TYPE_CHECKING:
     from .config import StudyConfig
 
-__all__ = ["ModelSize", "Device", "model_size", "size_from_config", "cell_memory", "devices", "dry_run"]
+__all__ = ["Device", "cell_memory", "devices", "dry_run"]
 
 GIB = 2**30
-OFFLINE = "size unknown (offline)"
 _CHUNK_LOGITS = 1 << 23  # outliers.eval.lmhead makes a perplexity's logits ~2^23 at a time
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """What the memory estimate needs of a model: parameters and the shapes activations take."""
-
-    n_params: int  # tied weights counted once
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    vocab_size: int
-    model_type: str
-    source: str  # where the numbers were read: "config.json", "GGUF header"
 
 
 @dataclass(frozen=True)
@@ -43,84 +31,6 @@ class Device:
     name: str  # "cpu", "cuda:0"
     free: int  # bytes
     total: int
-
-
-def size_from_config(config: Any, source: str = "config.json") -> ModelSize:
-    """Return the ``ModelSize`` of a transformers config, counting parameters on a model built on the meta device."""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:  # an encoder (BERT) has no causal-LM class
-            model = AutoModel.from_config(config)
-    text = config.get_text_config()
-    return ModelSize(
-        n_params=sum(p.numel() for p in model.parameters()),
-        hidden_size=int(text.hidden_size),
-        num_layers=int(text.num_hidden_layers),
-        num_heads=int(text.num_attention_heads),
-        vocab_size=int(text.vocab_size),
-        model_type=str(config.model_type),
-        source=source,
-    )
-
-
-def _gguf_size(path: Path) -> ModelSize:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-
-    def field(key: str) -> Any:
-        f = reader.fields[key]
-        return f.parts[f.data[0]]
-
-    arch = bytes(field("general.architecture")).decode()
-    return ModelSize(
-        n_params=sum(int(t.n_elements) for t in reader.tensors),
-        hidden_size=int(field(f"{arch}.embedding_length")[0]),
-        num_layers=int(field(f"{arch}.block_count")[0]),
-        num_heads=int(field(f"{arch}.attention.head_count")[0]),
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-        model_type=arch,
-        source="GGUF header",
-    )
-
-
-def model_size(spec: str, *, online: bool | None = None) -> tuple[ModelSize | None, str]:
-    """Return ``(size, "")`` for a model spec, or ``(None, why)`` when its size cannot be had without loading it.
-
-    ``online``: whether the hub may be asked for a config.json (None: probe it once, only if a hub id needs it).
-    """
-    from transformers import AutoConfig
-
-    from outliers.errors import OutliersError
-    from outliers.models.hub import hub_reachable, hub_snapshot
-    from outliers.models.source import resolve
-
-    try:
-        src = resolve(spec)
-    except OutliersError as e:
-        return None, f"size unknown ({e})"
-    folder = src.folder
-    if src.gguf is not None:
-        from outliers.fingerprint import file_sha256
-        from outliers.models.gguf import converted_dir
-
-        converted = converted_dir(src.gguf.name, src.gguf_sha256 or file_sha256(src.gguf))
-        if not (converted / "config.json").exists():
-            return _gguf_size(src.gguf), ""
-        folder = converted
-    if folder is not None:
-        return size_from_config(AutoConfig.from_pretrained(folder)), ""
-    assert src.hub_id is not None  # resolve() sets exactly one of gguf, folder, hub_id
-    snapshot = hub_snapshot(src.hub_id)
-    if snapshot is not None and (snapshot / "config.json").exists():
-        return size_from_config(AutoConfig.from_pretrained(snapshot), "cached config.json"), ""
-    if not (hub_reachable() if online is None else online):
-        return None, OFFLINE
-    return size_from_config(AutoConfig.from_pretrained(src.hub_id), "hub config.json"), ""
 
 
 def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
@@ -188,6 +98,14 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _size(model: str, online: bool | None) -> tuple[ModelSize | None, str]:
+    """``model_size``, with a spec it cannot read shown in the grid rather than raised: a dry run reports."""
+    try:
+        return model_size(model, online=online)
+    except OutliersError as e:
+        return None, f"size unknown ({e})"
+
+
 def _states(cfg: StudyConfig, out: Path | None) -> dict[str, str]:
     """Cell key -> state, from the study folder's store where it has one; empty otherwise."""
     if out is None or not (out / "results.sqlite").exists():
@@ -206,7 +124,7 @@ def dry_run(cfg: StudyConfig, out: str | Path | None = None, *, online: bool | N
     """Return the dry run's text: per model its size, per cell its state, the memory it needs and where it fits.
 
     ``out``: the study folder; where it holds results, cells are done / older / stale / failed / pending
-    as ``studies status`` says, otherwise all pending. ``online``: as for ``model_size``.
+    as ``studies status`` says, otherwise all pending. ``online``: as for ``outliers.models.size.model_size``.
     """
     from .planning import cell_key, cells
 
@@ -229,7 +147,7 @@ def dry_run(cfg: StudyConfig, out: str | Path | None = None, *, online: bool | N
     for cell in grid:
         model = cell["model"]
         if model not in sizes:
-            size, why = sizes[model] = model_size(model, online=online)
+            size, why = sizes[model] = _size(model, online)
             if online is None and (why == OFFLINE or (size and size.source == "hub config.json")):
                 online = size is not None  # the hub was probed: once is enough
             facts = (

@@ -7,10 +7,11 @@ import pytest
 
 from outliers import HubUnavailableError
 from outliers.models import hub
+from outliers.models.size import ModelSize, model_size
 from studies import dryrun
 from studies.cli import main
 from studies.config import load_config
-from studies.dryrun import Device, ModelSize, cell_memory, dry_run, model_size
+from studies.dryrun import Device, cell_memory, dry_run
 from studies.runner import run_study
 
 
@@ -80,21 +81,6 @@ def test_cell_memory_adds_what_each_cell_holds(tmp_path, text_file):
     assert need("outliers") == base + b * V * 4 + 4 * L * h * 16 * 8
 
 
-def test_model_size_counts_what_load_model_counts(model_dir):
-    size, why = model_size(str(model_dir("opt")))
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir("opt"))
-    assert why == "" and size is not None and size.model_type == "opt"
-    assert size.n_params == sum(p.numel() for p in model.parameters())
-    assert (size.hidden_size, size.num_layers, size.vocab_size) == (32, 2, 384)
-
-
-def test_an_uncached_hub_id_offline_has_no_size(offline):
-    assert model_size("org/missing") == (None, dryrun.OFFLINE)
-    assert model_size("org/missing", online=False) == (None, dryrun.OFFLINE) and len(offline) == 1
-
-
 def test_dry_run_prints_grid_states_memory_and_fit(tmp_path, model_dir, text_file, monkeypatch, offline):
     monkeypatch.setattr(dryrun, "devices", lambda: [Device("cpu", 2**40, 2**40), Device("cuda:0", 1, 2**34)])
     cfg = load_config(write_config(tmp_path, [model_dir("llama"), "org/missing"], text_file))
@@ -102,7 +88,10 @@ def test_dry_run_prints_grid_states_memory_and_fit(tmp_path, model_dir, text_fil
     text = dry_run(cfg, out)
     size, _ = model_size(str(model_dir("llama")))
     assert "tiny: 4 cells (nothing stored yet)" in text and "devices: cpu 1024.0 GiB free" in text and "cuda:0" in text
-    assert f"llama, {size.n_params:,} params, hidden 32, 2 layers, vocab 384 (from config.json)" in text
+    assert (
+        f"llama, {size.n_params:,} params, hidden 32, 2 layers, vocab 384 (from config.json + safetensors headers)"
+        in text
+    )
     assert "org/missing [" in text and "size unknown (offline)" in text
     rows = [line.split() for line in text.splitlines() if line.startswith("  perplexity")]
     assert [r[1] for r in rows] == ["fp32", "llm.int8", "fp32", "llm.int8"]
@@ -118,7 +107,10 @@ def test_dry_run_prints_grid_states_memory_and_fit(tmp_path, model_dir, text_fil
 
 def test_cli_dry_run_runs_nothing(tmp_path, model_dir, text_file, capsys, monkeypatch):
     monkeypatch.setattr(dryrun, "devices", lambda: [Device("cpu", 1, 1)])  # no room anywhere
-    path = write_config(tmp_path, [model_dir("llama")], text_file)
+    unreadable = tmp_path / "no-config"  # a folder without config.json: shown in the grid, not raised
+    unreadable.mkdir()
+    path = write_config(tmp_path, [model_dir("llama"), unreadable], text_file)
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "no device has that much free" in printed and not (tmp_path / "out").exists()
+    assert f"size unknown (could not read the config of {unreadable}" in printed

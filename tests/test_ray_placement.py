@@ -1,10 +1,8 @@
 """Ray placement: each actor's request sized from its model, and requests no node can hold refused up front."""
 
 import pytest
-from helpers import make_model
 
 from outliers.errors import InvalidArgumentError
-from outliers.models.size import float32_bytes, weight_count
 from studies.ray_backend import (
     GIB,
     MEMORY_FACTOR,
@@ -15,17 +13,6 @@ from studies.ray_backend import (
 )
 
 NODE = {"CPU": 4.0, "GPU": 0.0, "memory": 16 * GIB}
-
-
-def test_weight_count_from_headers_and_from_config(model_dir, tmp_path):
-    model = make_model("llama")
-    n = sum(p.numel() for p in model.parameters())
-    folder = model_dir("llama")
-    assert weight_count(str(folder)) == n and float32_bytes(str(folder)) == 4 * n
-    bare = tmp_path / "config-only"  # no safetensors: counted on an empty meta-device model
-    bare.mkdir()
-    (bare / "config.json").write_text((folder / "config.json").read_text())
-    assert weight_count(str(bare)) == n
 
 
 def test_request_grows_with_the_model_and_overrides_replace_it():
