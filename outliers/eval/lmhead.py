@@ -86,7 +86,7 @@ def run_for_hooks(model: nn.Module, input_ids: torch.Tensor, **kwargs):
     return model(input_ids=input_ids, **kwargs)
 
 
-def _parameters(cls: type) -> frozenset[str]:
+def _parameters(cls: type[nn.Module]) -> frozenset[str]:
     import inspect
 
     return frozenset(inspect.signature(cls.forward).parameters)
