@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outliers import InvalidArgumentError
-from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
+from outliers.quant.cpu_kernels import dequantize_inplace, dequantize_into, quantize_rows
 from outliers.quant.int8 import int8_mm_dequant, int8_vectorwise_quant, llm_int8_matmul, outlier_columns
 from outliers.quant.quantizers import int8_matmul
 
@@ -84,6 +84,20 @@ def test_fused_dequant_matches_reference():
     rs, cs, bias = torch.rand(33, generator=g), torch.rand(23, generator=g), torch.randn(23, generator=g)
     for b in (bias, None):
         torch.testing.assert_close(dequantize_into(c, rs, cs, b), int8_mm_dequant(c, rs, cs, b), rtol=1e-6, atol=0)
+
+
+def test_inplace_dequant_is_bit_identical_to_out_of_place():
+    g = torch.Generator().manual_seed(5)
+    c = torch.randint(-(2**24), 2**24, (64, 1536), dtype=torch.int32, generator=g)
+    rs, cs, bias = torch.rand(64, generator=g) * 9, torch.rand(1536, generator=g), torch.randn(1536, generator=g)
+    for b in (bias, None):
+        want = dequantize_into(c, rs, cs, b)
+        work = c.clone()
+        got = dequantize_inplace(work, rs, cs, b)
+        assert got.data_ptr() == work.data_ptr() and got.dtype == torch.float32
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        dequantize_inplace(c.t(), rs, cs, None)
 
 
 def test_mm_dequant_equals_bitsandbytes():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["quantize_rows", "dequantize_into"]
+__all__ = ["quantize_rows", "dequantize_into", "dequantize_inplace"]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
@@ -56,6 +56,20 @@ def _dequantize_into(c, row_stats, col_stats, bias, has_bias, out):  # pragma: n
             out[i, j] = v + bias[j] if has_bias else v
 
 
+@njit(parallel=True, cache=True, boundscheck=False)
+def _dequantize_inplace(c, row_stats, col_stats, bias, has_bias):  # pragma: no cover - compiled
+    # the same arithmetic as _dequantize_into, written over the int32 product it reads: one view of one
+    # buffer (no second array LLVM must check for overlap), and no fresh output whose pages fault in
+    out = c.view(np.float32)
+    rows, n = c.shape
+    inv = np.float32(1.0 / (127.0 * 127.0))
+    for i in prange(rows):
+        r = row_stats[i] * inv
+        for j in range(n):
+            v = np.float32(c[i, j]) * r * col_stats[j]
+            out[i, j] = v + bias[j] if has_bias else v
+
+
 def quantize_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(codes, row_stats, outlier_cols)`` for a contiguous float32 CPU ``x``, in one pass."""
     rows, cols = x.shape
@@ -77,3 +91,17 @@ def dequantize_into(
     b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias
     _dequantize_into(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None, out.numpy())
     return out
+
+
+def dequantize_inplace(
+    c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``dequantize_into`` written over ``c`` itself: returns a float32 view of ``c``'s memory, bit-identical.
+
+    ``c`` (contiguous int32 on the CPU, e.g. fresh from ``int8_matmul``) is consumed: its values are gone.
+    """
+    if c.dtype != torch.int32 or not c.is_contiguous() or c.device.type != "cpu":
+        raise ValueError(f"dequantize_inplace needs a contiguous int32 CPU tensor, got {c.dtype} on {c.device}")
+    b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias
+    _dequantize_inplace(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None)
+    return c.view(torch.float32)

@@ -232,11 +232,11 @@ class Int8Linear(nn.Module):
                 self._check_finite(stats, x, cols)
                 return out  # the kernel's epilogue already added the outlier product
             if x.device.type == "cpu" and x.dtype == torch.float32:
-                from outliers.quant.cpu_kernels import dequantize_into, quantize_rows
+                from outliers.quant.cpu_kernels import dequantize_inplace, quantize_rows
 
                 codes, stats, cols = quantize_rows(xq, t)
                 self._check_finite(stats, x, cols)
-                out = dequantize_into(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
+                out = dequantize_inplace(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
             else:
                 codes, stats, cols = int8_vectorwise_quant(xq, t)
                 cols = empty if cols is None else cols
