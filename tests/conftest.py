@@ -29,6 +29,19 @@ if not torch.cuda.is_available():
 from helpers import ARCHS, make_model  # noqa: E402  (the fixtures below build on them)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run the tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     if not os.environ.get("OUTLIERS_CACHE"):
