@@ -89,11 +89,11 @@ def _placement(auto: Any, config: Any, dtype: torch.dtype, device_map, max_memor
     Planning here, not in transformers, gives one set of errors for both ways
     of dispatching, and refuses float16 compute on a CPU-only map as ``device`` does.
     """
-    from accelerate import init_empty_weights
-
     from outliers.models.dispatch import plan_device_map
 
-    with init_empty_weights():
+    # torch's meta device, not accelerate's init_empty_weights: with transformers 5 the latter leaves GPT-2's
+    # and OPT's tied lm_head untied, and the plan would count it twice
+    with torch.device("meta"):
         skeleton = auto.from_config(config, dtype=dtype)
     plan = plan_device_map(skeleton, device_map, max_memory=max_memory, dtype=dtype)
     if dtype == torch.float16 and set(plan.values()) <= {"cpu", "disk"}:
