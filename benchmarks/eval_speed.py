@@ -166,9 +166,9 @@ def bench(name: str, args) -> None:
         print(f"llm.int8 t=6 vs bitsandbytes t=6: {best[INT8] / best['bitsandbytes t=6']:.2f}x")
     q0, q1 = quality[INT8], quality[HEAD]
     print(
-        f"int8 lm_head costs {q1.delta_ppl_pct - q0.delta_ppl_pct:+.2f} points of perplexity vs fp32 "
-        f"({q0.delta_ppl_pct:+.2f} % -> {q1.delta_ppl_pct:+.2f} %), KL {q0.kl_vs_ref:.4f} -> {q1.kl_vs_ref:.4f}, "
-        f"top-1 {100 * q0.top1_agreement:.1f} % -> {100 * q1.top1_agreement:.1f} % ({head})"
+        f"int8 {head}: perplexity vs fp32 {q0.delta_ppl_pct:+.2f} % -> {q1.delta_ppl_pct:+.2f} % "
+        f"({q1.delta_ppl_pct - q0.delta_ppl_pct:+.2f} percentage points), KL {q0.kl_vs_ref:.4f} -> {q1.kl_vs_ref:.4f}, "
+        f"top-1 {100 * q0.top1_agreement:.1f} % -> {100 * q1.top1_agreement:.1f} %"
     )
     print(f"\nwhere llm.int8's time goes (the pass with timing wrappers; median of {args.rounds}):\n")
     print("| part | " + " | ".join(f"{k} s | share" for k in (INT8, HEAD)) + " |")

@@ -180,7 +180,11 @@ PARTS = ("lm_head", "attention", "int8 GEMM", "quantize", "decompose + glue", "d
 _WRAPPED = {
     "int8 GEMM": (("outliers.quant.linear", "int8_matmul"),),
     "quantize": (("outliers.quant.cpu_kernels", "quantize_rows"), ("outliers.quant.linear", "quantize_rows")),
-    "dequantize": (("outliers.quant.cpu_kernels", "dequantize_into"), ("outliers.quant.linear", "dequantize_into")),
+    "dequantize": tuple(
+        (module, name)
+        for module in ("outliers.quant.cpu_kernels", "outliers.quant.linear")
+        for name in ("dequantize_into", "dequantize_inplace")  # into a fresh buffer, or over the int32 product
+    ),
 }
 
 
@@ -276,7 +280,7 @@ def int8_parts(model: nn.Module) -> Iterator[Callable[[float], tuple[dict[str, f
                 "dequantize": s["dequantize"],
             }
             out["rest"] = total - sum(out.values())
-            notes = [f"{p} ({', '.join(a for _, a in _WRAPPED[p])}) was never called" for p in _WRAPPED]
+            notes = [f"{p} ({', '.join(sorted({a for _, a in _WRAPPED[p]}))}) was never called" for p in _WRAPPED]
             return out, [n for n, p in zip(notes, _WRAPPED, strict=True) if not state.calls[p]]
 
         yield shares
