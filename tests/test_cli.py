@@ -487,3 +487,14 @@ def test_eval_quantize_lm_head_and_set_up_apart(tmp_path, tokenizer, text_file, 
     assert "lm_head quantized" in capsys.readouterr().out
     assert main([*args, "--max-windows", "2", "--quiet"]) == 0  # one batch of four: no steady state to report
     assert "one batch: includes its warm-up" in capsys.readouterr().out
+
+
+def test_eval_names_a_bf16_baseline_bf16(model_dir, text_file, capsys):
+    folder = str(model_dir("llama"))
+    common = ["eval", "--model", folder, "--corpus", str(text_file), "--window", "32", "--max-windows", "2"]
+    assert main([*common, "--dtype", "bfloat16", "--quiet"]) == 0
+    single = capsys.readouterr().out
+    assert "bf16" in single and "fp32" not in single
+    assert main([*common, "--dtype", "bfloat16", "--method", "fp32,llm.int8", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| bfloat16" in table and "vs bf16" in table and "32-bit float" not in table

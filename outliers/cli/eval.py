@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         result.extra.update(applied)
         result.extra.update(setup)
         results.append(result)
-        labels.append(_label(m, transform))
+        labels.append(_label(m, transform, result.dtype))
         del target, source
     r0 = results[0]
     head = [
@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if len(results) == 1:
         m, transform = rows[0]
-        print_table(head + _result_rows(r0, m + (f" after {transform.label}" if transform else "")))
+        name = r0.dtype if m == "fp32" else m  # the unquantized model as loaded: bf16 is not fp32
+        print_table(head + _result_rows(r0, name + (f" after {transform.label}" if transform else "")))
     else:
         print_table(head)
         print(_method_table(results, labels, args.model, args.threshold, head_quantized=skip is not None))
@@ -243,13 +244,18 @@ def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:
     return rows
 
 
-def _label(method: str, transform: Any) -> str:
-    """A row's name: the method's label and the transform before it (``smooth 0.5 + hadamard``)."""
+_FLOAT_LABELS = {"bf16": "bfloat16", "fp16": "16-bit float"}  # the unquantized row of a model loaded so
+
+
+def _label(method: str, transform: Any, dtype: str = "fp32") -> str:
+    """A row's name: the method's label and the transform before it (``smooth 0.5 + hadamard``); the
+    unquantized row names the dtype the model was loaded in."""
     from outliers.quant.methods import label
 
     if method == "absmax-vector" and transform.smooth is not None and not transform.rotate:
         return f"SmoothQuant (smooth {transform.smooth:g}, absmax vector-wise)"
-    return label(method) + (f" after {transform.label}" if transform else "")
+    base = _FLOAT_LABELS.get(dtype, label(method)) if method == "fp32" else label(method)
+    return base + (f" after {transform.label}" if transform else "")
 
 
 def _calibratable(rows: list, ids: Any, window: int, reserved: int, *, optional: bool) -> list:
@@ -347,7 +353,8 @@ def _method_table(
         first = f"{r.warmup_seconds:.2f}" if r.warmup_seconds is not None else ""
         setup = r.extra.get("quantize_seconds", 0.0) + r.extra.get("transform_seconds", 0.0)
         rows.append((name, f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{speed:.0f}", first, f"{setup:.2f}"))
-    head = ("method", model, "vs fp32 (95 % CI)", "KL", "top-1", "tokens/s", "first batch s", "set-up s")
+    base = results[0].dtype  # the unquantized model as loaded: fp32, or bf16
+    head = ("method", model, f"vs {base} (95 % CI)", "KL", "top-1", "tokens/s", "first batch s", "set-up s")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     lines = ["", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
@@ -356,7 +363,7 @@ def _method_table(
     lines.append(
         f"\nDecomposition threshold {threshold}; lm_head {'quantized' if head_quantized else 'kept in float'}; "
         f"{r0.protocol} windows of {r0.window}; intervals over {r0.n_windows} windows, paired "
-        "against fp32 on the same windows; KL(P_fp32 || P_method) in nats/token. tokens/s: steady state "
+        f"against {base} on the same windows; KL(P_{base} || P_method) in nats/token. tokens/s: steady state "
         f"({steady}); set-up s: transform and quantization; model load {r0.extra.get('load_seconds', 0.0):.2f} s."
     )
     return "\n".join(lines)
