@@ -1,20 +1,22 @@
-"""A fused CPU kernel (Numba) for the capture hooks' statistics: one pass over a point's input.
+"""A fused CPU kernel (Numba) for the capture hooks' statistics: each row of a point's input read while in cache.
 
 Eager PyTorch takes a pass over each hooked tensor per statistic (per-dim
 maxima, counts, sums, the scale-relative counts, the histogram;
-``outliers.analysis.stats``); this kernel takes one. Per-thread partial sums
-are merged in torch afterwards, into a typed ``stats.BatchStats``.
+``outliers.analysis.torch_stats``); this kernel reads each row from memory once
+and adds into the scan's accumulators directly (``accumulate_point``), so an
+update costs no per-statistic torch ops. ``point_stats`` returns the same sums
+as a ``BatchStats``, the shape the torch path returns, for comparing the two.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 from outliers.analysis.fields import BatchStats
 
-__all__ = ["point_stats"]
+__all__ = ["point_stats", "accumulate_point"]
 
 
 @njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
@@ -49,16 +51,38 @@ def _row_moments(row, mu, all_finite, out):  # pragma: no cover - compiled
     out[4] = m4
 
 
-@njit(parallel=True, cache=True, boundscheck=False)
-def _point_stats(
+@njit(cache=True, boundscheck=False, fastmath={"reassoc"})
+def _row_sums(row, bits):  # pragma: no cover - compiled
+    """A row's sum and sum of squares (float64) and the bit pattern of its largest |x| (an int max: it vectorizes).
+
+    Reassociation lets the float sums vectorize; it moves them by float64 rounding only. A NaN or inf
+    shows as a pattern >= 0x7F800000, so the caller knows whether every value was finite.
+    """
+    s1 = 0.0
+    ss = 0.0
+    m = 0
+    for d in range(row.shape[0]):
+        v = np.float64(row[d])
+        s1 += v
+        ss += v * v
+        m = max(m, bits[d] & 0x7FFFFFFF)
+    return s1, ss, m
+
+
+@njit(cache=True, boundscheck=False)
+def _rows(
     x,
+    bits,
+    lo,
+    hi,
+    c,
     t,
     k_rel,
     hist_scale,
-    n_chunks,
     absmax,
     count,
     pos,
+    neg,
     sum_out,
     sum_,
     sumsq,
@@ -72,25 +96,74 @@ def _point_stats(
     moments,
     row_moments,
 ):  # pragma: no cover - compiled
-    rows, dims = x.shape
-    n_bins = hist.shape[1]
-    per = (rows + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        for i in range(c * per, min(rows, (c + 1) * per)):
+    """Rows ``lo:hi`` of ``x`` into accumulator row ``c``.
+
+    A row of finite values (nearly all) takes branch-free loops that vectorize: the row sums, then the
+    per-dim maxima and sums with each value's histogram bin, then the histogram; the branchy loop for
+    ``|x| >= t`` and ``>= k * rms`` runs only on rows whose largest |x| reaches one of them. A row with
+    a NaN or inf takes one branchy loop that leaves those out.
+    """
+    dims = x.shape[1]
+    last = np.float32(hist.shape[1] - 1)
+    bins = np.empty(dims, dtype=np.int32)
+    sub = np.zeros((4, hist.shape[1]), dtype=np.int64)
+    for i in range(lo, hi):
+        row = x[i]
+        s1, ss, m = _row_sums(row, bits[i])
+        n_ok = dims
+        if m < 0x7F800000:  # every value finite
+            for d in range(dims):
+                v = row[d]
+                a = abs(v)
+                absmax[c, d] = max(absmax[c, d], a)
+                sum_[c, d] += v
+                sumsq[c, d] += v * v  # squared in float32, as the torch path
+                bins[d] = np.int32(min(a * hist_scale, last))  # clamped before the cast: no overflow
+            # four histograms in turn: runs of values in one bin (most are small) do not wait on each other
+            for d in range(0, dims - 3, 4):
+                sub[0, bins[d]] += 1
+                sub[1, bins[d + 1]] += 1
+                sub[2, bins[d + 2]] += 1
+                sub[3, bins[d + 3]] += 1
+            for d in range(dims - dims % 4, dims):
+                sub[0, bins[d]] += 1
+            best_d = 0
+            for d in range(dims):
+                if bits[i, d] & 0x7FFFFFFF == m:  # the first dim holding the largest |x|
+                    best_d = d
+                    break
+            best = abs(row[best_d])
+            rel_t = k_rel * np.sqrt(ss / dims)
+            if best >= t or best >= rel_t:
+                for d in range(dims):
+                    v = row[d]
+                    a = abs(v)
+                    if a >= t:
+                        count[c, d] += 1
+                        if v > 0:
+                            pos[c, d] += 1
+                        else:
+                            neg[c, d] += 1
+                        sum_out[c, d] += v
+                        union[i, d] = 1
+                    if a >= rel_t:
+                        rel_count[c, d] += 1
+                        rel_union[i, d] = 1
+        else:
             s1 = 0.0
             ss = 0.0
             n_ok = 0
             for d in range(dims):
-                v = x[i, d]
+                v = row[d]
                 if np.isfinite(v):
                     s1 += v
-                    ss += v * v
+                    ss += np.float64(v) * np.float64(v)
                     n_ok += 1
             rel_t = k_rel * np.sqrt(ss / dims) if n_ok else np.inf
             best = np.float32(0.0)
             best_d = 0
             for d in range(dims):
-                v = x[i, d]
+                v = row[d]
                 if not np.isfinite(v):
                     nonfinite[c] += 1
                     continue
@@ -103,21 +176,43 @@ def _point_stats(
                     count[c, d] += 1
                     if v > 0:
                         pos[c, d] += 1
+                    else:
+                        neg[c, d] += 1
                     sum_out[c, d] += v
                     union[i, d] = 1
                 if a >= rel_t:
                     rel_count[c, d] += 1
                     rel_union[i, d] = 1
-                b = int(a * hist_scale)
-                hist[c, b if b < n_bins else n_bins - 1] += 1
+                hist[c, np.int32(min(a * hist_scale, last))] += 1
                 if a > best:
                     best = a
                     best_d = d
-            row_max[i] = best
-            row_arg[i] = best_d
-            if moments and n_ok:
-                _row_moments(x[i], s1 / n_ok, n_ok == dims, row_moments[i])
-                row_moments[i, 0] = n_ok
+        row_max[i] = best
+        row_arg[i] = best_d
+        if moments and n_ok:
+            _row_moments(row, s1 / n_ok, n_ok == dims, row_moments[i])
+            row_moments[i, 0] = n_ok
+    for b in range(hist.shape[1]):
+        hist[c, b] += sub[0, b] + sub[1, b] + sub[2, b] + sub[3, b]
+
+
+# the per-dim accumulators accumulate_point adds into (Stat names and dtypes, as OutlierStats keeps them)
+_ACC = {
+    "absmax": torch.float32,
+    "count": torch.int64,
+    "pos": torch.int64,
+    "neg": torch.int64,
+    "sum_out": torch.float64,
+    "sum": torch.float64,
+    "sumsq": torch.float64,
+    "rel_count": torch.int64,
+}
+
+
+def _views(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` as float32 values and as their int32 bit patterns (the kernel's integer |x| maximum)."""
+    v = x.numpy()
+    return v, v.view(np.int32)
 
 
 def point_stats(
@@ -130,38 +225,82 @@ def point_stats(
     rel_union: torch.Tensor,
     moments: bool = False,
 ) -> BatchStats:
-    """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``, in one pass.
+    """Return one point's per-dim sums for a contiguous float32 CPU ``x (tokens, dims)``: ``accumulate_point``
+    into fresh accumulators, in ``BatchStats``' shape (the torch path's, ``torch_stats.point_stats_torch``).
 
     ``union``/``rel_union`` (uint8, tokens x dims) get 1 where ``|x| >= t`` /
     ``>= k * rms``; ``row_max``/``row_arg`` are each token's largest ``|x|`` and its dim.
-    With ``moments``, ``row_moments`` holds each row's centred moment sums
-    (one more pass over the row while it is in cache).
+    With ``moments``, ``row_moments`` holds each row's centred moment sums.
+    """
+    dims = x.shape[1]
+    acc = {k: torch.zeros(dims, dtype=dt) for k, dt in _ACC.items()}
+    hist = torch.zeros(n_bins, dtype=torch.int64)
+    nonfinite, row_max, row_arg, row_moments = accumulate_point(
+        x, threshold, relative_k, hist_scale, acc, hist, union, rel_union, moments
+    )
+    return BatchStats(
+        absmax=acc["absmax"],
+        count=acc["count"],
+        pos=acc["pos"],
+        sum_out=acc["sum_out"],
+        sum=acc["sum"],
+        sumsq=acc["sumsq"],
+        rel_count=acc["rel_count"],
+        hist=hist,
+        nonfinite=torch.tensor(nonfinite),
+        row_max=row_max,
+        row_arg=row_arg,
+        row_moments=row_moments,
+    )
+
+
+def accumulate_point(
+    x: torch.Tensor,
+    threshold: float,
+    relative_k: float,
+    hist_scale: float,
+    acc: dict[str, torch.Tensor],
+    hist: torch.Tensor,
+    union: torch.Tensor,
+    rel_union: torch.Tensor,
+    moments: bool = False,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Add one point's sums for a contiguous float32 CPU ``x (tokens, dims)`` into its accumulators, in place.
+
+    ``acc`` maps ``Stat`` names (``absmax``, ``count``, ``pos``, ``neg``, ``sum_out``, ``sum``,
+    ``sumsq``, ``rel_count``) to the point's contiguous CPU tensors of ``dims`` values; ``hist`` is
+    its space's histogram. Returns the count of NaN/inf values, ``row_max``, ``row_arg`` and
+    ``row_moments``. Runs on the calling thread: Numba's thread pool beside torch's, woken for every
+    hooked layer, cost more in hand-offs on 2 cores than the second thread saved
+    (``benchmarks/hooks_overhead.py``), and one thread adds into the accumulators directly, with no
+    per-thread partials to merge in torch.
     """
     rows, dims = x.shape
-    chunks = max(1, min(torch.get_num_threads(), rows))
-    z = lambda dt: torch.zeros((chunks, dims), dtype=dt)  # noqa: E731
-    absmax, count, pos, rel_count = z(torch.float32), z(torch.int64), z(torch.int64), z(torch.int64)
-    sum_out, sum_, sumsq = z(torch.float64), z(torch.float64), z(torch.float64)
-    hist = torch.zeros((chunks, n_bins), dtype=torch.int64)
-    nonfinite = torch.zeros(chunks, dtype=torch.int64)
+    one = lambda t: t.numpy().reshape(1, -1)  # noqa: E731  # the kernel's (chunk, dims) layout, one chunk
+    nonfinite = np.zeros(1, dtype=np.int64)
     row_max = torch.empty(rows, dtype=torch.float32)
     row_arg = torch.empty(rows, dtype=torch.int64)
     row_moments = torch.zeros((rows if moments else 0, 5), dtype=torch.float64)
-    _point_stats(
-        x.numpy(),
+    xv, bits = _views(x)
+    _rows(
+        xv,
+        bits,
+        0,
+        rows,
+        0,
         np.float32(threshold),
         np.float64(relative_k),
         np.float32(hist_scale),
-        chunks,
-        absmax.numpy(),
-        count.numpy(),
-        pos.numpy(),
-        sum_out.numpy(),
-        sum_.numpy(),
-        sumsq.numpy(),
-        rel_count.numpy(),
-        hist.numpy(),
-        nonfinite.numpy(),
+        one(acc["absmax"]),
+        one(acc["count"]),
+        one(acc["pos"]),
+        one(acc["neg"]),
+        one(acc["sum_out"]),
+        one(acc["sum"]),
+        one(acc["sumsq"]),
+        one(acc["rel_count"]),
+        one(hist),
+        nonfinite,
         union.numpy(),
         rel_union.numpy(),
         row_max.numpy(),
@@ -169,18 +308,4 @@ def point_stats(
         moments,
         row_moments.numpy(),
     )
-    # per-thread partials: the maximum of the maxima, the sum of the rest
-    return BatchStats(
-        absmax=absmax.amax(0),
-        count=count.sum(0),
-        pos=pos.sum(0),
-        sum_out=sum_out.sum(0),
-        sum=sum_.sum(0),
-        sumsq=sumsq.sum(0),
-        rel_count=rel_count.sum(0),
-        hist=hist.sum(0),
-        nonfinite=nonfinite.sum(),
-        row_max=row_max,
-        row_arg=row_arg,
-        row_moments=row_moments if moments else None,
-    )
+    return int(nonfinite[0]), row_max, row_arg, row_moments if moments else None

@@ -189,15 +189,19 @@ class OutlierStats:
                 union[key] = torch.zeros((rows, dims), dtype=torch.uint8, device=x.device)
             elif union[key].device != x.device:  # this pass's earlier points ran on another device
                 union[key] = union[key].to(x.device)
-        if x.device.type == "cpu":
-            from outliers.analysis.cpu_kernels import point_stats
+        T, key, at = self.tensors, point.name + "/", lambda k: self._at(k, x.device)
+        hist = at(f"{point.space}/{SpaceStat.HIST}")
+        if x.device.type == "cpu":  # one kernel call adds into the accumulators: no torch op per statistic
+            from outliers.analysis.cpu_kernels import accumulate_point
 
-            r = point_stats(
+            acc = {s.value: at(key + s) for s in Stat if s is not Stat.MASSIVE}
+            nonfinite, row_max, row_arg, row_moments = accumulate_point(
                 x.contiguous(),
                 self.threshold,
                 self.relative_k,
                 1 / HIST_WIDTH,
-                HIST_BINS,
+                acc,
+                hist,
                 union[point.space],
                 union[point.space + ":rel"],
                 self.moments,
@@ -206,35 +210,35 @@ class OutlierStats:
             r = point_stats_torch(
                 x, self.threshold, self.relative_k, union[point.space], union[point.space + ":rel"], self.moments
             )
-        T, key, at = self.tensors, point.name + "/", lambda k: self._at(k, x.device)
-        T[key + Stat.ABSMAX] = torch.maximum(at(key + Stat.ABSMAX), r.absmax)
-        for stat, v in (
-            (Stat.COUNT, r.count),
-            (Stat.SUM_OUT, r.sum_out),
-            (Stat.SUM, r.sum),
-            (Stat.SUMSQ, r.sumsq),
-            (Stat.REL_COUNT, r.rel_count),
-            (Stat.POS, r.pos),
-            (Stat.NEG, r.count - r.pos),
-        ):
-            at(key + stat).add_(v)
-        at(f"{point.space}/{SpaceStat.HIST}").add_(r.hist)
-        self.nonfinite[point.name] += int(r.nonfinite)
+            T[key + Stat.ABSMAX] = torch.maximum(at(key + Stat.ABSMAX), r.absmax)
+            for stat, v in (
+                (Stat.COUNT, r.count),
+                (Stat.SUM_OUT, r.sum_out),
+                (Stat.SUM, r.sum),
+                (Stat.SUMSQ, r.sumsq),
+                (Stat.REL_COUNT, r.rel_count),
+                (Stat.POS, r.pos),
+                (Stat.NEG, r.count - r.pos),
+            ):
+                at(key + stat).add_(v)
+            hist.add_(r.hist)
+            nonfinite, row_max, row_arg, row_moments = int(r.nonfinite), r.row_max, r.row_arg, r.row_moments
+        self.nonfinite[point.name] += nonfinite
         self.tokens[point.name] += rows
-        if point.kind == "residual" and bool((r.row_max > 100).any()):
+        if point.kind == "residual" and bool((row_max > 100).any()):
             # Sun et al.: > 100 and > 1000x the median magnitude of the hidden state
             # (this forward's whole tensor at this point). The median comes from an
             # evenly strided sample of ~8k values: a full sort per point would cost
             # more than the forward pass itself.
             flat = x.reshape(-1)
             med = flat[:: max(1, flat.numel() // 8192)].abs().nan_to_num(0.0, 0.0, 0.0).median()
-            cand = torch.nonzero(r.row_max > 100).view(-1)  # only these rows can hold one
+            cand = torch.nonzero(row_max > 100).view(-1)  # only these rows can hold one
             a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
             at(key + Stat.MASSIVE).add_(((a > 100) & (a > 1000 * med)).sum(0))
         if self.top_k and seq_ids is not None and rows:
-            self._update_top(r.row_max, r.row_arg, x, point_index, seq_ids, positions, token_ids)
-        if r.row_moments is not None and rows:
-            self._update_moments(key, r.row_moments, r.row_max, seq_ids)
+            self._update_top(row_max, row_arg, x, point_index, seq_ids, positions, token_ids)
+        if row_moments is not None and rows:
+            self._update_moments(key, row_moments, row_max, seq_ids)
 
     def _update_moments(self, key: str, m: torch.Tensor, row_max: torch.Tensor, seq_ids: torch.Tensor | None) -> None:
         for stat, v in moment_sums(m, row_max, seq_ids).items():
