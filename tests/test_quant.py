@@ -78,3 +78,24 @@ def test_zeropoint_matmul_equals_dequantized_float_matmul(x_dim, w_dim):
     ref = dequantize_zeropoint(qx, sx, zx, x_dim).double() @ dequantize_zeropoint(qw, sw, zw, w_dim).double().t()
     got = zeropoint_matmul_dequant(qx, sx, zx, qw, sw, zw)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["llm.int8", "absmax-vector"])
+def test_from_linear_weight_codes_are_the_reference_quantizers(method):
+    """The CPU float32 path quantizes weights with the fused kernel: codes and scales must be bit-identical."""
+    from transformers.pytorch_utils import Conv1D
+
+    from outliers.quant.int8 import int8_vectorwise_quant
+    from outliers.quant.linear import Int8Linear
+
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(37, 19)
+    conv = Conv1D(19, 37)  # GPT-2's layout: weight (in, out), quantized per output channel all the same
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(19, 37, generator=g) * 3)
+        lin.weight[4, 5] = 40.0
+        conv.weight.copy_(lin.weight.T)
+    for module in (lin, conv):
+        q = Int8Linear.from_linear(module, method)
+        codes, stats, _ = int8_vectorwise_quant(lin.weight.detach(), 0.0)
+        assert torch.equal(q.weight_q, codes) and torch.equal(q.weight_scale, stats.reshape(-1))
