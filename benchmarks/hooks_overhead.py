@@ -13,10 +13,14 @@ import argparse
 import sys
 import time
 
-import torch
+from outliers.threads import configure_threads
 
-import outliers
-from outliers.analysis.hooks import capture
+configure_threads()  # before torch loads, as `outliers scan` does: idle OpenMP threads sleep (outliers.threads)
+
+import torch  # noqa: E402
+
+import outliers  # noqa: E402
+from outliers.analysis.hooks import capture  # noqa: E402
 
 
 def main(argv=None) -> int:
