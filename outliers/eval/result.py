@@ -55,7 +55,8 @@ class PerplexityResult:
     window_tokens: list[int]
     ref_dtype: str | None = None
     ref_ppl: float | None = None
-    ref_seconds: float | None = None  # the reference's share of this call (its head only when its states were reused)
+    # the reference's share of this call: its forward (unless its states were reused), head, and the KL / top-1 sums
+    ref_seconds: float | None = None
     delta_ppl_pct: float | None = None  # 100 (ppl / ref_ppl - 1)
     delta_ppl_pct_ci95: tuple[float, float] | None = None
     kl_vs_ref: float | None = None  # mean KL(P_ref || P_model) in nats per scored token
