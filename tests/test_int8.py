@@ -120,3 +120,20 @@ def test_negative_threshold():
         int8_vectorwise_quant(torch.randn(3, 4), -1.0)
     with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
         outlier_columns(torch.randn(3, 4), float("nan"))
+
+
+def test_inplace_dequant_adds_the_outlier_product_in_the_same_pass():
+    g = torch.Generator().manual_seed(6)
+    c = torch.randint(-(2**20), 2**20, (48, 96), dtype=torch.int32, generator=g)
+    rs, cs, bias = torch.rand(48, generator=g) * 9, torch.rand(96, generator=g), torch.randn(96, generator=g)
+    for k in (1, 3):
+        xo, wo = torch.randn(48, k, generator=g) * 40, torch.randn(k, 96, generator=g) * 0.1
+        want = dequantize_into(c, rs, cs, bias).addmm_(xo, wo)  # the two-pass arithmetic it replaces
+        got = dequantize_inplace(c.clone(), rs, cs, bias, (xo, wo))
+        # each product rounded to float32 and added in column order, where addmm_ may fuse or pre-sum them
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+    assert torch.equal(
+        dequantize_inplace(c.clone(), rs, cs, bias, (xo[:, :0], wo[:0])), dequantize_into(c, rs, cs, bias)
+    )
+    with pytest.raises(ValueError, match="do not fit"):
+        dequantize_inplace(c.clone(), rs, cs, bias, (xo, wo[:, :5]))

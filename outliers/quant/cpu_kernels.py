@@ -70,6 +70,25 @@ def _dequantize_inplace(c, row_stats, col_stats, bias, has_bias):  # pragma: no 
             out[i, j] = v + bias[j] if has_bias else v
 
 
+@njit(parallel=True, cache=True, boundscheck=False)
+def _dequantize_inplace_outliers(c, row_stats, col_stats, bias, has_bias, xo, wo):  # pragma: no cover - compiled
+    # _dequantize_inplace, then the float outlier product added to each row while it is in cache: a separate
+    # rank-k addmm would read and write the whole output once more for k (1-3) columns
+    out = c.view(np.float32)
+    rows, n = c.shape
+    k = xo.shape[1]
+    inv = np.float32(1.0 / (127.0 * 127.0))
+    for i in prange(rows):
+        r = row_stats[i] * inv
+        for j in range(n):
+            v = np.float32(c[i, j]) * r * col_stats[j]
+            out[i, j] = v + bias[j] if has_bias else v
+        for q in range(k):
+            a = xo[i, q]
+            for j in range(n):
+                out[i, j] += a * wo[q, j]
+
+
 def quantize_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(codes, row_stats, outlier_cols)`` for a contiguous float32 CPU ``x``, in one pass."""
     rows, cols = x.shape
@@ -94,14 +113,29 @@ def dequantize_into(
 
 
 def dequantize_inplace(
-    c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, bias: torch.Tensor | None
+    c: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
+    bias: torch.Tensor | None,
+    outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``dequantize_into`` written over ``c`` itself: returns a float32 view of ``c``'s memory, bit-identical.
 
     ``c`` (contiguous int32 on the CPU, e.g. fresh from ``int8_matmul``) is consumed: its values are gone.
+    ``outliers=(xo, wo)``, float32 ``(rows, k)`` and ``(k, n)``, adds LLM.int8()'s float outlier product
+    ``xo @ wo`` row by row in the same pass: each product is rounded to float32 and added to the output in
+    column order, where a BLAS ``addmm_`` may fuse the multiply-add or sum the k products first, so the
+    result can differ from dequantize-then-``addmm_`` in the last bit (``tests/test_int8.py`` bounds it).
     """
     if c.dtype != torch.int32 or not c.is_contiguous() or c.device.type != "cpu":
         raise ValueError(f"dequantize_inplace needs a contiguous int32 CPU tensor, got {c.dtype} on {c.device}")
     b = bias if bias is not None else col_stats  # any float32 (n,) array; unused without bias
-    _dequantize_inplace(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None)
+    if outliers is None or outliers[0].shape[1] == 0:
+        _dequantize_inplace(c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None)
+    else:
+        xo, wo = (t.float().contiguous() for t in outliers)
+        if xo.shape != (c.shape[0], wo.shape[0]) or wo.shape[1] != c.shape[1]:
+            raise ValueError(f"outlier operands {tuple(xo.shape)} and {tuple(wo.shape)} do not fit {tuple(c.shape)}")
+        args = (c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None)
+        _dequantize_inplace_outliers(*args, xo.numpy(), wo.numpy())
     return c.view(torch.float32)

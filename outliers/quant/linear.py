@@ -242,7 +242,12 @@ class Int8Linear(nn.Module):
 
                 codes, stats, cols = quantize_rows(xq, t)
                 self._check_finite(stats, x, cols)
-                out = dequantize_inplace(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
+                outliers = None
+                if cols.numel():  # the float outlier product joins the dequantization pass (no addmm_ below)
+                    w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
+                    outliers = (x[:, cols], w_cols.t())
+                c = int8_matmul(codes, self.weight_q)
+                return dequantize_inplace(c, stats, self.weight_scale, bias, outliers)
             else:
                 codes, stats, cols = int8_vectorwise_quant(xq, t)
                 cols = empty if cols is None else cols
