@@ -151,6 +151,31 @@ def test_fused_cpu_stats_equal_the_torch_path(rows, dims, seed, t, with_nan):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [512, 1501])
+def test_fused_cpu_stats_split_over_threads_equal_the_torch_path(rows):
+    """From PARALLEL_ROWS rows the kernel splits rows over threads and merges per-chunk partials."""
+    from outliers.analysis.cpu_kernels import PARALLEL_ROWS
+
+    assert rows >= PARALLEL_ROWS
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 67, generator=g) * 3
+    x[rows - 1, 3], x[7, 60] = float("nan"), float("-inf")  # one in each chunk
+    u1, r1 = torch.zeros(rows, 67, dtype=torch.uint8), torch.zeros(rows, 67, dtype=torch.uint8)
+    u2, r2 = u1.clone(), r1.clone()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = point_stats(x, 6.0, 2.0, 2.0, 256, u1, r1, moments=True)
+    finally:
+        torch.set_num_threads(threads)
+    ref = point_stats_torch(x, 6.0, 2.0, u2, r2, moments=True)
+    assert torch.equal(u1, u2) and torch.equal(r1, r2)
+    for f in ("absmax", "count", "pos", "rel_count", "hist", "nonfinite", "row_max", "row_arg"):
+        assert torch.equal(getattr(fast, f), getattr(ref, f).to(getattr(fast, f).dtype)), f
+    for f in ("sum", "sumsq", "sum_out", "row_moments"):
+        torch.testing.assert_close(getattr(fast, f), getattr(ref, f), rtol=1e-9, atol=1e-9)
+
+
 def test_nonfinite_values_are_counted_and_scan_goes_on():
     model = planted_model("llama")
     with torch.no_grad():

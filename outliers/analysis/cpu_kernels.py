@@ -10,9 +10,11 @@ as a ``BatchStats``, the shape the torch path returns, for comparing the two.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from outliers.analysis.fields import BatchStats
 
@@ -196,6 +198,89 @@ def _rows(
         hist[c, b] += sub[0, b] + sub[1, b] + sub[2, b] + sub[3, b]
 
 
+@njit(parallel=True, cache=True, boundscheck=False)
+def _rows_parallel(
+    x,
+    bits,
+    n_chunks,
+    t,
+    k_rel,
+    hist_scale,
+    absmax,
+    count,
+    pos,
+    neg,
+    sum_out,
+    sum_,
+    sumsq,
+    rel_count,
+    hist,
+    nonfinite,
+    union,
+    rel_union,
+    row_max,
+    row_arg,
+    moments,
+    row_moments,
+):  # pragma: no cover - compiled
+    """``_rows`` over ``n_chunks`` row ranges at once, each into partials made here, then added into the
+    accumulators (row 0 of each): one parallel region per call, no torch allocation or op per chunk."""
+    rows, dims = x.shape
+    per = (rows + n_chunks - 1) // n_chunks
+    p_absmax = np.zeros((n_chunks, dims), dtype=absmax.dtype)
+    p_count = np.zeros((n_chunks, dims), dtype=np.int64)
+    p_pos = np.zeros((n_chunks, dims), dtype=np.int64)
+    p_neg = np.zeros((n_chunks, dims), dtype=np.int64)
+    p_sum_out = np.zeros((n_chunks, dims), dtype=np.float64)
+    p_sum = np.zeros((n_chunks, dims), dtype=np.float64)
+    p_sumsq = np.zeros((n_chunks, dims), dtype=np.float64)
+    p_rel = np.zeros((n_chunks, dims), dtype=np.int64)
+    p_hist = np.zeros((n_chunks, hist.shape[1]), dtype=np.int64)
+    p_nonfinite = np.zeros(n_chunks, dtype=np.int64)
+    for c in prange(n_chunks):
+        _rows(
+            x,
+            bits,
+            c * per,
+            min(rows, (c + 1) * per),
+            c,
+            t,
+            k_rel,
+            hist_scale,
+            p_absmax,
+            p_count,
+            p_pos,
+            p_neg,
+            p_sum_out,
+            p_sum,
+            p_sumsq,
+            p_rel,
+            p_hist,
+            p_nonfinite,
+            union,
+            rel_union,
+            row_max,
+            row_arg,
+            moments,
+            row_moments,
+        )
+    for c in range(n_chunks):
+        for d in range(dims):
+            absmax[0, d] = max(absmax[0, d], p_absmax[c, d])
+            count[0, d] += p_count[c, d]
+            pos[0, d] += p_pos[c, d]
+            neg[0, d] += p_neg[c, d]
+            sum_out[0, d] += p_sum_out[c, d]
+            sum_[0, d] += p_sum[c, d]
+            sumsq[0, d] += p_sumsq[c, d]
+            rel_count[0, d] += p_rel[c, d]
+        for b in range(hist.shape[1]):
+            hist[0, b] += p_hist[c, b]
+        nonfinite[0] += p_nonfinite[c]
+
+
+PARALLEL_ROWS = 512  # fewer rows than this: one thread (a parallel region's hand-off costs more than it saves)
+
 # the per-dim accumulators accumulate_point adds into (Stat names and dtypes, as OutlierStats keeps them)
 _ACC = {
     "absmax": torch.float32,
@@ -270,10 +355,11 @@ def accumulate_point(
     ``acc`` maps ``Stat`` names (``absmax``, ``count``, ``pos``, ``neg``, ``sum_out``, ``sum``,
     ``sumsq``, ``rel_count``) to the point's contiguous CPU tensors of ``dims`` values; ``hist`` is
     its space's histogram. Returns the count of NaN/inf values, ``row_max``, ``row_arg`` and
-    ``row_moments``. Runs on the calling thread: Numba's thread pool beside torch's, woken for every
-    hooked layer, cost more in hand-offs on 2 cores than the second thread saved
-    (``benchmarks/hooks_overhead.py``), and one thread adds into the accumulators directly, with no
-    per-thread partials to merge in torch.
+    ``row_moments``. From ``PARALLEL_ROWS`` rows on, the rows are split over torch's thread count in one
+    Numba parallel region whose per-chunk partials are made and merged inside it (no torch op per
+    chunk: torch allocations between the two thread pools were what made an earlier parallel kernel
+    slow); smaller inputs run on the calling thread. Chunked sums add in another order: float64 sums
+    move in their last bits.
     """
     rows, dims = x.shape
     one = lambda t: t.numpy().reshape(1, -1)  # noqa: E731  # the kernel's (chunk, dims) layout, one chunk
@@ -282,12 +368,13 @@ def accumulate_point(
     row_arg = torch.empty(rows, dtype=torch.int64)
     row_moments = torch.zeros((rows if moments else 0, 5), dtype=torch.float64)
     xv, bits = _views(x)
-    _rows(
+    chunks = min(torch.get_num_threads(), rows // (PARALLEL_ROWS // 2)) if rows >= PARALLEL_ROWS else 1
+    kernel: Any = _rows_parallel if chunks > 1 else _rows
+    where = (chunks,) if chunks > 1 else (0, rows, 0)
+    kernel(
         xv,
         bits,
-        0,
-        rows,
-        0,
+        *where,
         np.float32(threshold),
         np.float64(relative_k),
         np.float32(hist_scale),
