@@ -70,23 +70,36 @@ def _dequantize_inplace(c, row_stats, col_stats, bias, has_bias):  # pragma: no 
             out[i, j] = v + bias[j] if has_bias else v
 
 
+@njit(cache=True, boundscheck=False, fastmath={"contract"})
+def _fma_into(acc, a, w):  # pragma: no cover - compiled
+    # acc[j] = fma(a, w[j], acc[j]): only this loop may fuse a multiply into an add
+    for j in range(acc.shape[0]):
+        acc[j] += a * w[j]
+
+
 @njit(parallel=True, cache=True, boundscheck=False)
-def _dequantize_inplace_outliers(c, row_stats, col_stats, bias, has_bias, xo, wo):  # pragma: no cover - compiled
-    # _dequantize_inplace, then the float outlier product added to each row while it is in cache: a separate
-    # rank-k addmm would read and write the whole output once more for k (1-3) columns
+def _dequantize_inplace_outliers(c, row_stats, col_stats, bias, has_bias, xo, wo, n_chunks):  # pragma: no cover
+    # _dequantize_inplace plus the float outlier product, per row while it is in cache: a separate rank-k
+    # addmm_ read and wrote the whole output again for 1-3 columns. The product is summed as MKL's sgemm
+    # sums it (the first product rounded, then fused multiply-adds), then added to the dequantized value.
     out = c.view(np.float32)
     rows, n = c.shape
     k = xo.shape[1]
     inv = np.float32(1.0 / (127.0 * 127.0))
-    for i in prange(rows):
-        r = row_stats[i] * inv
-        for j in range(n):
-            v = np.float32(c[i, j]) * r * col_stats[j]
-            out[i, j] = v + bias[j] if has_bias else v
-        for q in range(k):
-            a = xo[i, q]
+    per = (rows + n_chunks - 1) // n_chunks
+    for ch in prange(n_chunks):
+        acc = np.empty(n, dtype=np.float32)
+        for i in range(ch * per, min(rows, (ch + 1) * per)):
+            a0 = xo[i, 0]
             for j in range(n):
-                out[i, j] += a * wo[q, j]
+                acc[j] = a0 * wo[0, j]
+            for q in range(1, k):
+                _fma_into(acc, xo[i, q], wo[q])
+            r = row_stats[i] * inv
+            for j in range(n):
+                v = np.float32(c[i, j]) * r * col_stats[j]
+                v = v + bias[j] if has_bias else v
+                out[i, j] = v + acc[j]
 
 
 def quantize_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,9 +136,10 @@ def dequantize_inplace(
 
     ``c`` (contiguous int32 on the CPU, e.g. fresh from ``int8_matmul``) is consumed: its values are gone.
     ``outliers=(xo, wo)``, float32 ``(rows, k)`` and ``(k, n)``, adds LLM.int8()'s float outlier product
-    ``xo @ wo`` row by row in the same pass: each product is rounded to float32 and added to the output in
-    column order, where a BLAS ``addmm_`` may fuse the multiply-add or sum the k products first, so the
-    result can differ from dequantize-then-``addmm_`` in the last bit (``tests/test_int8.py`` bounds it).
+    ``xo @ wo`` row by row in the same pass, summed in the order MKL's ``addmm_`` sums it (the first product
+    rounded, the others fused multiply-adds, then one add to the dequantized value): bit-identical to
+    dequantize-then-``addmm_`` with torch's MKL for the few columns LLM.int8() decomposes (tested for k up
+    to 5; another BLAS, or MKL blocking a large k, may order the sum otherwise).
     """
     if c.dtype != torch.int32 or not c.is_contiguous() or c.device.type != "cpu":
         raise ValueError(f"dequantize_inplace needs a contiguous int32 CPU tensor, got {c.dtype} on {c.device}")
@@ -137,5 +151,6 @@ def dequantize_inplace(
         if xo.shape != (c.shape[0], wo.shape[0]) or wo.shape[1] != c.shape[1]:
             raise ValueError(f"outlier operands {tuple(xo.shape)} and {tuple(wo.shape)} do not fit {tuple(c.shape)}")
         args = (c.numpy(), row_stats.numpy(), col_stats.numpy(), b.numpy(), bias is not None)
-        _dequantize_inplace_outliers(*args, xo.numpy(), wo.numpy())
+        chunks = max(1, min(torch.get_num_threads(), c.shape[0]))
+        _dequantize_inplace_outliers(*args, xo.numpy(), wo.numpy(), chunks)
     return c.view(torch.float32)
