@@ -140,3 +140,28 @@ def test_inplace_dequant_adds_the_outlier_product_in_the_same_pass():
     )
     with pytest.raises(ValueError, match="do not fit"):
         dequantize_inplace(c.clone(), rs, cs, bias, (xo, wo[:, :5]))
+
+
+@pytest.mark.parametrize(("rows", "k"), [(1, 2), (3, 3), (16, 3), (300, 64), (300, 65), (300, 400)])
+def test_int8_linear_cpu_path_equals_dequantize_then_addmm(rows, k):
+    """Few outlier columns on enough rows: their product inside the dequantization pass; otherwise addmm_
+    after it. Both the arithmetic of dequantize-then-addmm_ (with MKL: bit for bit)."""
+    from outliers.quant.linear import FUSED_COLUMNS, Int8Linear
+    from outliers.quant.quantizers import int8_matmul
+
+    g = torch.Generator().manual_seed(rows + k)
+    lin = torch.nn.Linear(512, 96)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 512, generator=g) * 0.05)
+    q = Int8Linear.from_linear(lin, "llm.int8", threshold=6.0)
+    x = torch.randn(rows, 512, generator=g)
+    x[:, torch.randperm(512, generator=g)[:k]] *= 40  # outlier columns (|x| >= 6 somewhere in each)
+    codes, stats, cols = quantize_rows(x, 6.0)
+    assert cols.numel() == k and (k <= FUSED_COLUMNS) == (k <= 64)
+    want = dequantize_into(int8_matmul(codes, q.weight_q), stats, q.weight_scale, q.bias.float())
+    want.addmm_(x[:, cols], q._dequantized_cols(cols).t())
+    got = q(x)
+    if torch.backends.mkl.is_available():
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))

@@ -46,6 +46,13 @@ __all__ = ["Int8Linear", "NonFiniteInputError", "OUTLIER_WEIGHTS", "BACKENDS", "
 OUTLIER_WEIGHTS = ("int8", "fp")
 BACKENDS = ("auto", "torch", "numba")
 ROUND_TO = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Up to FUSED_COLUMNS outlier columns, on at least FUSED_ROWS rows, the CPU path adds their float product
+# inside the dequantization pass, summed as MKL's addmm_ sums them there (bit-identical: checked for 16 to
+# 2048 rows, 96 to 6144 outputs, 1 to 64 columns). Elsewhere addmm_ itself runs: with more columns (SmolLM2's
+# late down projections reach 250-590) it is a real GEMM whose blocked sums no loop here copies, and for a
+# few rows (generation) MKL takes other kernels whose order differs again.
+FUSED_COLUMNS = 64
+FUSED_ROWS = 16
 
 
 class NonFiniteInputError(InvalidArgumentError):
@@ -243,11 +250,12 @@ class Int8Linear(nn.Module):
                 codes, stats, cols = quantize_rows(xq, t)
                 self._check_finite(stats, x, cols)
                 outliers = None
-                if cols.numel():  # the float outlier product joins the dequantization pass (no addmm_ below)
+                if 0 < cols.numel() <= FUSED_COLUMNS and len(x) >= FUSED_ROWS:  # joins the dequantization pass
                     w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
                     outliers = (x[:, cols], w_cols.t())
-                c = int8_matmul(codes, self.weight_q)
-                return dequantize_inplace(c, stats, self.weight_scale, bias, outliers)
+                out = dequantize_inplace(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias, outliers)
+                if outliers is not None:
+                    return out
             else:
                 codes, stats, cols = int8_vectorwise_quant(xq, t)
                 cols = empty if cols is None else cols
