@@ -18,10 +18,11 @@ says how much the forward's surroundings slow a GEMM (``ceiling_isolated``
 uses it in place of ``F``, both sides then timed alike).
 
 The **shares** split one llm.int8 pass into the output head, attention (the
-attention modules minus their linears), the int8 GEMMs, the quantize and
-dequantize passes, the decomposition with the layers' glue (each int8
-linear's time minus those three: the outlier columns' float product, input
-checks, reshapes), and the rest (norms, MLP activations, embeddings,
+attention modules minus their linears), the int8 GEMMs, the quantize pass
+(codes, row statistics, and the outlier columns found and gathered), the
+dequantize pass, the decomposition with the layers' glue (each int8 linear's
+time minus those three: the outlier columns' float product where it is not
+fused into dequantization, weight columns, input checks, reshapes), and the rest (norms, MLP activations, embeddings,
 log-softmax). The functions are timed by wrappers patched in for that pass
 only, so the library's hot path carries no timing code.
 """
@@ -179,7 +180,7 @@ PARTS = ("lm_head", "attention", "int8 GEMM", "quantize", "decompose + glue", "d
 # the functions an int8 linear's CPU path calls, by part; patched where the layer looks them up
 _WRAPPED = {
     "int8 GEMM": (("outliers.quant.linear", "int8_matmul"),),
-    "quantize": (("outliers.quant.cpu_kernels", "quantize_rows"), ("outliers.quant.linear", "quantize_rows")),
+    "quantize": (("outliers.quant.cpu_kernels", "quantize_decompose"),),
     "dequantize": tuple(
         (module, name)
         for module in ("outliers.quant.cpu_kernels", "outliers.quant.linear")

@@ -165,3 +165,31 @@ def test_int8_linear_cpu_path_equals_dequantize_then_addmm(rows, k):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+
+
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 80),
+    seed=st.integers(0, 2**16),
+    threshold=st.sampled_from([0.0, 0.5, 1.5, 6.0]),
+    specials=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.0, 6.0, -6.0]), max_size=4),
+)
+@settings(max_examples=120, deadline=None)
+def test_quantize_decompose_is_the_reference_bit_for_bit(rows, cols, seed, threshold, specials):
+    """The integer-max kernel against int8_vectorwise_quant, with NaN, inf, -0 and values at the threshold."""
+    from outliers.quant.cpu_kernels import quantize_decompose
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 3
+    where = torch.randint(0, rows * cols, (len(specials),), generator=g)
+    x.view(-1)[where] = torch.tensor(specials, dtype=torch.float32)
+    x_float = x + 0.25  # the unrounded input the outlier columns are gathered from
+    codes, stats, cols_, x_cols = quantize_decompose(x, threshold, x_float)
+    ref_codes, ref_stats, ref_cols = int8_vectorwise_quant(x, threshold)
+    ref_cols = torch.empty(0, dtype=torch.long) if ref_cols is None else ref_cols
+    exact = dict(rtol=0, atol=0, equal_nan=True)  # NaN where the reference has NaN, else bit for bit
+    torch.testing.assert_close(stats, ref_stats, **exact)
+    assert torch.equal(cols_, ref_cols)
+    torch.testing.assert_close(x_cols, x_float[:, ref_cols], **exact)
+    finite = torch.isfinite(ref_stats)  # a NaN row's codes are undefined in both
+    assert torch.equal(codes[finite], ref_codes[finite])

@@ -63,7 +63,9 @@ def _device(model: nn.Module) -> torch.device:
     return input_device(model)  # a dispatched model may have its embeddings offloaded
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: inference tensors keep no version counter, without which sibling
+# int8 layers cannot share one quantized input (outliers.quant.shared_input)
+@torch.no_grad()
 def greedy_continuation(
     model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
 ) -> list[int]:
@@ -94,7 +96,9 @@ def greedy_continuation(
     return out
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: inference tensors keep no version counter, without which sibling
+# int8 layers cannot share one quantized input (outliers.quant.shared_input)
+@torch.no_grad()
 def token_nlls(model: nn.Module, prompt_ids: torch.Tensor, continuation: list[int]) -> torch.Tensor:
     """Return float32 ``(len(continuation),)``: each new token's NLL given the prompt and the tokens before it.
 

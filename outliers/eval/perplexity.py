@@ -131,7 +131,9 @@ def _score_batch(
             sums.top1.append(top1)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: inference tensors keep no version counter, without which sibling
+# int8 layers cannot share one quantized input (outliers.quant.shared_input)
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     ids: torch.Tensor,

@@ -39,6 +39,7 @@ from outliers.quant.quantizers import (
     quantize_zeropoint,
     zeropoint_matmul_dequant,
 )
+from outliers.quant.shared_input import QuantizedInput, quantized_input
 
 __all__ = ["Int8Linear", "NonFiniteInputError", "OUTLIER_WEIGHTS", "BACKENDS", "ROUND_TO"]
 
@@ -191,10 +192,10 @@ class Int8Linear(nn.Module):
         """Return the float32 weight ``(out, in)`` that the int8 codes stand for."""
         return self._dequantize(self.weight_q)
 
-    def _check_finite(self, stats: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> None:
-        # NaN propagates into the row statistics; inf passes |x| >= t and lands in
-        # an outlier column, so checking those two small tensors covers every case.
-        if not bool(torch.isfinite(stats).all()) or (cols.numel() and not bool(torch.isfinite(x[:, cols]).all())):
+    def _check_finite(self, stats: torch.Tensor, x_cols: torch.Tensor, x: torch.Tensor) -> None:
+        # NaN propagates into the row statistics; inf passes |x| >= t and lands in an outlier
+        # column, so checking those two small tensors (stats, and x's outlier columns) covers every case.
+        if not bool(torch.isfinite(stats).all()) or (x_cols.numel() and not bool(torch.isfinite(x_cols).all())):
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteInputError(
                 f"{bad} NaN/inf value(s) in the input of {self.name or 'Int8Linear'} "
@@ -215,17 +216,38 @@ class Int8Linear(nn.Module):
             x2 = x2.float()  # never fp16 compute on CPU
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        xq = x2.to(ROUND_TO[self.round_to]).to(x2.dtype) if self.round_to else x2
-        out = self._forward_2d(x2, xq)
+        out = self._forward_2d(x2, source=x)
         return out.to(dtype).reshape(*lead, self.out_features)
 
-    def _forward_2d(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        """``x`` feeds the float outlier product; ``xq`` (``x``, or ``x`` rounded) is quantized."""
-        spec, t = self.spec, self.threshold
-        empty = torch.empty(0, dtype=torch.long, device=x.device)
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as it is quantized: rounded to ``round_to`` first where asked (bitsandbytes' arithmetic)."""
+        return x.to(ROUND_TO[self.round_to]).to(x.dtype) if self.round_to else x
+
+    def _quantized_input(self, x: torch.Tensor, source: torch.Tensor) -> QuantizedInput:
+        """X's codes, row statistics and outlier columns; computed once for siblings reading ``source``."""
+
+        def compute() -> QuantizedInput:
+            xq = self._rounded(x)
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                from outliers.quant.cpu_kernels import quantize_decompose
+
+                codes, stats, cols, x_cols = quantize_decompose(xq, self.threshold, x)
+            else:
+                codes, stats, maybe_cols = int8_vectorwise_quant(xq, self.threshold)
+                cols = torch.empty(0, dtype=torch.long, device=x.device) if maybe_cols is None else maybe_cols
+                x_cols = x[:, cols]
+            self._check_finite(stats, x_cols, x)
+            return QuantizedInput(codes, stats, cols, x_cols)
+
+        return quantized_input(source, ("vector-wise int8", self.threshold, self.round_to), compute)
+
+    def _forward_2d(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """``x``: the 2-d float input; ``source``: the tensor the layer was called with (shared by siblings)."""
+        spec = self.spec
         bias = None if self.bias is None else self.bias.float()
         if spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW and spec.weights is Granularity.CHANNEL:
             if self._numba(x):
+                xq, t = self._rounded(x), self.threshold
                 from cuda_kernels.errors import KernelArgumentError
                 from cuda_kernels.launch import llm_int8_linear
 
@@ -242,32 +264,34 @@ class Int8Linear(nn.Module):
                     )
                 except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
                     raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
-                self._check_finite(stats, x, cols)
+                self._check_finite(stats, x[:, cols], x)
                 return out  # the kernel's epilogue already added the outlier product
+            q = self._quantized_input(x, source)
+            cols, x_cols = q.cols, q.x_cols
             if x.device.type == "cpu" and x.dtype == torch.float32:
-                from outliers.quant.cpu_kernels import dequantize_inplace, quantize_rows
+                from outliers.quant.cpu_kernels import dequantize_inplace
 
-                codes, stats, cols = quantize_rows(xq, t)
-                self._check_finite(stats, x, cols)
                 outliers = None
                 if 0 < cols.numel() <= FUSED_COLUMNS and len(x) >= FUSED_ROWS:  # joins the dequantization pass
-                    w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
-                    outliers = (x[:, cols], w_cols.t())
-                out = dequantize_inplace(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias, outliers)
+                    outliers = (x_cols, self._outlier_weight(cols).t())
+                product = int8_matmul(q.codes, self.weight_q)
+                out = dequantize_inplace(product, q.stats, self.weight_scale, bias, outliers)
                 if outliers is not None:
                     return out
             else:
-                codes, stats, cols = int8_vectorwise_quant(xq, t)
-                cols = empty if cols is None else cols
-                self._check_finite(stats, x, cols)
-                out = int8_mm_dequant(int8_matmul(codes, self.weight_q), stats, self.weight_scale, bias)
+                out = int8_mm_dequant(int8_matmul(q.codes, self.weight_q), q.stats, self.weight_scale, bias)
         else:
-            out, cols = self._forward_generic(xq, bias)
+            xs = self._rounded(x)
+            out, cols = self._forward_generic(xs, bias)
+            x_cols = x[:, cols]
         if cols.numel():
-            w_cols = self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
             # out is float32; a half x (CUDA, torch backend) must meet it there, as the Numba epilogue does
-            out.addmm_(x[:, cols].to(out.dtype), w_cols.to(out.dtype).t())
+            out.addmm_(x_cols.to(out.dtype), self._outlier_weight(cols).to(out.dtype).t())
         return out
+
+    def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:
+        """The weight's outlier columns ``(out, k)`` in float: the paper's float weight, or dequantized int8."""
+        return self.weight_fp[:, cols] if self.weight_fp is not None else self._dequantized_cols(cols)
 
     def _numba(self, x: torch.Tensor) -> bool:
         """Whether this call runs on the Numba CUDA kernels (llm.int8 and absmax-vector only)."""
@@ -301,11 +325,11 @@ class Int8Linear(nn.Module):
         w_scale, w_zero = self._w_stats()
         if spec.scheme is Scheme.ABSMAX:
             codes, stats = quantize_absmax(xs, spec.x_dim)
-            self._check_finite(stats, x, cols)
+            self._check_finite(stats, x[:, cols], x)
             out = absmax_matmul_dequant(int8_matmul(codes, self.weight_q), stats, w_scale, bias)
         else:
             codes, scale, zero = quantize_zeropoint(xs, spec.x_dim)
-            self._check_finite(scale, x, cols)
+            self._check_finite(scale, x[:, cols], x)
             assert w_zero is not None  # zeropoint methods register weight_zero
             out = zeropoint_matmul_dequant(codes, scale, zero, self.weight_q, w_scale, w_zero, bias)
         return out, cols
