@@ -5,7 +5,9 @@ interleaved over several rounds (shared machines swing 2-5x: only ratios inside
 one run mean anything; the table takes each row's best round). Per model it
 prints tokens/s and ratios, the **ceiling** (the speed-up over fp32 if every
 quantized linear cost only its int8 GEMM; ``benchmarks/speed_parts.py`` says
-how each term is timed), llm.int8's share of it, and where llm.int8's time goes.
+how each term is timed; one per round, each from one hook-timed fp32 pass, and
+their median), llm.int8's share of it (best round, and the median of each
+round's pair with the fp32 pass before it), and where llm.int8's time goes.
 
     python benchmarks/eval_speed.py                        # SmolLM2, 8 windows x 512, 2 rounds
     python benchmarks/eval_speed.py --models installed --rounds 3 --no-transforms
@@ -120,9 +122,11 @@ def bench(name: str, args) -> None:
             seconds[cname].append(res[cname].seconds)
             print(f"{name} round {r + 1}: {cname:<34} {res[cname].tokens_per_s:7.0f} tok/s", file=sys.stderr)
         with timed_linears(model, replaced[HEAD]) as lt:  # the fp32 forward, its linears hook-timed
-            run(model)
+            fp32_pass = run(model)
         for cname in (INT8, HEAD):
-            lin[cname].append(lt.total(replaced[cname]))
+            # F with the T of its own pass: a noisy moment moves both, where the best T of other passes
+            # against this pass's F moved the ceiling by 20 % between runs
+            lin[cname].append((lt.total(replaced[cname]), fp32_pass.seconds))
             iso[cname].append(isolated_gemms(lt.calls(replaced[cname])))
             with int8_parts(configs[cname]) as shares:
                 parts[cname].append(shares(run(configs[cname]).seconds))
@@ -132,9 +136,20 @@ def bench(name: str, args) -> None:
         quality[cname] = run(configs[cname], reference=model, reference_states=states)
 
     best = {k: max(v) for k, v in speeds.items()}
-    t_fp32 = min(seconds["fp32"])
-    ceil = {k: ceiling(t_fp32, min(lin[k]), min(i for _, i in iso[k])) for k in (INT8, HEAD)}
-    ceil_iso = {k: ceiling(t_fp32, min(f for f, _ in iso[k]), min(i for _, i in iso[k])) for k in (INT8, HEAD)}
+    # one ceiling per round, from that round's hook-timed fp32 pass, and their median
+    rounds_ceil = {k: [ceiling(t, f, i) for (f, t), (_, i) in zip(lin[k], iso[k], strict=True)] for k in (INT8, HEAD)}
+    ceil = {k: statistics.median(v) for k, v in rounds_ceil.items()}
+    ceil_iso = {
+        k: statistics.median(ceiling(t, f_iso, i) for (_, t), (f_iso, i) in zip(lin[k], iso[k], strict=True))
+        for k in (INT8, HEAD)
+    }
+    # each round's quantized pass against the fp32 pass just before it, over that round's ceiling
+    paired = {
+        k: statistics.median(
+            s_fp / s_k / c for s_fp, s_k, c in zip(seconds["fp32"], seconds[k], rounds_ceil[k], strict=True)
+        )
+        for k in (INT8, HEAD)
+    }
     print(
         f"\n## {info.name} ({info.n_params / 1e6:.0f}M params), {args.windows} windows x {args.window} tokens, "
         f"batch {args.batch_size}, best of {args.rounds} interleaved rounds\n"
@@ -155,12 +170,15 @@ def bench(name: str, args) -> None:
     for k, what in ((INT8, "lm_head float"), (HEAD, "lm_head int8")):
         print(f"| ceiling, {what} | {best['fp32'] * ceil[k]:.0f} | | {ceil[k]:.2f} | 100 % | | | | |")
     for k in (INT8, HEAD):
-        f_in, (f_iso, i8) = min(lin[k]), (min(f for f, _ in iso[k]), min(i for _, i in iso[k]))
+        f_in, t_in = statistics.median(f for f, _ in lin[k]), statistics.median(t for _, t in lin[k])
+        f_iso, i8 = statistics.median(f for f, _ in iso[k]), statistics.median(i for _, i in iso[k])
         print(
-            f"\n{k}: quantized linears in the fp32 forward {f_in:.3f} s of {t_fp32:.3f} s "
-            f"({100 * f_in / t_fp32:.0f} %, hook-timed); the same calls timed apart: fp32 {f_iso:.3f} s, "
-            f"torch._int_mm {i8:.3f} s; ceiling {ceil[k]:.2f}x (with the isolated fp32 time: {ceil_iso[k]:.2f}x); "
-            f"llm.int8 at {100 * best[k] / best['fp32'] / ceil[k]:.0f} % of it"
+            f"\n{k}: quantized linears in the fp32 forward {f_in:.3f} s of {t_in:.3f} s "
+            f"({100 * f_in / t_in:.0f} %, hook-timed; medians of {args.rounds} passes); the same calls timed apart: "
+            f"fp32 {f_iso:.3f} s, torch._int_mm {i8:.3f} s; ceiling {ceil[k]:.2f}x (rounds: "
+            f"{', '.join(f'{c:.2f}' for c in rounds_ceil[k])}; with the isolated fp32 time: {ceil_iso[k]:.2f}x); "
+            f"llm.int8 at {100 * best[k] / best['fp32'] / ceil[k]:.0f} % of it (best of rounds), "
+            f"{100 * paired[k]:.0f} % (median of each round's pair with the fp32 pass before it)"
         )
     if "bitsandbytes t=6" in best:
         print(f"llm.int8 t=6 vs bitsandbytes t=6: {best[INT8] / best['bitsandbytes t=6']:.2f}x")

@@ -113,6 +113,15 @@ def test_nan_and_inf_are_errors_naming_the_module():
         q0(x)
 
 
+def test_huge_finite_outliers_whose_sum_overflows_are_not_errors():
+    # the finiteness check sums the outlier columns first: a sum that overflows must fall back to the mask
+    q = Int8Linear.from_linear(linear(), "llm.int8", name="model.layers.0.mlp.down_proj")
+    x = planted()
+    x[:, 250] = 3e38
+    assert torch.isinf(x[:, [3, 250]].sum())
+    assert torch.isfinite(q(x)).all()  # no error: the input was finite
+
+
 def test_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="unknown method 'int4'"):
         Int8Linear.from_linear(linear(), "int4")
