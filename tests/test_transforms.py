@@ -265,7 +265,7 @@ def test_float_columns_are_the_planted_dims_at_the_planted_points(arch):
     assert len(at_points) == 2 * len(planted_at) and all(seen.calls[n] == 1 for n in seen.calls)
     assert all(seen.layer_share(n) == len(PLANTED) / 32 for n in at_points)
     assert seen.share == pytest.approx(sum(map(seen.layer_share, seen.calls)) / seen.n_calls)  # one call each
-    assert not any(m._forward_pre_hooks for m in quantized.modules())  # gone with the block
+    assert not any(m._forward_hooks for m in quantized.modules())  # gone with the block
 
 
 def test_float_columns_count_nothing_without_decomposition_and_leave_no_hook_after_an_error():
@@ -281,7 +281,33 @@ def test_float_columns_count_nothing_without_decomposition_and_leave_no_hook_aft
     quantized, _ = quantized_copy(model, "llm.int8", 6.0)
     with pytest.raises(RuntimeError, match="stop"), float_columns(quantized):
         raise RuntimeError("stop")
-    assert not any(m._forward_pre_hooks for m in quantized.modules())
+    assert not any(m._forward_hooks for m in quantized.modules())
+
+
+@pytest.mark.parametrize("round_to", [None, "float16"])
+def test_float_columns_are_what_an_independent_count_finds(round_to):
+    """The layers report their own counts: a separate look at each input, as the layer rounds it, agrees."""
+    from outliers.quant.decomposed import float_columns
+    from outliers.quant.int8 import outlier_columns
+    from outliers.quant.linear import ROUND_TO, Int8Linear
+    from outliers.quant.model import quantized_copy
+
+    quantized, _ = quantized_copy(planted_model("llama"), "llm.int8", 3.0, round_to=round_to)
+    want: dict[str, int] = {}
+
+    def recount(name, mod, args):
+        x = args[0].reshape(-1, mod.in_features).float()
+        x = x.to(ROUND_TO[round_to]).float() if round_to else x
+        want[name] = want.get(name, 0) + len(outlier_columns(x, 3.0))
+
+    layers = [(n, m) for n, m in quantized.named_modules() if isinstance(m, Int8Linear)]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: recount(n, mod, args)) for n, m in layers]
+    with torch.no_grad(), float_columns(quantized) as seen:
+        quantized(input_ids=BATCH)
+    for h in handles:
+        h.remove()
+    assert {n: round(seen.fractions[n] * m.in_features) for n, m in layers} == want
+    assert sum(want.values()) > 0
 
 
 def test_float_columns_look_through_a_transform_at_what_is_quantized():

@@ -8,9 +8,10 @@ such columns is what smoothing and rotation try to drive to zero: at 0 the
 decomposition does nothing.
 
 ``float_columns(model)`` counts them while the block runs, by a forward
-pre-hook on every decomposing layer, on the input as the layer quantizes it
-(float32, rounded to its ``round_to`` first). The hooks are removed on every
-exit path.
+hook on every decomposing layer that reads the count the layer found itself
+(``Int8Linear.last_float_columns``, on its input as it quantizes it: float32,
+rounded to its ``round_to`` first), so counting costs no second look at X.
+The hooks are removed on every exit path.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from functools import partial
 
 from torch import nn
 
-from outliers.quant.int8 import outlier_columns
-from outliers.quant.linear import ROUND_TO, Int8Linear
+from outliers.quant.linear import Int8Linear
 
 __all__ = ["FloatColumns", "float_columns", "decomposing_layers"]
 
@@ -63,11 +63,8 @@ def decomposing_layers(model: nn.Module) -> list[tuple[str, Int8Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.spec.decomposition]
 
 
-def _count(record: FloatColumns, name: str, module: Int8Linear, args: tuple) -> None:
-    x = args[0].detach().reshape(-1, module.in_features).float()  # as Int8Linear.forward does on CPU
-    if module.round_to:
-        x = x.to(ROUND_TO[module.round_to]).float()  # the columns are found on the rounded input
-    record.record(name, len(outlier_columns(x, module.threshold)), module.in_features)
+def _count(record: FloatColumns, name: str, module: Int8Linear, args: tuple, output: object) -> None:
+    record.record(name, module.last_float_columns, module.in_features)
 
 
 @contextmanager
@@ -79,7 +76,7 @@ def float_columns(model: nn.Module) -> Iterator[FloatColumns]:
     modules: they are removed when the block exits, by an exception too.
     """
     record = FloatColumns()
-    handles = [m.register_forward_pre_hook(partial(_count, record, name)) for name, m in decomposing_layers(model)]
+    handles = [m.register_forward_hook(partial(_count, record, name)) for name, m in decomposing_layers(model)]
     try:
         yield record
     finally:

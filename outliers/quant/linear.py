@@ -104,6 +104,7 @@ class Int8Linear(nn.Module):
         self.threshold = t if self.spec.decomposition else 0.0
         self.outlier_weights = outlier_weights
         self.name = name  # the module's path in its model, for error messages
+        self.last_float_columns = 0  # the last call's outlier columns (outliers.quant.decomposed reads it)
         n_stats = out_features if self.spec.weights is Granularity.CHANNEL else 1
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(n_stats, dtype=torch.float32))
@@ -268,9 +269,11 @@ class Int8Linear(nn.Module):
                 except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
                     raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
                 self._check_finite(stats, x[:, cols], x)
+                self.last_float_columns = cols.numel()
                 return out  # the kernel's epilogue already added the outlier product
             q = self._quantized_input(x, source)
             cols, x_cols = q.cols, q.x_cols
+            self.last_float_columns = cols.numel()
             if x.device.type == "cpu" and x.dtype == torch.float32:
                 from outliers.quant.cpu_kernels import dequantize_inplace
 
@@ -287,6 +290,7 @@ class Int8Linear(nn.Module):
             xs = self._rounded(x)
             out, cols = self._forward_generic(xs, bias)
             x_cols = x[:, cols]
+            self.last_float_columns = cols.numel()
         if cols.numel():
             # out is float32; a half x (CUDA, torch backend) must meet it there, as the Numba epilogue does
             out.addmm_(x_cols.to(out.dtype), self._outlier_weight(cols).to(out.dtype).t())
