@@ -124,3 +124,25 @@ def test_a_quantized_model_is_bit_identical_with_and_without_sharing(arch, count
         shared = model(ids).logits
     assert torch.equal(shared, unshared)
     assert len(count_quantize) < per_forward  # q, k, v (and gate, up where the FFN has them) shared
+
+
+@pytest.mark.parametrize("method", ["llm.int8", "absmax-vector"])
+def test_re_thresholding_a_copy_is_quantizing_at_that_threshold(method):
+    """A threshold sweep quantizes once and re-thresholds (studies): the same model as quantizing anew."""
+    from outliers import InvalidArgumentError
+    from outliers.quant.model import quantized_copy, set_threshold
+
+    model = planted_model("llama")
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    swept, report = quantized_copy(model, method, 6.0)
+    for t in (2.0, 0.0, 16.0):
+        report = set_threshold(swept, report, t)
+        fresh, fresh_report = quantized_copy(model, method, t)
+        assert report == fresh_report
+        a, b = swept.state_dict(), fresh.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert [repr(m) for m in swept.modules()] == [repr(m) for m in fresh.modules()]
+        with torch.no_grad():
+            assert torch.equal(swept(ids).logits, fresh(ids).logits)
+    with pytest.raises(InvalidArgumentError, match="threshold must be >= 0"):
+        set_threshold(swept, report, -1.0)

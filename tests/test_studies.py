@@ -501,3 +501,21 @@ def test_a_row_named_twice_is_one_cell(tmp_path, model_dir, text_file):
     )
     names = [c["method"] for c in cells(load_config(path))]
     assert names == ["fp32", "llm.int8", "llm.int8@smooth=0.5"]
+
+
+def test_a_sweep_s_cells_equal_the_same_cells_run_alone(tmp_path, model_dir, text_file):
+    """Cells of one sweep share one quantized copy, re-thresholded: each equals its cell quantized alone."""
+    from studies.report import current_results
+
+    def results(thresholds, out):
+        cfg = write_config(tmp_path, model_dir("llama"), text_file, methods='["llm.int8"]', thresholds=thresholds)
+        run_study(load_config(cfg), tmp_path / out, progress=False)
+        df = current_results(tmp_path / out)[1]
+        rows = df[(df.kind == "perplexity") & (df.method == "llm.int8")]
+        cols = zip(rows.threshold, rows.ppl, rows.result.map(lambda r: r["float_columns_pct"]), strict=True)
+        return {float(t): (float(p), float(c)) for t, p, c in cols}
+
+    swept = results("[6, 0, 2]", "swept")
+    for t in (2.0, 0.0):
+        assert results(f"[{t:g}]", f"alone{t:g}")[t] == swept[t]  # perplexity and float columns, exactly
+    assert swept[2.0][1] > swept[6.0][1] >= swept[0.0][1] == 0.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ from outliers.arch.linear import in_features, is_linear, out_features, weight_of
 from outliers.arch.registry import architecture_of, is_skipped
 from outliers.errors import InvalidArgumentError, ModelFileError
 from outliers.quant.emulated import LAYERS, EmulatedLinear
+from outliers.quant.int8 import check_threshold
 from outliers.quant.linear import Int8Linear
 from outliers.quant.methods import Format, get_method
 
 __all__ = [
+    "set_threshold",
     "QuantReport",
     "QuantizedLinear",
     "quantize_linear",
@@ -195,6 +197,26 @@ def quantized_copy(
     return copy_, quantize_model(
         copy_, method, threshold, skip=skip, outlier_weights=outlier_weights, round_to=round_to
     )
+
+
+def set_threshold(model: nn.Module, report: QuantReport, threshold: float) -> QuantReport:
+    """Give every decomposing ``Int8Linear`` of a quantized model another threshold, in place; return its report.
+
+    The weights' int8 codes do not depend on the threshold (it picks X's outlier columns at run
+    time), so a threshold sweep can quantize once and re-threshold, instead of quantizing the same
+    weights again per threshold; the result is the model ``quantize_model`` would make at
+    ``threshold`` (tests compare them).
+
+    Raises:
+        InvalidArgumentError: a negative or non-finite threshold.
+    """
+    t = check_threshold(threshold)
+    if not get_method(report.method).decomposition:
+        return report
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.spec.decomposition:
+            module.threshold = t
+    return replace(report, threshold=t)
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> Path:

@@ -156,13 +156,37 @@ def evaluated_tokens(ids: Any, cfg: StudyConfig, bos_token_id: int | None) -> in
     return len(ids) - len(corpus) + max(s.end for s in spans(len(corpus), settings))  # + a dropped leading BOS
 
 
+def _quantized(source: Any, method: str, threshold: float, ctx: Context) -> tuple[Any, Any]:
+    """``source`` quantized by ``method`` at ``threshold``: quantized once per (source, method), then re-thresholded.
+
+    A threshold sweep's cells share their weights' int8 codes (the threshold only picks X's
+    columns at run time): ``set_threshold`` gives the held copy each cell's threshold. One copy is
+    held at a time, as for transforms.
+    """
+    from outliers.quant.model import quantized_copy, set_threshold
+
+    cfg = ctx.cfg
+    held = ctx.cache.get("quantized")
+    if held is None or held[0] is not source or held[1] != method:
+        ctx.cache.pop("quantized", None)  # the last copy goes before the next is made
+        copy, report = quantized_copy(
+            source, method, threshold, outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
+        )
+        ctx.cache["quantized"] = held = (source, method, copy, report)
+    source_, method_, copy, report = held
+    report = set_threshold(copy, report, threshold)
+    ctx.cache["quantized"] = (source_, method_, copy, report)
+    return copy, report
+
+
 def _transformed(transform: Transform, ctx: Context) -> tuple[Any, dict[str, Any]]:
     """The float model after ``transform``, made once for the cells that share it (one held at a time)."""
     held = ctx.cache.get("transformed")
     if held is None or held[0] != transform:
         from outliers.quant.calibration import transformed_copy
 
-        ctx.cache.pop("transformed", None)  # the last transform's copy goes before the next is made
+        ctx.cache.pop("transformed", None)  # the last transform's copy goes before the next is made,
+        ctx.cache.pop("quantized", None)  # with any quantized copy of it
         cfg = ctx.cfg
         copy, info = transformed_copy(
             ctx.model,
@@ -179,16 +203,13 @@ def _transformed(transform: Transform, ctx: Context) -> tuple[Any, dict[str, Any
 def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     from outliers.eval.perplexity import perplexity
     from outliers.quant.decomposed import float_columns
-    from outliers.quant.model import quantized_copy
 
     cfg, model = ctx.cfg, ctx.model
     method, transform = parse_row(cell["method"])
     source, applied = _transformed(transform, ctx) if transform else (model, {})
     target, report = source, None
     if method != "fp32":
-        target, report = quantized_copy(
-            source, method, cell["threshold"], outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
-        )
+        target, report = _quantized(source, method, cell["threshold"], ctx)
     reference = model if report is not None or transform else None  # the untransformed float model
     with float_columns(target) as columns:
         r = perplexity(
