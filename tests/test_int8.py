@@ -142,17 +142,21 @@ def test_inplace_dequant_adds_the_outlier_product_in_the_same_pass():
         dequantize_inplace(c.clone(), rs, cs, bias, (xo, wo[:, :5]))
 
 
-@pytest.mark.parametrize(("rows", "k"), [(1, 2), (3, 3), (16, 3), (300, 64), (300, 65), (300, 400)])
-def test_int8_linear_cpu_path_equals_dequantize_then_addmm(rows, k):
-    """Few outlier columns on enough rows: their product inside the dequantization pass; otherwise addmm_
-    after it. Both the arithmetic of dequantize-then-addmm_ (with MKL: bit for bit)."""
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    [(1, 2, 96), (3, 3, 96), (16, 3, 96), (300, 64, 96), (300, 65, 96), (300, 400, 96), (40, 5, 9000)],
+)
+def test_int8_linear_cpu_path_equals_dequantize_then_addmm(rows, k, n):
+    """Few outlier columns on enough rows and outputs that fit in cache: their product inside the
+    dequantization pass; otherwise addmm_ after it. Both the arithmetic of dequantize-then-addmm_ (with
+    MKL: bit for bit)."""
     from outliers.quant.linear import FUSED_COLUMNS, Int8Linear
     from outliers.quant.quantizers import int8_matmul
 
     g = torch.Generator().manual_seed(rows + k)
-    lin = torch.nn.Linear(512, 96)
+    lin = torch.nn.Linear(512, n)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(96, 512, generator=g) * 0.05)
+        lin.weight.copy_(torch.randn(n, 512, generator=g) * 0.05)
     q = Int8Linear.from_linear(lin, "llm.int8", threshold=6.0)
     x = torch.randn(rows, 512, generator=g)
     x[:, torch.randperm(512, generator=g)[:k]] *= 40  # outlier columns (|x| >= 6 somewhere in each)

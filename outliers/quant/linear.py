@@ -54,6 +54,10 @@ ROUND_TO = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # few rows (generation) MKL takes other kernels whose order differs again.
 FUSED_COLUMNS = 64
 FUSED_ROWS = 16
+# ... and on at most FUSED_OUTPUTS outputs: the kernel sums a row's outlier product in a buffer of one
+# row's outputs, passed over once per column; beyond ~8k floats (32 KB) that buffer leaves the cache and
+# every pass streams (an lm_head's 49k-262k outputs ran several times slower than addmm_ itself).
+FUSED_OUTPUTS = 8192
 
 
 class NonFiniteInputError(InvalidArgumentError):
@@ -278,7 +282,8 @@ class Int8Linear(nn.Module):
                 from outliers.quant.cpu_kernels import dequantize_inplace
 
                 outliers = None
-                if 0 < cols.numel() <= FUSED_COLUMNS and len(x) >= FUSED_ROWS:  # joins the dequantization pass
+                fused = len(x) >= FUSED_ROWS and self.out_features <= FUSED_OUTPUTS
+                if fused and 0 < cols.numel() <= FUSED_COLUMNS:  # joins the dequantization pass
                     outliers = (x_cols, self._outlier_weight(cols).t())
                 product = int8_matmul(q.codes, self.weight_q)
                 out = dequantize_inplace(product, q.stats, self.weight_scale, bias, outliers)
