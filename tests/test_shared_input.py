@@ -27,13 +27,17 @@ def count_quantize(monkeypatch):
     return calls
 
 
-def _pair(threshold=6.0, seed=0):
+def _pair(threshold=6.0, seed=0, count=None):
+    """Two Int8Linears reading 32 features; ``count`` (the fixture's list) forgets their weights' quantization."""
     g = torch.Generator().manual_seed(seed)
     lins = [torch.nn.Linear(32, n) for n in (16, 24)]
     with torch.no_grad():
         for lin in lins:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.1)
-    return [Int8Linear.from_linear(lin, "llm.int8", threshold=threshold) for lin in lins]
+    layers = [Int8Linear.from_linear(lin, "llm.int8", threshold=threshold) for lin in lins]
+    if count is not None:
+        count.clear()
+    return layers
 
 
 def _x(seed=1):
@@ -44,8 +48,7 @@ def _x(seed=1):
 
 
 def test_siblings_reading_one_tensor_quantize_it_once(count_quantize):
-    a, b = _pair()
-    count_quantize.clear()  # the weights' own quantization
+    a, b = _pair(count=count_quantize)
     x = _x()
     with torch.no_grad():
         ya, yb = a(x), b(x)
@@ -56,8 +59,7 @@ def test_siblings_reading_one_tensor_quantize_it_once(count_quantize):
 
 
 def test_an_in_place_write_between_siblings_is_seen(count_quantize):
-    a, b = _pair()
-    count_quantize.clear()  # the weights' own quantization
+    a, b = _pair(count=count_quantize)
     x = _x()
     with torch.no_grad():
         a(x)
@@ -68,8 +70,7 @@ def test_an_in_place_write_between_siblings_is_seen(count_quantize):
 
 
 def test_a_view_of_the_tensor_is_another_input(count_quantize):
-    a, b = _pair()
-    count_quantize.clear()  # the weights' own quantization
+    a, b = _pair(count=count_quantize)
     x = _x()
     with torch.no_grad():
         a(x)
@@ -78,8 +79,7 @@ def test_a_view_of_the_tensor_is_another_input(count_quantize):
 
 
 def test_a_different_threshold_is_not_shared(count_quantize):
-    (a, _), (_, b) = _pair(6.0), _pair(3.0)
-    count_quantize.clear()  # the weights' own quantization
+    (a, _), (_, b) = _pair(6.0), _pair(3.0, count=count_quantize)
     x = _x()
     with torch.no_grad():
         a(x)
@@ -89,8 +89,7 @@ def test_a_different_threshold_is_not_shared(count_quantize):
 
 
 def test_inference_tensors_are_never_shared(count_quantize):
-    a, b = _pair()
-    count_quantize.clear()  # the weights' own quantization
+    a, b = _pair(count=count_quantize)
     with torch.inference_mode():
         x = _x()
         a(x), b(x)

@@ -169,14 +169,10 @@ def _quantized(source: Any, method: str, threshold: float, ctx: Context) -> tupl
     held = ctx.cache.get("quantized")
     if held is None or held[0] is not source or held[1] != method:
         ctx.cache.pop("quantized", None)  # the last copy goes before the next is made
-        copy, report = quantized_copy(
-            source, method, threshold, outlier_weights=cfg.outlier_weights, round_to=cfg.round_to
-        )
-        ctx.cache["quantized"] = held = (source, method, copy, report)
-    source_, method_, copy, report = held
-    report = set_threshold(copy, report, threshold)
-    ctx.cache["quantized"] = (source_, method_, copy, report)
-    return copy, report
+        made = quantized_copy(source, method, threshold, outlier_weights=cfg.outlier_weights, round_to=cfg.round_to)
+        ctx.cache["quantized"] = held = (source, method, *made)
+    _, _, copy, report = held
+    return copy, set_threshold(copy, report, threshold)
 
 
 def _transformed(transform: Transform, ctx: Context) -> tuple[Any, dict[str, Any]]:
