@@ -18,6 +18,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "atomic_dir",
     "save_csv",
     "save_figure",
+    "heal",
 ]
 
 
@@ -72,6 +74,40 @@ def _scratch(target: Path, *, folder: bool) -> Path:
             return scratch
         except FileExistsError:
             continue
+
+
+def heal(path: str | os.PathLike, problem: object) -> Path | None:
+    """Move a cache file or folder that failed to read or verify out of the way; return where it went.
+
+    The damaged copy is kept beside it as ``.damaged-NAME-RANDOM`` (for a bug report; never read
+    again), so the caller can rebuild ``path`` as if it had never existed. One line on stderr names
+    it: a cache that heals silently would hide a failing disk. Returns None when ``path`` was
+    already gone (another process healed it first).
+    """
+    path = Path(path)
+    aside: Path | None = path.with_name(f".damaged-{path.name}-{secrets.token_hex(4)}")
+    assert aside is not None
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # a folder onto a name that exists, a read-only parent...: remove it instead, the rebuild needs the name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        aside = None
+    print(
+        f"outliers: warning: cache {path} was damaged ({_one_line(problem)}); "
+        + (f"moved aside to {aside.name} and rebuilt" if aside else "removed and rebuilt"),
+        file=sys.stderr,
+        flush=True,
+    )
+    return aside
+
+
+def _one_line(problem: object) -> str:
+    text = f"{type(problem).__name__}: {problem}" if isinstance(problem, BaseException) else str(problem)
+    text = " ".join(text.split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """``outliers`` command line: a thin front end over the Python API.
 
-One module per command (``models``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
+One module per command (``models``, ``env``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
 ``weights``, ``kvcache``, ``generate``), each with ``register(subparsers)`` and ``run(args)``;
 a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
 (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
@@ -18,7 +18,7 @@ from outliers.errors import OutliersError
 
 __all__ = ["main", "dispatch", "build_parser", "COMMANDS"]
 
-COMMANDS = ("models", "eval", "scan", "ablate", "sinks", "superweights", "weights", "kvcache", "generate")
+COMMANDS = ("models", "env", "eval", "scan", "ablate", "sinks", "superweights", "weights", "kvcache", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,9 @@ def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int
     """Run the chosen subcommand; the toolkit's own errors become one line and exit code 2."""
     args = parser.parse_args(argv)
     try:
+        from outliers.cli.common import apply_int8_gemm
+
+        apply_int8_gemm(args)
         return args.func(args)
     except OutliersError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -21,6 +21,8 @@ __all__ = [
     "add_device_map_args",
     "Placement",
     "placement_of",
+    "add_int8_gemm_arg",
+    "apply_int8_gemm",
 ]
 
 
@@ -72,6 +74,27 @@ def run_facts(model: str, info: Any, corpus: Any = None) -> dict[str, Any]:
         "weights": info.weights,
         "weights_sha256": info.weights_sha256,
     }
+
+
+def add_int8_gemm_arg(p: Any) -> None:
+    """``--int8-gemm NAME``: force one exact CPU int8 GEMM backend (``outliers.quant.gemm``)."""
+    p.add_argument(
+        "--int8-gemm",
+        metavar="NAME",
+        default=None,
+        help="CPU int8 GEMM backend: int_mm, float32 or int16 (default: $OUTLIERS_INT8_GEMM, else the "
+        "fastest exact one on this machine, measured once and cached; every backend gives the same numbers)",
+    )
+
+
+def apply_int8_gemm(args: Any) -> None:
+    """Check ``--int8-gemm`` before any work and pin it for this process and its children."""
+    name = getattr(args, "int8_gemm", None)
+    if name:
+        from outliers.quant.gemm import ENV, get_backend
+
+        get_backend(name)  # an unknown name fails here, listing the available ones
+        os.environ[ENV] = name
 
 
 def add_transform_args(p: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from outliers.cli.common import (
     add_device_map_args,
+    add_int8_gemm_arg,
     add_transform_args,
     check_writable,
     ci,
@@ -88,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    add_int8_gemm_arg(p)
     p.set_defaults(func=run)
 
 
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     # the evaluated text itself, under another name, must not calibrate on what it evaluates either
     reserved = _evaluated_tokens(len(ids), settings) if calib_corpus.sha256 == corpus.sha256 else 0
     rows = _calibratable(rows, calib, settings.window, reserved, optional=args.method == "all" and not args.smooth)
+    gemm_line = None  # which exact int8 GEMM the quantized rows ran on: a set-up fact, not a result
     ref_states: dict | None = {} if len(rows) > 1 else None  # the reference runs once for all methods
     results, labels = [], []
     made: tuple[Any, Any, dict[str, Any]] | None = None  # one transformed copy at a time, for its rows
@@ -181,6 +184,11 @@ def run(args: argparse.Namespace) -> int:
             )
         result.extra.update(applied)
         result.extra.update(setup)
+        if report is not None and device_is_cpu(target):
+            from outliers.quant.gemm import describe_choice, record
+
+            result.extra["int8_gemm"] = record()
+            gemm_line = describe_choice()
         results.append(result)
         labels.append(_label(m, transform, result.dtype))
         del target, source
@@ -198,10 +206,13 @@ def run(args: argparse.Namespace) -> int:
     if len(results) == 1:
         m, transform = rows[0]
         name = r0.dtype if m == "fp32" else m  # the unquantized model as loaded: bf16 is not fp32
-        print_table(head + _result_rows(r0, name + (f" after {transform.label}" if transform else "")))
+        gemm_row = [("int8 GEMM", gemm_line)] if gemm_line else []
+        print_table(head + _result_rows(r0, name + (f" after {transform.label}" if transform else "")) + gemm_row)
     else:
         print_table(head)
         print(_method_table(results, labels, args.model, args.threshold, head_quantized=skip is not None))
+        if gemm_line:
+            print(f"int8 GEMM: {gemm_line}")
     if note := few_windows_note(r0.n_windows):
         print(f"note: {note}", file=sys.stderr)
     if json_path:
@@ -213,6 +224,12 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:  # the numbers are printed above: nothing is lost
             raise OutputPathError(f"could not write --json {json_path}: {e}") from e
     return 0
+
+
+def device_is_cpu(model: Any) -> bool:
+    """Whether the model's first parameter is on the CPU, where ``outliers.quant.gemm`` runs its products."""
+    first = next(iter(model.parameters()), None)
+    return first is None or first.device.type == "cpu"
 
 
 def _rows(method: str, transform: Any) -> list[tuple[str, Any]]:

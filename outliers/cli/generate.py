@@ -8,7 +8,7 @@ import json
 import shutil
 import textwrap
 
-from outliers.cli.common import check_writable, run_facts
+from outliers.cli.common import add_int8_gemm_arg, check_writable, run_facts
 from outliers.errors import InvalidArgumentError
 
 # The built-in corpus is Python's pydoc topics: a line in their voice, which the packaged models continue.
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40, help="per continuation (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_int8_gemm_arg(p)
     p.set_defaults(func=run)
 
 

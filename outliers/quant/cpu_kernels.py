@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["quantize_decompose", "quantize_rows", "dequantize_into", "dequantize_inplace"]
+__all__ = ["quantize_decompose", "quantize_rows", "dequantize_into", "dequantize_inplace", "int8_gemm_int16"]
 
 
 _ABS = np.int32(0x7FFFFFFF)  # clears the sign bit
@@ -119,6 +119,31 @@ def _dequantize_inplace_outliers(c, row_stats, col_stats, bias, has_bias, xo, wo
                 v = np.float32(c[i, j]) * r * col_stats[j]
                 v = v + bias[j] if has_bias else v
                 out[i, j] = v + acc[j]
+
+
+_GEMM_COLS = 8  # weight rows per task: their codes stay in L1/L2 while every row of X passes them
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def int8_gemm_int16(a, b, out):  # pragma: no cover - compiled
+    """``out[:] = a @ b.T`` exactly: int8 ``a (m, k)``, ``b (n, k)``, int32 ``out (m, n)``, k <= 131,071.
+
+    Every product of two int8 codes fits int16 (|-128 * -128| = 2^14) and a pair of them int32: LLVM turns
+    the widened multiply-add into ``vpmaddwd`` (AVX2, AVX-512BW) or ``sdot``-like instructions elsewhere,
+    exact over the full range, unlike u8 x s8 ``vpmaddubsw`` paths that saturate pair sums at int16.
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    tasks = (n + _GEMM_COLS - 1) // _GEMM_COLS
+    for t in prange(tasks):
+        j0 = t * _GEMM_COLS
+        j1 = min(n, j0 + _GEMM_COLS)
+        for i in range(m):
+            for j in range(j0, j1):
+                acc = np.int32(0)
+                for q in range(k):
+                    acc += np.int32(np.int16(a[i, q]) * np.int16(b[j, q]))
+                out[i, j] = acc
 
 
 def _threshold_bits(threshold: float) -> np.int32:

@@ -86,11 +86,7 @@ def dequantize_zeropoint(
     return (q.to(torch.int32) - _expand(zero, dim)).float() / _expand(scale, dim)
 
 
-def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device.type == "cpu":
-        # torch 2.13's CPU _int_mm returns garbage for k == 1 (found by
-        # test_int8_matmul_is_exact); every other shape checked was exact.
-        return a.shape[1] > 1
+def _cuda_int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     # CUDA's cuBLASLt int8 path: m > 16, k and n multiples of 8.
     return a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0
 
@@ -102,8 +98,11 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a: int8 ``(m, k)``.
         b: int8 ``(n, k)`` (a weight stored ``(out, in)``).
 
-    Uses ``torch._int_mm`` where its shape rules allow, else a float64 matmul,
-    which is exact for int8 products up to k ~ 5e11.
+    On the CPU it runs on this machine's exact backend (``outliers.quant.gemm``: ``torch._int_mm``,
+    chunked float32 or a Numba int16 kernel, chosen by measurement once per machine, or forced by
+    ``$OUTLIERS_INT8_GEMM``); every backend gives the same int32 product. On CUDA,
+    ``torch._int_mm`` where cuBLASLt's shape rules allow, else a float64 matmul (exact for int8
+    products up to k ~ 5e11).
 
     Raises:
         ValueError: non-int8 operands or mismatched inner dimensions.
@@ -112,7 +111,11 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"int8_matmul expects int8 operands, got {a.dtype} and {b.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"int8_matmul expects (m, k) and (n, k), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if _int_mm_ok(a, b):
+    if a.device.type == "cpu" and b.device.type == "cpu":
+        from outliers.quant.gemm import int8_gemm
+
+        return int8_gemm(a, b)
+    if _cuda_int_mm_ok(a, b):
         return torch._int_mm(a, b.t())
     return (a.double() @ b.double().t()).to(torch.int32)
 
