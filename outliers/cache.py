@@ -80,11 +80,13 @@ def heal(path: str | os.PathLike, problem: object) -> Path | None:
     """Move a cache file or folder that failed to read or verify out of the way; return where it went.
 
     The damaged copy is kept beside it as ``.damaged-NAME-RANDOM`` (for a bug report; never read
-    again), so the caller can rebuild ``path`` as if it had never existed. One line on stderr names
-    it: a cache that heals silently would hide a failing disk. Returns None when ``path`` was
+    again; only the latest is kept), so the caller can rebuild ``path`` as if it had never existed.
+    One line on stderr names it: a cache that heals silently would hide a failing disk. Returns None when ``path`` was
     already gone (another process healed it first).
     """
     path = Path(path)
+    for old in path.parent.glob(f".damaged-{path.name}-*"):  # keep one damaged copy, not one per heal
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     aside: Path | None = path.with_name(f".damaged-{path.name}-{secrets.token_hex(4)}")
     assert aside is not None
     try:

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from outliers.cache import cache_dir, sha256_file
+from outliers.cache import cache_dir, heal, sha256_file
 
-__all__ = ["file_sha256", "folder_sha256", "gguf_file_type", "git_commit", "digest"]
+__all__ = ["file_sha256", "folder_sha256", "gguf_file_type", "git_commit", "digest", "record_sha256"]
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS facts (
     path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, name TEXT NOT NULL, value TEXT,
@@ -33,23 +33,60 @@ def digest(obj: Any) -> str:
 
 
 def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | None]) -> str | None:
-    """Return ``compute(path)``, from the cache when the file's path, size and mtime are unchanged."""
+    """Return ``compute(path)``, from the cache when the file's path, size and mtime are unchanged.
+
+    A facts file that is not a database (truncated, overwritten, half-written) is moved aside and
+    started anew: it only ever saves time.
+    """
     real = os.path.realpath(path)
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns, name)
-    conn = sqlite3.connect(cache_dir() / "file_facts.sqlite", timeout=30)
+    db = cache_dir() / "file_facts.sqlite"
+    try:
+        row = _lookup(db, key)
+    except sqlite3.DatabaseError as e:
+        heal(db, e)
+        row = _lookup(db, key)
+    if row is not None:
+        return row[0]
+    value = compute(Path(real))
+    remember(db, key, value)
+    return value
+
+
+def _lookup(db: Path, key: tuple) -> tuple[str | None] | None:
+    conn = sqlite3.connect(db, timeout=30)
     try:
         with conn:
             conn.execute(_SCHEMA)
-        row = conn.execute("SELECT value FROM facts WHERE path=? AND size=? AND mtime_ns=? AND name=?", key).fetchone()
-        if row:
-            return row[0]
-        value = compute(Path(real))
-        with conn:
-            conn.execute("INSERT OR REPLACE INTO facts VALUES (?,?,?,?,?)", (*key, value))
-        return value
+        return conn.execute("SELECT value FROM facts WHERE path=? AND size=? AND mtime_ns=? AND name=?", key).fetchone()
     finally:
         conn.close()
+
+
+def remember(db: Path, key: tuple, value: str | None) -> None:
+    """Store one fact; a database that fails now is healed and the fact stored in a fresh one."""
+    for attempt in (0, 1):
+        conn = sqlite3.connect(db, timeout=30)
+        try:
+            with conn:
+                conn.execute(_SCHEMA)
+                conn.execute("INSERT OR REPLACE INTO facts VALUES (?,?,?,?,?)", (*key, value))
+            return
+        except sqlite3.DatabaseError as e:
+            if attempt:
+                raise
+            conn.close()
+            heal(db, e)
+        finally:
+            conn.close()
+
+
+def record_sha256(path: str | os.PathLike, sha256: str) -> None:
+    """Record a file's SHA-256 computed while writing it, so that checking it later costs a ``stat``."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    remember(cache_dir() / "file_facts.sqlite", (real, st.st_size, st.st_mtime_ns, "sha256"), sha256)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

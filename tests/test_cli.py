@@ -498,3 +498,37 @@ def test_eval_names_a_bf16_baseline_bf16(model_dir, text_file, capsys):
     assert main([*common, "--dtype", "bfloat16", "--method", "fp32,llm.int8", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "| bfloat16" in table and "vs bf16" in table and "32-bit float" not in table
+
+
+def test_eval_int8_gemm_forced_backends_agree_to_the_last_digit(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    from outliers.quant.gemm import ENV
+
+    monkeypatch.setenv(ENV, "")  # restored after the test: the flag below pins the variable for the process
+    results = {}
+    for name in ("float32", "int16"):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval", "--model", str(model_dir("llama")), "--corpus", str(text_file), "--window", "32"]
+        argv += ["--max-windows", "3", "--method", "llm.int8", "--threshold", "0.5", "--int8-gemm", name]
+        assert main([*argv, "--json", str(out), "--quiet"]) == 0
+        assert f"int8 GEMM        {name} (forced by ${ENV})" in capsys.readouterr().out
+        results[name] = json.loads(out.read_text())
+        monkeypatch.setenv(ENV, "")
+    a, b = results["float32"], results["int16"]
+    assert a["extra"]["int8_gemm"]["backend"] == "float32" and b["extra"]["int8_gemm"]["backend"] == "int16"
+    for key in ("ppl", "nll", "kl_vs_ref", "top1_agreement", "window_nll"):
+        assert a[key] == b[key], key
+
+
+def test_unknown_int8_gemm_is_one_line_naming_the_choices(capsys):
+    assert main(["eval", "--int8-gemm", "turbo", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown int8 GEMM backend 'turbo'; available: int_mm, float32, int16" in err and len(err.splitlines()) == 1
+
+
+def test_env_prints_machine_facts_and_backends(tmp_path, capsys):
+    assert main(["env", "--json", str(tmp_path / "env.json")]) == 0
+    out = capsys.readouterr().out
+    for word in ("cpu", "flags", "threads", "torch", "int_mm", "float32", "int16", "choice:"):
+        assert word in out
+    facts = json.loads((tmp_path / "env.json").read_text())
+    assert set(facts["exact"]) == {"int_mm", "float32", "int16"} and facts["large"] in facts["exact"]

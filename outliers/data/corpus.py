@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from outliers.cache import atomic_file, cache_dir
+from outliers.cache import atomic_file, cache_dir, heal
 from outliers.errors import CorpusError, HubUnavailableError, InvalidArgumentError, MissingPackageError
 
 __all__ = ["Corpus", "load_corpus", "encode_corpus", "tokenizer_fingerprint", "bos_token_id"]
@@ -164,13 +164,26 @@ def encode_corpus(tokenizer: Any, corpus: Corpus, *, cache: bool = True) -> torc
     """
     path = cache_dir("tokens") / f"{tokenizer_fingerprint(tokenizer)[:20]}-{corpus.sha256[:20]}.npy"
     if cache and path.exists():
-        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        try:
+            return torch.from_numpy(_load_ids(path, len(tokenizer)))
+        except (OSError, ValueError, EOFError) as e:  # truncated, garbage, empty: tokenize again
+            heal(path, e)
     ids = tokenizer(corpus.text, return_attention_mask=False, verbose=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
     if cache:  # a unique scratch moved into place: concurrent encoders each leave a whole file
         with atomic_file(path) as f:
             np.save(f, ids.astype(np.int32) if ids.max(initial=0) < 2**31 else ids, allow_pickle=False)
     return torch.from_numpy(ids)
+
+
+def _load_ids(path: Path, vocab: int) -> np.ndarray:
+    """Read cached token ids, checked: one dimension, integers, inside the vocabulary."""
+    ids = np.load(path, allow_pickle=False)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or not len(ids):
+        raise ValueError(f"not a token-id array ({ids.dtype}, shape {ids.shape})")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"token ids outside the vocabulary of {vocab}")
+    return ids.astype(np.int64)
 
 
 def bos_token_id(tokenizer: Any, model: str = "") -> int:

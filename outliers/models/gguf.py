@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from outliers.cache import atomic_dir, cache_dir
+from outliers.cache import atomic_dir, cache_dir, heal, sha256_file
 from outliers.errors import ModelFileError
 
-__all__ = ["converted_dir", "check_gguf", "convert_gguf", "quiet_loading"]
+__all__ = ["converted_dir", "check_gguf", "convert_gguf", "damage", "quiet_loading"]
 
 
 def converted_dir(gguf_name: str, sha256: str) -> Path:
@@ -46,7 +46,10 @@ def convert_gguf(path: Path, sha256: str, *, progress: bool) -> Path:
     """Dequantize a GGUF once and save model + tokenizer as a float32 safetensors folder."""
     target = converted_dir(path.name, sha256)
     if target.exists():
-        return target
+        problem = damage(target, sha256)
+        if problem is None:
+            return target
+        heal(target, problem)
     check_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,8 +71,46 @@ def convert_gguf(path: Path, sha256: str, *, progress: bool) -> Path:
     with atomic_dir(target) as scratch, quiet_loading(progress=progress):
         clean.save_pretrained(scratch)
         tok.save_pretrained(scratch)
-        (scratch / "outliers_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256}, indent=2))
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(scratch.iterdir())}
+        manifest = {"gguf": str(path), "sha256": sha256, "files": files}
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    from outliers.fingerprint import record_sha256
+
+    for name, facts in files.items():  # checking the folder later costs a stat per file
+        if (target / name).exists():
+            record_sha256(target / name, str(facts["sha256"]))
     return target
+
+
+MANIFEST = "outliers_source.json"
+
+
+def damage(folder: Path, sha256: str) -> str | None:
+    """What is wrong with a converted folder, or None: every file its manifest lists, whole and unchanged.
+
+    A file's hash is read from the file-facts cache while its size and mtime are unchanged (a stat),
+    and computed again otherwise: a file truncated or overwritten after conversion is found.
+    """
+    from outliers.fingerprint import file_sha256
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if "files" not in manifest:
+            return "converted by an earlier version, without a list of its files to check"
+        files = manifest["files"]
+        if manifest.get("sha256") != sha256 or not isinstance(files, dict) or not files:
+            return f"{MANIFEST} does not describe this conversion"
+        for name, facts in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != facts["size"]:
+                return f"{name} has {f.stat().st_size} bytes, {facts['size']} were written"
+            if file_sha256(f) != facts["sha256"]:
+                return f"{name} changed after conversion (SHA-256 differs)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable: {type(e).__name__}: {e}"
+    return None
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from outliers.cache import sha256_file
+from outliers.cache import heal, sha256_file
 from outliers.errors import HubUnavailableError, InvalidArgumentError, ModelFileError
 from outliers.models.builtin import DEFAULT_MODEL
 from outliers.models.dispatch import DeviceMap, check_offload, describe_placement, offload_subfolder, remove_with
@@ -178,7 +178,7 @@ def load_model(
 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    def read(where: str | Path) -> tuple[Any, Any, Any, bool]:
         with quiet_loading(progress=progress, gguf=gguf_file is not None), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
@@ -189,6 +189,20 @@ def load_model(
                 kwargs.update(_placement(auto, config, torch_dtype, device_map, max_memory, offload_folder))
             model = auto.from_pretrained(where, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where, **cfg_kwargs)
+        return config, model, tokenizer, causal
+
+    try:
+        try:
+            config, model, tokenizer, causal = read(where)
+        except (HubUnavailableError, InvalidArgumentError):
+            raise
+        except Exception as e:
+            if src.gguf is None or not cache:
+                raise
+            # our own conversion failed to load: it is a cache, so it is rebuilt from the GGUF once
+            heal(where, e)
+            where = convert_gguf(src.gguf, sha, progress=progress)
+            config, model, tokenizer, causal = read(where)
     except (HubUnavailableError, InvalidArgumentError):
         raise
     except Exception as e:

@@ -14,7 +14,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from outliers.cache import atomic_file
+from outliers.cache import atomic_file, heal
 from outliers.errors import MissingPackageError, ModelFileError
 
 __all__ = ["PackagedFile", "package_dir", "locate", "assemble", "pip_line"]
@@ -75,7 +75,15 @@ def assemble(parts: list[Path], target: Path, sha256: str) -> Path:
             (a part is damaged or from another release); nothing is left behind.
     """
     if target.exists():
-        return target
+        from outliers.fingerprint import file_sha256
+
+        try:
+            found = file_sha256(target)  # a stat while it is unchanged since it was written
+        except OSError as e:
+            found = f"unreadable ({e})"
+        if found == sha256:
+            return target
+        heal(target, f"SHA-256 {found[:16]}..., expected {sha256[:16]}...")
     digest = hashlib.sha256()
     with atomic_file(target, "wb") as out:
         for part in parts:
@@ -88,4 +96,7 @@ def assemble(parts: list[Path], target: Path, sha256: str) -> Path:
                 f"assembling {target.name} from {len(parts)} parts gave SHA-256 {digest.hexdigest()}, "
                 f"expected {sha256}; reinstall the part packages"
             )
+    from outliers.fingerprint import record_sha256
+
+    record_sha256(target, sha256)
     return target

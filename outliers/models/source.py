@@ -14,7 +14,7 @@ from typing import NamedTuple
 from outliers.cache import cache_dir
 from outliers.errors import ModelFileError, UnknownModelError
 from outliers.models.builtin import BUILTIN_MODELS, BuiltinModel
-from outliers.models.gguf import converted_dir
+from outliers.models.gguf import converted_dir, damage
 from outliers.models.hub import hub_snapshot
 from outliers.models.packaged import assemble, locate
 
@@ -63,7 +63,8 @@ def resolve_builtin(m: BuiltinModel) -> Source:
     if m.sha256 is None:
         raise ModelFileError(f"built-in {m.name} comes in parts but declares no SHA-256 to check them against")
     target = cache_dir("gguf") / m.gguf_name
-    if not converted_dir(m.gguf_name, m.sha256).exists():
+    converted = converted_dir(m.gguf_name, m.sha256)
+    if not converted.exists() or damage(converted, m.sha256) is not None:  # the conversion will need the file
         assemble(paths, target, m.sha256)
     return Source(None, target, None, m.sha256)
 
