@@ -21,7 +21,25 @@ from .config import StudyConfig
 if TYPE_CHECKING:
     from .measures import Measure
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "release_memory"]
+
+
+def release_memory() -> None:
+    """Free what the previous model left before the next one loads.
+
+    A model's modules can sit in reference cycles (freed only by the cycle collector), and glibc keeps
+    freed heap in its arenas instead of returning it to the system; ``malloc_trim`` gives it back.
+    """
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 class Worker:
@@ -49,6 +67,7 @@ class Worker:
             self.loaded.clear()  # one model in memory at a time
             self.tokens.clear()
             self.caches.clear()
+            release_memory()
             self.loaded[name] = load_model(name, dtype=self.cfg.dtype, progress=False)
         return self.loaded[name]
 
@@ -86,6 +105,9 @@ class Worker:
 
                 bos_id = bos_token_id(tok, cell["model"])
             cache = self.caches.setdefault((*tkey, measure.name), {})
+            from outliers.quant import gemm
+
+            products = gemm.calls()
             result = measure.compute(cell, Context(self.cfg, model, tok, info, ids, bos_id, cache, self.progress))
             result["n_params"] = info.n_params
             result["provenance"] = {
@@ -99,6 +121,8 @@ class Worker:
                 "python": platform.python_version(),
                 "machine": platform.machine(),
             }
+            if gemm.calls() > products:  # which exact int8 GEMM ran: provenance, never the key (same numbers)
+                result["provenance"]["int8_gemm"] = gemm.record()
             return "done", result, None
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -77,11 +77,15 @@ def test_bad_configs_name_key_and_file(tmp_path, line, message):
     assert message in str(e.value)
 
 
-def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
+def test_run_resume_status_and_report(tmp_path, model_dir, text_file, monkeypatch):
+    from outliers.quant.gemm import ENV
+
     cfg = load_config(write_config(tmp_path, model_dir("llama"), text_file, measure='["perplexity", "outliers"]'))
     out = tmp_path / "out"
+    monkeypatch.setenv(ENV, "float32")
     first = run_study(cfg, out, progress=False)
     assert first == {"done": 1 + 3 + 1 + 1, "failed": 0, "skipped": 0, "stale": 0}  # fp32, llm.int8 x3, absmax, scan
+    monkeypatch.setenv(ENV, "int16")  # another backend, the same arithmetic: the cells are still valid
     again = run_study(cfg, out, progress=False)
     assert again == {"done": 0, "failed": 0, "skipped": 6, "stale": 0}
     st = status(out)
@@ -101,6 +105,7 @@ def test_run_resume_status_and_report(tmp_path, model_dir, text_file):
     q = rows[rows.method == "llm.int8"].iloc[0]
     assert q.result["kl_vs_ref"] >= 0 and q.result["delta_ppl_pct_ci95"] and q.fingerprint
     assert q.provenance["weights_sha256"] and q.provenance["token_ids_sha256"] and q.provenance["corpus_sha256"]
+    assert q.provenance["int8_gemm"]["backend"] == "float32" and q.provenance["int8_gemm"]["how"] == "forced"
     nll = Store(out).token_nll(q.key)
     assert len(nll) == q.n_tokens and abs(nll.astype(float).sum() / q.n_tokens - q.result["nll"]) < 1e-5
 

@@ -67,6 +67,7 @@ __all__ = [
     "machine_facts",
     "describe_choice",
     "record",
+    "calls",
 ]
 
 ENV = "OUTLIERS_INT8_GEMM"
@@ -276,9 +277,19 @@ def _gops_text(c: dict[str, Any], name: str) -> str:
     return f"{g:.0f} GOPS at SmolLM2's shapes" if g else "no timing"
 
 
+_calls = 0  # CPU int8 products run by this process: a result that ran some records the backend
+
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``a @ b.T`` of CPU int8 ``a (m, k)``, ``b (n, k)`` on the selected backend."""
+    global _calls
+    _calls += 1
     return BACKENDS[selected(a.shape[0])].fn(a, b)
+
+
+def calls() -> int:
+    """How many CPU int8 products this process has run (compare before and after a piece of work)."""
+    return _calls
 
 
 # --- machine facts and the choice's cache -------------------------------------------------------
