@@ -203,3 +203,27 @@ def test_study_measure(model_dir, text_file, tmp_path):
     text = write_report(out).read_text()
     assert "## Super weights" in text and (out / "superweights.csv").exists()
     assert "| none |" in (out / "superweights.md").read_text()
+
+
+@pytest.mark.parametrize("k", [1, 7, 60, 400])
+def test_control_coords_stream_equals_one_sort_of_everything_ties_included(k):
+    # weights on a coarse grid, as a 4-bit GGUF leaves them: many equal magnitudes at every boundary
+    model = make_model("llama")
+    with torch.no_grad():
+        for _, m in down_projections(model):
+            w = weight_of(m)
+            w.copy_(torch.round(w * 40) / 40)
+    downs = down_projections(model)
+    excl = [(downs[0][0], 0, 0), (downs[-1][0], 1, 2)]
+    flat = torch.cat([weight_of(m).abs().flatten() for _, m in downs])
+    starts = [0]
+    for _, m in downs:
+        starts.append(starts[-1] + weight_of(m).numel())
+    for b, r, c in excl:
+        i = [bb for bb, _ in downs].index(b)
+        flat[starts[i] + r * weight_of(downs[i][1]).shape[1] + c] = -1.0
+    want = []
+    for j in torch.sort(flat, descending=True, stable=True).indices[:k].tolist():
+        i = max(n for n in range(len(downs)) if starts[n] <= j)
+        want.append((downs[i][0], *divmod(j - starts[i], weight_of(downs[i][1]).shape[1])))
+    assert control_coords(model, excl, k) == want

@@ -76,25 +76,39 @@ class SuperWeightEffects:
 def control_coords(model: nn.Module, exclude: list[Coord], k: int) -> list[Coord]:
     """The ``k`` largest-|w| weights over every block's down projection, those at ``exclude`` left out.
 
+    Ties (common in weights dequantized from a 4-bit GGUF) go to the earlier (block, row, col). One down
+    projection is read at a time: each gives its candidates, every weight at least as large as its own
+    k-th largest, and the k largest of those are the k largest overall. Concatenating every |w| and
+    taking one top-k held ~3x the down projections' bytes at once (7.7 GB for Qwen2.5-Coder-1.5B).
+
     Raises:
         InvalidArgumentError: k < 0 or more than the other weights.
     """
     downs = down_projections(model)
-    mags = [weight_of(m).abs().float().flatten().cpu() for _, m in downs]
-    flat = torch.cat(mags)
-    if not 0 <= k <= len(flat) - len(exclude):
-        raise InvalidArgumentError(f"control_k must be in [0, {len(flat) - len(exclude)}], got {k}")
-    blocks = [b for b, _ in downs]
-    starts = torch.tensor([0] + [len(m) for m in mags[:-1]]).cumsum(0)
-    cols = [weight_of(m).shape[1] for _, m in downs]
-    for b, r, c in exclude:
-        i = blocks.index(b)
-        flat[int(starts[i]) + r * cols[i] + c] = -1.0
+    total = sum(weight_of(m).numel() for _, m in downs)
+    if not 0 <= k <= total - len(exclude):
+        raise InvalidArgumentError(f"control_k must be in [0, {total - len(exclude)}], got {k}")
+    if k == 0:
+        return []
+    values, where = [], []  # candidates' |w| and (layer, flat index), in (block, row, col) order
+    for i, (b, m) in enumerate(downs):
+        mag = weight_of(m).detach().abs().float().flatten().cpu()
+        cols = weight_of(m).shape[1]
+        for eb, r, c in exclude:
+            if eb == b:
+                mag[r * cols + c] = -1.0
+        kth = torch.topk(mag, min(k, len(mag))).values[-1]
+        idx = torch.nonzero(mag >= kth).view(-1)  # every tie of the k-th largest: the rule decides among them
+        values.append(mag[idx])
+        where.append(torch.stack([torch.full_like(idx, i), idx], 1))
+        del mag
+    cand, pos = torch.cat(values), torch.cat(where)
+    order = torch.sort(cand, descending=True, stable=True).indices[:k]  # stable: ties keep (block, row, col) order
     out = []
-    for i in torch.topk(flat, k).indices.tolist():
-        j = int(torch.searchsorted(starts, i, right=True)) - 1
-        r, c = divmod(i - int(starts[j]), cols[j])
-        out.append((blocks[j], r, c))
+    for i, flat in pos[order].tolist():
+        b, m = downs[i]
+        r, c = divmod(flat, weight_of(m).shape[1])
+        out.append((b, r, c))
     return out
 
 
