@@ -31,10 +31,19 @@ from outliers.threads import configure_threads
 configure_threads()  # before torch loads, as the CLI does: idle OpenMP threads sleep (outliers.threads)
 
 import torch  # noqa: E402
-from speed_parts import PARTS, ceiling, int8_parts, isolated_gemms, machine_facts, timed_linears  # noqa: E402
+from speed_parts import (  # noqa: E402
+    PARTS,
+    backend_seconds,
+    ceiling,
+    int8_parts,
+    isolated_gemms,
+    machine_facts,
+    timed_linears,
+)
 
 import outliers  # noqa: E402
 from outliers.cli.eval import quantize_skip  # noqa: E402
+from outliers.quant import gemm  # noqa: E402
 from outliers.quant.model import quantized_copy  # noqa: E402
 
 INT8, HEAD = "ours llm.int8 t=6", "ours llm.int8 t=6, int8 lm_head"
@@ -175,11 +184,23 @@ def bench(name: str, args) -> None:
         print(
             f"\n{k}: quantized linears in the fp32 forward {f_in:.3f} s of {t_in:.3f} s "
             f"({100 * f_in / t_in:.0f} %, hook-timed; medians of {args.rounds} passes); the same calls timed apart: "
-            f"fp32 {f_iso:.3f} s, torch._int_mm {i8:.3f} s; ceiling {ceil[k]:.2f}x (rounds: "
+            f"fp32 {f_iso:.3f} s, int8 GEMM ({gemm.selected()}) {i8:.3f} s; ceiling {ceil[k]:.2f}x (rounds: "
             f"{', '.join(f'{c:.2f}' for c in rounds_ceil[k])}; with the isolated fp32 time: {ceil_iso[k]:.2f}x); "
             f"llm.int8 at {100 * best[k] / best['fp32'] / ceil[k]:.0f} % of it (best of rounds), "
             f"{100 * paired[k]:.0f} % (median of each round's pair with the fp32 pass before it)"
         )
+    calls = lt.calls(replaced[INT8])
+    per = backend_seconds(calls)
+    ops = sum(2 * m * k * n * c for (m, k, n), c in calls.items())
+    print(
+        f"\nevery exact int8 GEMM backend over {INT8}'s {sum(calls.values())} calls of one pass "
+        f"(best of 3 per shape; the ceiling uses {gemm.selected()}, this machine's choice):\n"
+    )
+    print("| backend | seconds | GOPS | x fastest |")
+    print("|---|---|---|---|")
+    fastest = min(per.values())
+    for bname, s in sorted(per.items(), key=lambda kv: kv[1]):
+        print(f"| {bname} | {s:.3f} | {ops / s / 1e9:.0f} | {s / fastest:.2f} |")
     if "bitsandbytes t=6" in best:
         print(f"llm.int8 t=6 vs bitsandbytes t=6: {best[INT8] / best['bitsandbytes t=6']:.2f}x")
     q0, q1 = quality[INT8], quality[HEAD]

@@ -7,7 +7,9 @@ its int8 GEMM and nothing else in the forward changed::
 
 ``T`` is the fp32 model's time over the benchmark's batches (the seconds
 ``perplexity`` reports), ``F`` the time those batches spend in the linears a
-method quantizes, ``I`` the pure ``torch._int_mm`` time of the same calls.
+method quantizes, ``I`` the pure int8 GEMM time of the same calls on this machine's best exact
+backend (``outliers.quant.gemm``: ``torch._int_mm`` where oneDNN has VNNI, the float32 path or
+the Numba int16 kernel elsewhere).
 ``F`` is timed *inside the real forward* by hooks on those linears: that is
 what the forward pays for them, with the caches as the surrounding ops leave
 them, so removing it leaves exactly the rest. ``I`` is timed apart, at the
@@ -53,6 +55,7 @@ __all__ = [
     "machine_facts",
     "gemm_pair",
     "isolated_gemms",
+    "backend_seconds",
     "timed_linears",
     "ceiling",
     "attention_modules",
@@ -79,8 +82,8 @@ def gemm_pair(shape: Shape, repeats: int = 3) -> tuple[float, float]:
     """Return the best seconds of one fp32 matmul and one int8 GEMM of ``shape``, timed interleaved.
 
     fp32: ``x @ w.T`` with ``w`` stored ``(out, in)`` as ``nn.Linear`` keeps it. int8:
-    ``int8_matmul`` (``torch._int_mm`` on ``b.t()``, as ``Int8Linear`` calls it; a few
-    microseconds of argument checks around the GEMM).
+    ``int8_matmul`` as ``Int8Linear`` calls it, on the backend chosen for this machine
+    (``outliers.quant.gemm``; a few microseconds of argument checks around the GEMM).
     """
     m, k, n = shape
     g = torch.Generator().manual_seed(0)
@@ -109,15 +112,45 @@ def isolated_gemms(shapes: Counter[Shape], repeats: int = 3) -> tuple[float, flo
     return fp, i8
 
 
+def backend_seconds(shapes: Counter[Shape], repeats: int = 3) -> dict[str, float]:
+    """Seconds of every exact int8 GEMM backend over the calls ``shapes`` counts: each shape's best x its count."""
+    from outliers.quant import gemm
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name in gemm.BACKENDS:
+        if not gemm.verify(name):
+            continue
+        fn, total = gemm.BACKENDS[name].fn, 0.0
+        for (m, k, n), calls in shapes.items():
+            a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+            b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            fn(a, b)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(a, b)
+                best = min(best, time.perf_counter() - start)
+            total += calls * best
+        out[name] = total
+    return out
+
+
 def machine_facts(shape: Shape = (2048, 576, 1536), repeats: int = 5) -> list[str]:
-    """Lines naming the machine: CPU, threads, date, fp32 GFLOPS and ``_int_mm`` GOPS at ``shape``."""
-    fp, i8 = gemm_pair(shape, repeats)
+    """Lines naming the machine: CPU and flags, threads, date, fp32 GFLOPS and each int8 backend's GOPS at ``shape``."""
+    from outliers.quant import gemm
+
+    fp, _ = gemm_pair(shape, repeats)
     ops = 2 * shape[0] * shape[1] * shape[2]
+    per = backend_seconds(Counter({shape: 1}), repeats)
+    facts = gemm.machine_facts()
     return [
-        f"CPU: {cpu_model()} ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU: {cpu_model()} ({platform.machine()}; {' '.join(facts['flags'])}), torch {torch.__version__} "
+        f"(capability {facts['torch_cpu_capability']}), {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f}",
-        f"GEMM at (tokens, in, out) = {shape}, best of {repeats}: fp32 matmul {ops / fp / 1e9:.0f} GFLOPS, "
-        f"torch._int_mm {ops / i8 / 1e9:.0f} GOPS ({fp / i8:.2f}x)",
+        f"GEMM at (tokens, in, out) = {shape}, best of {repeats}: fp32 matmul {ops / fp / 1e9:.0f} GFLOPS; exact int8 "
+        + ", ".join(f"{n} {ops / s / 1e9:.0f} GOPS ({fp / s:.2f}x)" for n, s in per.items())
+        + f"; in use: {gemm.describe_choice()}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
     ]
 
