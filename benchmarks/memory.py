@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="tokens for the scan")
     p.add_argument("--json", help="write the measurements here")
     p.add_argument("--study", action="store_true", help="also a study of all --models in one process, in order")
+    p.add_argument("--write", metavar="PATH", help="also write the printed tables to this markdown page")
     p.add_argument("--child", choices=("steps", "cell"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,6 +206,40 @@ def main(argv=None) -> int:
         print(json.dumps(child_cell(args.model.split(","), args.windows)))
         return 0
 
+    if args.write:
+        import contextlib
+        import io
+
+        class Tee(io.StringIO):
+            def write(self, s: str) -> int:
+                sys.__stdout__.write(s)
+                return super().write(s)
+
+        tee = Tee()
+        with contextlib.redirect_stdout(tee):
+            code = _parent(args)
+        _write_page(Path(args.write), tee.getvalue(), argv if argv is not None else sys.argv[1:])
+        return code
+    return _parent(args)
+
+
+def _write_page(path: Path, text: str, argv: list[str]) -> None:
+    """The tables as a results page: the command, the commit and the date above them."""
+    import subprocess as sp
+
+    from outliers.cache import atomic_write
+
+    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = (
+        "# Memory, measured\n\nWritten by `python benchmarks/memory.py "
+        + " ".join(a for a in argv if a != "--write" and a != str(path))
+        + f"` at commit {commit or 'unknown'} on {time.strftime('%Y-%m-%d')}. Peak resident set above the "
+        "process's baseline after its imports; the models are 4-bit GGUFs dequantized to float32.\n\n"
+    )
+    atomic_write(path, head + text)
+
+
+def _parent(args: argparse.Namespace) -> int:
     import platform
 
     import psutil
