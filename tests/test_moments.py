@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outliers import InvalidArgumentError
+from outliers.analysis.cpu_kernels import moment_sums_cpu
 from outliers.analysis.hooks import capture
 from outliers.analysis.moments import layer_table, moments_table, quantizability
 from outliers.analysis.plots import kurtosis_by_block
@@ -59,15 +60,16 @@ def test_rows_of_equal_values_have_no_kurtosis_and_a_constant_sequence_none_eith
     assert math.isnan(df.token_kurtosis[0]) and df.seq_kurtosis[0] == 0 and df.inf_norm[0] == 2.5
 
 
+@pytest.mark.parametrize("sums", [moment_sums, moment_sums_cpu], ids=["torch", "numba"])
 @given(rows=st.integers(1, 30), dims=st.integers(2, 40), seqs=st.integers(1, 4), seed=st.integers(0, 2**16))
 @settings(max_examples=60, deadline=None)
-def test_sequences_pool_their_rows_exactly(rows, dims, seqs, seed):
+def test_sequences_pool_their_rows_exactly(sums, rows, dims, seqs, seed):
     """Per-sequence kurtosis and ∞-norm from row moments equal scipy's over the sequence's values."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, dims, generator=g) * 3 + torch.randn(rows, 1, generator=g) * 5  # rows of other means
     x[0, 0] += 2000.0
     seq = torch.randint(0, seqs, (rows,), generator=g)
-    got = moment_sums(row_moments(x, torch.isfinite(x)), x.abs().amax(1), seq)
+    got = sums(row_moments(x, torch.isfinite(x)), x.abs().amax(1), seq)
     xs = x.double().numpy()
     groups = [xs[(seq == s).numpy()] for s in seq.unique()]
     assert got[PointStat.SEQS].item() == len(groups)
@@ -138,3 +140,19 @@ def test_moments_save_load_and_merge(tmp_path):
             assert merged.get_point(p.name, s) == pytest.approx(whole.get_point(p.name, s), rel=1e-9), (p.name, s)
     with pytest.raises(InvalidArgumentError, match="same capture points, thresholds and moments"):
         a.merge(scan(model, corpus, points="attn,residual", max_tokens=64, window=32, progress=False, moments=False))
+
+
+@given(rows=st.integers(0, 40), seqs=st.integers(0, 5), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_numba_moment_sums_equal_torch_ones(rows, seqs, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 24, generator=g) * 4
+    if rows > 2:
+        x[1] = 3.0  # a row of equal values: no kurtosis
+    seq = torch.randint(0, seqs, (rows,), generator=g) if seqs else None
+    m, row_max = row_moments(x, torch.isfinite(x)), x.abs().amax(1) if rows else torch.zeros(0)
+    want, got = moment_sums(m, row_max, seq), moment_sums_cpu(m, row_max, seq)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert got[k].dtype == torch.float64 and got[k].shape == (1,)
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-12, abs=1e-12), k

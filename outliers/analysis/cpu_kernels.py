@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from outliers.analysis.fields import BatchStats
 
-__all__ = ["point_stats", "accumulate_point"]
+__all__ = ["point_stats", "accumulate_point", "moment_sums_cpu"]
 
 
 @njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
@@ -407,3 +407,75 @@ def accumulate_point(
         row_moments.numpy(),
     )
     return int(nonfinite[0]), row_max, row_arg, row_moments if moments else None
+
+
+@njit(cache=True, boundscheck=False)
+def _moment_sums(m, row_max, inv, n_seqs, out):  # pragma: no cover - compiled
+    # torch_stats.moment_sums in one pass per stage instead of ~25 small torch ops per call (1.3 % of a
+    # SmolLM2 forward with residual and moments captured); the same formulas, summed in row order
+    rows = m.shape[0]
+    k_sum = 0.0
+    k_rows = 0.0
+    k_max = 0.0
+    for i in range(rows):
+        if m[i, 2] > 0:
+            k = m[i, 0] * m[i, 4] / (m[i, 2] * m[i, 2])
+            k_sum += k
+            k_max = k if k_rows == 0 else max(k_max, k)
+            k_rows += 1.0
+    out[0] = k_sum
+    out[1] = k_rows
+    out[2] = k_max
+    if n_seqs == 0:
+        return
+    size = np.zeros(n_seqs)
+    mean = np.zeros(n_seqs)
+    s2 = np.zeros(n_seqs)
+    s4 = np.zeros(n_seqs)
+    inf = np.zeros(n_seqs)
+    for i in range(rows):
+        s = inv[i]
+        size[s] += m[i, 0]
+        mean[s] += m[i, 0] * m[i, 1]
+    for s in range(n_seqs):
+        mean[s] /= max(size[s], 1.0)
+    for i in range(rows):
+        s = inv[i]
+        n, m2, m3, m4 = m[i, 0], m[i, 2], m[i, 3], m[i, 4]
+        d = m[i, 1] - mean[s]
+        d2 = d * d
+        s2[s] += m2 + n * d2
+        s4[s] += m4 + 4 * d * m3 + 6 * d2 * m2 + n * d2 * d2
+        inf[s] = max(inf[s], np.float64(row_max[i]))
+    seq_kurt = 0.0
+    seq_inf = 0.0
+    for s in range(n_seqs):
+        if s2[s] > 0:
+            seq_kurt += size[s] * s4[s] / (s2[s] * s2[s])
+        seq_inf += inf[s]
+    out[3] = seq_kurt
+    out[4] = seq_inf
+    out[5] = n_seqs
+
+
+def moment_sums_cpu(m: torch.Tensor, row_max: torch.Tensor, seq_ids: torch.Tensor | None) -> dict[Any, torch.Tensor]:
+    """``torch_stats.moment_sums`` for CPU tensors in one Numba call: the same sums, in row order (float64
+    sums differ from torch's reduction order in their last bits)."""
+    from outliers.analysis.fields import PointStat
+
+    out = np.zeros(6)
+    if seq_ids is None:
+        inv, n_seqs = np.zeros(0, dtype=np.int64), 0
+    else:
+        _, inv = np.unique(seq_ids.numpy(), return_inverse=True)
+        n_seqs = int(inv.max()) + 1 if len(inv) else 0
+    _moment_sums(m.numpy(), row_max.numpy(), inv.reshape(-1).astype(np.int64), n_seqs, out)
+    t = torch.from_numpy(out)
+    sums = {
+        PointStat.TOKEN_KURT: t[0:1],
+        PointStat.KURT_TOKENS: t[1:2],
+        PointStat.TOKEN_KURT_MAX: t[2:3],
+    }
+    if seq_ids is not None:
+        sums |= {PointStat.SEQ_KURT: t[3:4], PointStat.SEQ_INF: t[4:5], PointStat.SEQS: t[5:6]}
+    return sums

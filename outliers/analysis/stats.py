@@ -241,7 +241,13 @@ class OutlierStats:
             self._update_moments(key, row_moments, row_max, seq_ids)
 
     def _update_moments(self, key: str, m: torch.Tensor, row_max: torch.Tensor, seq_ids: torch.Tensor | None) -> None:
-        for stat, v in moment_sums(m, row_max, seq_ids).items():
+        if m.device.type == "cpu":
+            from outliers.analysis.cpu_kernels import moment_sums_cpu
+
+            sums = moment_sums_cpu(m, row_max, seq_ids)
+        else:
+            sums = moment_sums(m, row_max, seq_ids)
+        for stat, v in sums.items():
             acc = self._at(key + stat, v.device)
             if stat is PointStat.TOKEN_KURT_MAX:
                 self.tensors[key + stat] = torch.maximum(acc, v)
@@ -258,6 +264,9 @@ class OutlierStats:
                 self.tokens[f"space:{space}"] += union[space].shape[0]
 
     def _update_top(self, row_max, row_arg, x, point_index, seq_ids, positions, token_ids) -> None:
+        held = self.tensors[Top.ABS]
+        if len(held) >= self.top_k and len(row_max) and bool(row_max.max().to(held.device) < held.min()):
+            return  # nothing here beats the k-th largest held (a tie still goes through topk, as before)
         k = min(self.top_k, len(row_max))
         vals, rows = row_max.topk(k)
         dims = row_arg[rows]
