@@ -334,3 +334,23 @@ def test_statistic_names_are_typed():
         Stat.SUM: torch.float64,
         Stat.SUMSQ: torch.float64,
     }
+
+
+@given(rows=st.integers(1, 40), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_massive_counts_kernel_equals_the_torch_expression(rows, seed):
+    from outliers.analysis.cpu_kernels import massive_counts
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 33, generator=g) * 60
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 100.0])
+    x[rows // 2, 5] = -5000.0
+    x[-1, 6] = 100.00001
+    row_max = x.abs().nan_to_num(0.0, 0.0, 0.0).amax(1)
+    med = torch.tensor(0.08)
+    cand = torch.nonzero(row_max > 100).view(-1)
+    a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
+    want = ((a > 100) & (a > 1000 * med)).sum(0)
+    got = torch.zeros(33, dtype=torch.int64)
+    massive_counts(x, row_max, 100.0, 1000 * med, got)
+    assert torch.equal(got, want)

@@ -232,9 +232,15 @@ class OutlierStats:
             # more than the forward pass itself.
             flat = x.reshape(-1)
             med = flat[:: max(1, flat.numel() // 8192)].abs().nan_to_num(0.0, 0.0, 0.0).median()
-            cand = torch.nonzero(row_max > 100).view(-1)  # only these rows can hold one
-            a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
-            at(key + Stat.MASSIVE).add_(((a > 100) & (a > 1000 * med)).sum(0))
+            massive = at(key + Stat.MASSIVE)
+            if x.device.type == "cpu" and x.is_contiguous() and massive.dtype == torch.int64:
+                from outliers.analysis.cpu_kernels import massive_counts
+
+                massive_counts(x, row_max, 100.0, 1000 * med, massive)
+            else:
+                cand = torch.nonzero(row_max > 100).view(-1)  # only these rows can hold one
+                a = x[cand].abs().nan_to_num(0.0, 0.0, 0.0)
+                massive.add_(((a > 100) & (a > 1000 * med)).sum(0))
         if self.top_k and seq_ids is not None and rows:
             self._update_top(row_max, row_arg, x, point_index, seq_ids, positions, token_ids)
         if row_moments is not None and rows:
