@@ -236,7 +236,19 @@ def _write_page(path: Path, text: str, argv: list[str]) -> None:
         + f"` at commit {commit or 'unknown'} on {time.strftime('%Y-%m-%d')}. Peak resident set above the "
         "process's baseline after its imports; the models are 4-bit GGUFs dequantized to float32.\n\n"
     )
-    atomic_write(path, head + text)
+    atomic_write(path, head + _as_markdown(text))
+
+
+def _as_markdown(text: str) -> str:
+    """The printed ``# note`` lines as paragraphs (not headings), each apart from the tables."""
+    out: list[str] = []
+    for line in text.splitlines():
+        note = line.startswith("# ")
+        if note or (out and out[-1].startswith("|") != line.startswith("|")):
+            if out and out[-1] != "":
+                out.append("")
+        out.append(line[2:] if note else line)
+    return "\n".join(out) + "\n"
 
 
 def _parent(args: argparse.Namespace) -> int:
