@@ -68,14 +68,9 @@ Shape = tuple[int, int, int]  # (tokens, in, out) of one linear call
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from outliers.quant.gemm import machine_facts
+
+    return machine_facts()["cpu"] or "unknown"
 
 
 def gemm_pair(shape: Shape, repeats: int = 3) -> tuple[float, float]:
@@ -145,7 +140,7 @@ def machine_facts(shape: Shape = (2048, 576, 1536), repeats: int = 5) -> list[st
     per = backend_seconds(Counter({shape: 1}), repeats)
     facts = gemm.machine_facts()
     return [
-        f"CPU: {cpu_model()} ({platform.machine()}; {' '.join(facts['flags'])}), torch {torch.__version__} "
+        f"CPU: {facts['cpu']} ({platform.machine()}; {' '.join(facts['flags'])}), torch {torch.__version__} "
         f"(capability {facts['torch_cpu_capability']}), {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f}",
         f"GEMM at (tokens, in, out) = {shape}, best of {repeats}: fp32 matmul {ops / fp / 1e9:.0f} GFLOPS; exact int8 "

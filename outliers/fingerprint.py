@@ -38,9 +38,7 @@ def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | 
     A facts file that is not a database (truncated, overwritten, half-written) is moved aside and
     started anew: it only ever saves time.
     """
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns, name)
+    key = _key(path, name)
     db = cache_dir() / "file_facts.sqlite"
     try:
         row = _lookup(db, key)
@@ -49,7 +47,7 @@ def _cached(path: str | os.PathLike, name: str, compute: Callable[[Path], str | 
         row = _lookup(db, key)
     if row is not None:
         return row[0]
-    value = compute(Path(real))
+    value = compute(Path(key[0]))
     remember(db, key, value)
     return value
 
@@ -84,9 +82,14 @@ def remember(db: Path, key: tuple, value: str | None) -> None:
 
 def record_sha256(path: str | os.PathLike, sha256: str) -> None:
     """Record a file's SHA-256 computed while writing it, so that checking it later costs a ``stat``."""
+    remember(cache_dir() / "file_facts.sqlite", _key(path, "sha256"), sha256)
+
+
+def _key(path: str | os.PathLike, name: str) -> tuple[str, int, int, str]:
+    """A fact's key: the file's real path, size and mtime, so a replaced file is never taken for the old one."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    remember(cache_dir() / "file_facts.sqlite", (real, st.st_size, st.st_mtime_ns, "sha256"), sha256)
+    return (real, st.st_size, st.st_mtime_ns, name)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

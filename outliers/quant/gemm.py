@@ -190,21 +190,18 @@ def _pinned() -> str | None:
     name = getattr(_forced, "name", None) or os.environ.get(ENV) or None
     if name is not None:
         get_backend(name)
-        if name not in _verified:
-            if not verify(name):
-                from outliers.errors import InvalidArgumentError
+        if not verify(name):  # memoized: a dict lookup after the first call
+            from outliers.errors import InvalidArgumentError
 
-                raise InvalidArgumentError(
-                    f"int8 GEMM backend {name!r} is not exact on this machine (it differs from the int64 "
-                    f"product on full-range int8 codes); use one of: "
-                    f"{', '.join(n for n in BACKENDS if n != name and verify(n))}"
-                )
-            _verified.add(name)
+            raise InvalidArgumentError(
+                f"int8 GEMM backend {name!r} is not exact on this machine (it differs from the int64 "
+                f"product on full-range int8 codes); use one of: "
+                f"{', '.join(n for n in BACKENDS if n != name and verify(n))}"
+            )
     return name
 
 
-_verified: set[str] = set()  # backends forced in this process and found exact
-_verify_results: dict[str, bool] = {}
+_verify_results: dict[str, bool] = {}  # backend -> exact on this machine, checked once per process
 
 
 def _probe_operands() -> list[tuple[torch.Tensor, torch.Tensor]]:
