@@ -36,30 +36,11 @@ from typing import Any
 
 from outliers.errors import InvalidArgumentError
 
-from .settings import Setting, check_table, floats
+from .settings import CORE_SETTINGS, Setting, check_table, floats
 
 __all__ = ["StudyConfig", "load_config", "parse_config", "read_study", "write_study", "as_tables", "CORE_SETTINGS"]
 
 
-# The study's own keys: what it is, which grid, and how each model is loaded and fed (shared by every
-# measure). Their defaults are StudyConfig's. Each measure's keys are declared in its module.
-CORE_SETTINGS: dict[str, Setting] = {
-    s.key: s
-    for s in (
-        Setting("name", (str,)),
-        Setting("models", (list,), items=(str,)),
-        Setting("corpora", (list,), items=(str,)),
-        Setting("measure", (list,), items=(str,)),
-        Setting("window", (int,)),
-        Setting("batch_size", (int,)),
-        Setting("bos", (str,)),
-        Setting("dtype", (str,)),
-        Setting("description", (str,)),
-        Setting("expected_runtime", (str,)),
-        Setting("actor_memory_gib", (int, float)),  # Ray placement overrides (studies.ray_backend)
-        Setting("actor_gpus", (int, float)),
-    )
-}
 REPORT_SETTINGS: dict[str, Setting] = {"thresholds": Setting("thresholds", (list,), items=(int, float), convert=floats)}
 # study.json and the report's settings block list the keys in the order they have always had; the keys of
 # measures registered since follow, in registration order.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Device", "cell_memory", "devices", "dry_run"]
 
 GIB = 2**30
-_CHUNK_LOGITS = 1 << 23  # outliers.eval.lmhead makes a perplexity's logits ~2^23 at a time
+_CHUNK_LOGITS = 1 << 23  # outliers.arch.lmhead makes a perplexity's logits ~2^23 at a time
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -48,7 +48,7 @@ def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
         activations = b × w × 16 h × 4               the block's hidden states, the 4h FFN among them,
                       + b × H × w² × 4               and one layer's attention scores
         logits      = 2 × 2²³ × 4                    perplexity: logits and their log-softmax a chunk of
-                                                     positions at a time (``outliers.eval.lmhead``)
+                                                     positions at a time (``outliers.arch.lmhead``)
                     = b × V × 4                      other cells: the last position's only (``run_for_hooks``)
         sinks       + b × H × w² × 4                 eager attention: one layer's probabilities beside its scores
         scan        + 4 × L × h × 16 × 8             per capture point (4 per block) and dim, float64 accumulators

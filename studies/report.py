@@ -21,7 +21,7 @@ import pandas as pd
 from .config import StudyConfig, as_tables, read_study
 from .format import fmt_delta, markdown
 from .measures.outliers import emergence, outlier_table
-from .measures.perplexity import agreement_table, perplexity_table, threshold_curves
+from .measures.perplexity_report import agreement_table, perplexity_table, threshold_curves
 from .store import Store
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any
 
 from outliers.errors import InvalidArgumentError
 
-__all__ = ["Setting", "check_table", "floats"]
+__all__ = ["Setting", "check_table", "floats", "CORE_SETTINGS"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,24 @@ def check_table(table: Any, name: str, settings: Mapping[str, Setting], source: 
             )
         if s.items and not all(isinstance(v, s.items) and not isinstance(v, bool) for v in table[key]):
             raise InvalidArgumentError(f"{source}: [{name}] {key} must be a list of {_names(s.items)}, got {value!r}")
+
+
+# The study's own keys: what it is, which grid, and how each model is loaded and fed (shared by every
+# measure). Their defaults are StudyConfig's. Each measure's keys are declared in its module.
+CORE_SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in (
+        Setting("name", (str,)),
+        Setting("models", (list,), items=(str,)),
+        Setting("corpora", (list,), items=(str,)),
+        Setting("measure", (list,), items=(str,)),
+        Setting("window", (int,)),
+        Setting("batch_size", (int,)),
+        Setting("bos", (str,)),
+        Setting("dtype", (str,)),
+        Setting("description", (str,)),
+        Setting("expected_runtime", (str,)),
+        Setting("actor_memory_gib", (int, float)),  # Ray placement overrides (studies.ray_backend)
+        Setting("actor_gpus", (int, float)),
+    )
+}

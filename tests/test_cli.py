@@ -432,8 +432,8 @@ def _tied_llama():
 def test_quantized_lm_head_leaves_the_tied_embedding_alone():
     import torch
 
+    from outliers.arch.lmhead import split_lm
     from outliers.cli.eval import quantize_skip
-    from outliers.eval.lmhead import split_lm
     from outliers.quant.linear import Int8Linear
     from outliers.quant.model import quantized_copy
 

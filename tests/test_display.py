@@ -10,9 +10,10 @@ import torch
 from helpers import make_model
 
 from outliers.analysis.sinks import attention_sinks
+from outliers.analysis.stats import outlier_stats_html
 from outliers.analysis.superweight_effects import SuperWeightEffects
 from outliers.analysis.superweights import SuperWeight, SuperWeightResult
-from outliers.display import fmt_interval, outlier_stats_html, render_html
+from outliers.display import fmt_interval, render_html
 from outliers.eval.result import PerplexityResult
 
 EVIL = "<script>alert('x')</script>"

@@ -1,4 +1,4 @@
-"""Emergence as the paper draws it (studies.emergence): shares from stored results, the paper's points, and a
+"""Emergence as the paper draws it (studies.measures.emergence): shares from stored results, the paper's points, and a
 logistic fit only for a family of at least six models, checked on planted sigmoids."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies.emergence import (
+from studies.measures.emergence import (
     MIN_MODELS,
     SHARES,
     emergence_figure,

@@ -3,7 +3,7 @@ import torch
 from helpers import make_model
 
 from outliers import InvalidArgumentError
-from outliers.analysis.hooks import pre_hooks, record_inputs
+from outliers.arch.hooks import pre_hooks, record_inputs
 
 
 def n_hooks(model):

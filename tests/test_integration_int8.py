@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from outliers import encode_corpus, load_corpus, perplexity
-from outliers.analysis.hooks import record_inputs
+from outliers.arch.hooks import record_inputs
 from outliers.quant.int8 import int8_vectorwise_quant
 from outliers.quant.model import quantized_copy
 

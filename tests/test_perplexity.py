@@ -174,7 +174,7 @@ def test_ids_must_be_1d_integers():
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma"])
 def test_chunked_head_equals_the_models_own_logits(name, ids):
-    from outliers.eval.lmhead import split_lm
+    from outliers.arch.lmhead import split_lm
 
     model = make_model(name)
     split = split_lm(model)

@@ -23,12 +23,16 @@ The magnitude ``t`` and ``k`` are those the statistics were taken at.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from outliers.analysis.stats import OutlierStats, SpaceStat, Stat, Top
+from outliers.analysis.fields import SpaceStat, Stat, Top
 from outliers.errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # the statistics are read, never made, here: stats draws itself with these functions
+    from outliers.analysis.stats import OutlierStats
 
 __all__ = ["Criteria", "per_dim", "outlier_features", "summary", "massive_activations", "top_values"]
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from outliers.analysis.kvcache_capture import kv_hooks, kv_layout, rope_pairs, rotary_dims, run_with_cache
 from outliers.analysis.scan import cut_windows
+from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError
 from outliers.models.dispatch import input_device
 from outliers.quant.quantizers import dequantize_absmax, quantize_absmax
@@ -79,8 +80,6 @@ class KVCacheResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def _repr_html_(self) -> str:
-        from outliers.display import kvcache_html
-
         return kvcache_html(self)
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -300,3 +299,19 @@ def kv_channels(
         bos=bos,
         meta=dict(meta or {}),
     )
+
+
+def kvcache_html(r: KVCacheResult) -> str:
+    """``KVCacheResult``: per kind, layers with outlier channels, concentration, per-token vs per-channel error."""
+    rows: list[tuple[Any, ...]] = [
+        (
+            kind,
+            f"{100 * v['layers_with_outliers']:.0f} % of layers",
+            f"median concentration {v['median_concentration']:.2f}; int8 error per token "
+            f"{v['err_per_token']:.4f}, per channel {v['err_per_channel']:.4f}",
+        )
+        for kind, v in r.summary().items()
+    ]
+    settings = [("model", r.meta.get("model")), ("k", f"{r.k:g}"), ("window", r.window), *provenance(r.meta)]
+    tables = [("per layer", r.layers)]
+    return render_html(named("Key and value channels", r.meta.get("model", "")), rows, settings, tables=tables)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from outliers.arch.lmhead import run_for_hooks
 from outliers.arch.registry import KeyValues, architecture_of, blocks
 from outliers.errors import InvalidArgumentError
-from outliers.eval.lmhead import run_for_hooks
 
 __all__ = ["OnKV", "kv_layout", "rotary_dims", "rope_pairs", "kv_hooks", "run_with_cache"]
 

@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from outliers.analysis.hooks import capture
 from outliers.analysis.stats import OutlierStats
+from outliers.arch.lmhead import run_for_hooks
 from outliers.errors import CorpusError, InvalidArgumentError
-from outliers.eval.lmhead import run_for_hooks
 from outliers.models.dispatch import input_device
 
 __all__ = ["scan", "cut_windows"]

@@ -39,10 +39,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from outliers.analysis.scan import cut_windows
+from outliers.arch.lmhead import run_for_hooks
 from outliers.arch.registry import architecture_of, blocks
-from outliers.display import sinks_html
+from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError
-from outliers.eval.lmhead import run_for_hooks
 from outliers.models.dispatch import input_device
 
 __all__ = ["SinkResult", "attention_sinks", "sink_hooks", "eager_attention", "local_layers"]
@@ -248,3 +248,26 @@ def attention_sinks(
         norms=norms,
         meta=dict(meta or {}),
     )
+
+
+def sinks_html(s: SinkResult) -> str:
+    """``SinkResult``: the sink rate and its head counts, the heads by score (capped)."""
+    heads = s.heads
+    counted = heads[~heads.local]
+    local = sorted({int(x) for x in heads[heads.local].layer})
+    rows: list[tuple[Any, ...]] = [
+        ("sink rate", s.sink_rate, f"{int(counted.sink.sum())} of {len(counted)} heads score > {s.epsilon:g}"),
+    ]
+    if local:
+        rows.append(("rate, all heads", s.sink_rate_all, f"local layers left out above: {', '.join(map(str, local))}"))
+    rows.append(("windows", s.n_windows, f"of {s.window} tokens"))
+    settings = [
+        ("model", s.meta.get("model")),
+        ("corpus", s.meta.get("corpus")),
+        ("epsilon", f"{s.epsilon:g}"),
+        ("window", s.window),
+        ("bos", s.bos),
+        *provenance(s.meta),
+    ]
+    tables = [("heads by mean attention to the first token", s.top(len(heads)))]
+    return render_html(named("Attention sinks", s.meta.get("model", "")), rows, settings, tables=tables)

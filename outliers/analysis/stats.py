@@ -53,7 +53,7 @@ from outliers.analysis.fields import (
 )
 from outliers.analysis.points import CapturePoint
 from outliers.analysis.torch_stats import moment_sums, point_stats_torch
-from outliers.display import outlier_stats_html
+from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError, ModelFileError
 
 __all__ = ["OutlierStats", "Stat", "PointStat", "SpaceStat", "Top", "BatchStats", "HIST_EDGES", "HIST_WIDTH"]
@@ -73,7 +73,8 @@ class OutlierStats:
     meta: dict[str, Any] = field(default_factory=dict)
     moments: bool = True  # keep PointStat (kurtosis, ∞-norm); off: the v1 layout, a little faster
 
-    _repr_html_ = outlier_stats_html  # a compact table in Jupyter
+    def _repr_html_(self) -> str:  # a compact table in Jupyter
+        return outlier_stats_html(self)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -379,3 +380,30 @@ class OutlierStats:
             )
         st.tensors = {k: tensors[k] for k in layout}
         return st
+
+
+def outlier_stats_html(stats: OutlierStats) -> str:
+    """``OutlierStats``: capture points, tokens, thresholds and the paper's outlier-dim count (criteria.summary)
+    with the outlier features found (capped)."""
+    from outliers.analysis.criteria import Criteria, outlier_features, summary
+
+    criteria = Criteria()
+    rows: list[tuple[Any, ...]] = [
+        ("capture points", len(stats.points), ", ".join(f"{k} {v}" for k, v in stats.spaces.items())),
+        ("threshold", f"{stats.threshold:g}", f"relative: {stats.relative_k:g} x rms(token)"),
+    ]
+    tables = []
+    if criteria.space in stats.spaces:
+        s = summary(stats, criteria)
+        layers, positions = 100 * criteria.layers, 100 * criteria.positions
+        rule = f"{s['criterion']} in >= {layers:g} % of layers and >= {positions:g} % of positions"
+        rows += [("tokens", s["tokens"], f"{criteria.space} space"), ("outlier dims", s["outlier_dims"], rule)]
+        if s["outlier_dims"]:
+            rows += [
+                ("% layers", f"{s['pct_layers']:.1f}", "mean over the outlier dims"),
+                ("% positions", f"{s['pct_positions']:.1f}", "mean over the outlier dims"),
+            ]
+            tables.append(("outlier features, largest first", outlier_features(stats, criteria)))
+    model = str(stats.meta.get("model", ""))
+    settings = [("model", model), ("corpus", stats.meta.get("corpus")), *provenance(stats.meta)]
+    return render_html(named("Outlier statistics", model), rows, settings, tables=tables)

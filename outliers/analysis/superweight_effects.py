@@ -30,7 +30,7 @@ from torch import nn
 
 from outliers.analysis.superweights import Coord, SuperWeight, down_projections, zeroed
 from outliers.arch.linear import weight_of
-from outliers.display import superweight_effects_html
+from outliers.display import fmt_interval, named, render_html
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import PerplexityResult, perplexity
 
@@ -204,3 +204,36 @@ def super_weight_effects(
         restore_fraction=float(restore_fraction),
         restored_positions=store.get("written", [0])[0],
     )
+
+
+def superweight_effects_html(e: SuperWeightEffects) -> str:
+    """``SuperWeightEffects``: the four perplexities, each with its interval, the edits paired against the
+    original (as ``outliers superweights`` prints them)."""
+    o = e.original
+    rows: list[tuple[Any, ...]] = [("original", f"{o.ppl:.4f}", fmt_interval(o.ppl_ci95))]
+    for label, r in (
+        ("super weights zeroed", e.zeroed),
+        ("+ activation restored", e.restored),
+        (f"{e.control_k} others zeroed", e.control),
+    ):
+        if r is None:
+            rows.append((label, "-"))
+            continue
+        paired = (
+            f"  {r.delta_ppl_pct:+.2f} % {fmt_interval(r.delta_ppl_pct_ci95, '+.2f')} paired"
+            if r.delta_ppl_pct is not None
+            else ""
+        )
+        rows.append((label, f"{r.ppl:.4f}", f"{fmt_interval(r.ppl_ci95)}{paired}"))
+    settings = [
+        ("model", o.model),
+        ("corpus", o.corpus),
+        ("window", o.window),
+        ("windows", o.n_windows),
+        ("tokens scored", o.n_tokens),
+        ("dtype", o.dtype),
+        ("restore fraction", f"{e.restore_fraction:g}"),
+        ("restored positions", e.restored_positions),
+    ]
+    note = "perplexity with its 95 % interval; the edits' change paired against the original on the same windows"
+    return render_html(named("Super-weight effects", o.model), rows, settings, notes=[note])

@@ -37,10 +37,10 @@ from torch import nn
 
 from outliers.analysis.scan import cut_windows
 from outliers.arch.linear import weight_of
+from outliers.arch.lmhead import run_for_hooks
 from outliers.arch.registry import architecture_of, blocks
-from outliers.display import superweights_html
+from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError
-from outliers.eval.lmhead import run_for_hooks
 from outliers.models.dispatch import input_device
 
 __all__ = ["SuperWeight", "SuperWeightResult", "super_weights", "down_projections", "spike_table", "zeroed"]
@@ -264,3 +264,27 @@ def super_weights(
         n_windows=len(windows),
         meta=dict(meta or {}),
     )
+
+
+def superweights_html(r: SuperWeightResult) -> str:
+    """``SuperWeightResult``: the super weights found as a table, or "none found" and the spike table."""
+    import pandas as pd
+
+    rows: list[tuple[Any, ...]] = [
+        ("super weights", len(r.weights) or "none found", f"a block jumps at >= {r.jump:g} x the median output max"),
+        ("detection stopped", r.stop),
+    ]
+    if r.weights:
+        found = pd.DataFrame([vars(w) for w in r.weights]).drop(columns="dim")
+        tables = [("W[row, col] of the block's down projection, stored (out, in)", found)]
+    else:
+        tables = [("per block: the down projection's largest |input| and |output|", r.spikes)]
+    settings = [
+        ("model", r.meta.get("model")),
+        ("corpus", r.meta.get("corpus")),
+        ("window", r.window),
+        ("windows", r.n_windows),
+        ("jump", f"{r.jump:g}"),
+        *provenance(r.meta),
+    ]
+    return render_html(named("Super weights", r.meta.get("model", "")), rows, settings, tables=tables)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from outliers.arch.linear import is_linear, weight_of
 from outliers.arch.registry import Architecture, architecture_of, is_skipped
+from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError
 from outliers.quant.quantizers import dequantize_absmax, dequantize_zeropoint, quantize_absmax, quantize_zeropoint
 
@@ -107,8 +108,6 @@ class WeightStats:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def _repr_html_(self) -> str:
-        from outliers.display import weights_html
-
         return weights_html(self)
 
     def top(self, column: str, n: int = 10) -> pd.DataFrame:
@@ -301,3 +300,17 @@ def weight_histogram(
     edges = torch.linspace(-m, m, bins + 1, dtype=torch.float32)
     counts = {k: torch.histogram(s.reshape(-1), bins=edges).hist.to(torch.int64).numpy() for k, s in series.items()}
     return WeightHistogram(name, edges.numpy(), counts, codes, errs, meta=dict(meta or {}))
+
+
+def weights_html(w: WeightStats) -> str:
+    """``WeightStats``: the largest |w| and kurtosis and where, the share beyond 6σ, int8 errors; the layers."""
+    s = w.summary()
+    rows: list[tuple[Any, ...]] = [
+        ("max |w|", s["max_abs"], s["max_abs_layer"]),
+        ("max kurtosis", s["max_kurtosis"], f"{s['max_kurtosis_layer']}; mean {s['mean_kurtosis']:.2f}, normal = 3"),
+        ("beyond 6σ", s["beyond_6sigma"], f"{s['n_beyond_6sigma']} weights in {s['layers_beyond_6sigma']} layers"),
+    ]
+    rows += [(f"int8 {m} error", s[f"mean_rel_err_{m}"], "‖W − Ŵ‖/‖W‖, mean") for m in ("absmax", "zeropoint")]
+    settings = [("model", w.meta.get("model")), ("layers", s["n_layers"]), *provenance(w.meta)]
+    tables = [("layers by kurtosis", w.top("kurtosis", len(w.layers)))]
+    return render_html(named("Weight outliers", w.meta.get("model", "")), rows, settings, tables=tables)

@@ -1,4 +1,5 @@
-"""The built-in model families, one ``Architecture`` each (fields: ``outliers.arch.registry``).
+"""The built-in model families, one ``Architecture`` record each (fields: ``outliers.arch.spec``), plain data
+that ``outliers.arch.registry`` registers.
 
 Sources: the modeling files of transformers (module names, norm placement).
 Tests build a tiny model of each from its transformers config and check that
@@ -8,9 +9,9 @@ every path named here exists (``tests/test_arch.py``).
 from __future__ import annotations
 
 from outliers.arch.linear import LinearKind
-from outliers.arch.registry import Architecture, KeyValues, NormKind, SharedInput, register_architecture
+from outliers.arch.spec import Architecture, KeyValues, NormKind, SharedInput
 
-__all__: list[str] = []
+__all__ = ["FAMILIES"]
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -44,17 +45,15 @@ def _llama_like(
     )
 
 
-register_architecture(_llama_like("llama", ("llama",), "LlamaDecoderLayer", notes="SmolLM2 is a Llama"))
-register_architecture(
+FAMILIES: tuple[Architecture, ...] = (  # registered by outliers.arch.registry
+    _llama_like("llama", ("llama",), "LlamaDecoderLayer", notes="SmolLM2 is a Llama"),
     _llama_like(
         "smollm3",
         ("smollm3",),
         "SmolLM3DecoderLayer",
         rope="per-layer",
         notes="no RoPE where config.no_rope_layers is 0",
-    )
-)
-register_architecture(
+    ),
     Architecture(
         "olmo",
         ("olmo",),
@@ -69,9 +68,7 @@ register_architecture(
         kv=KeyValues("self_attn.k_proj", "self_attn.v_proj"),
         no_split=("OlmoDecoderLayer",),
         notes="pre-norm with non-parametric LayerNorms (input_layernorm, post_attention_layernorm)",
-    )
-)
-register_architecture(
+    ),
     Architecture(
         "olmo2",
         ("olmo2",),
@@ -85,13 +82,11 @@ register_architecture(
         kv=KeyValues("self_attn.k_proj", "self_attn.v_proj", key_norm="self_attn.k_norm"),
         no_split=("Olmo2DecoderLayer",),
         notes="norms after attention and MLP (post_attention_layernorm, post_feedforward_layernorm); q/k norms",
-    )
-)
-register_architecture(_llama_like("mistral", ("mistral",), "MistralDecoderLayer"))
-register_architecture(_llama_like("qwen2", ("qwen2",), "Qwen2DecoderLayer", notes="q/k/v carry biases"))
-register_architecture(_llama_like("qwen3", ("qwen3",), "Qwen3DecoderLayer", key_norm="self_attn.k_norm"))
-register_architecture(_llama_like("gemma", ("gemma",), "GemmaDecoderLayer", norm=NormKind.RMS_PLUS_ONE))
-register_architecture(
+    ),
+    _llama_like("mistral", ("mistral",), "MistralDecoderLayer"),
+    _llama_like("qwen2", ("qwen2",), "Qwen2DecoderLayer", notes="q/k/v carry biases"),
+    _llama_like("qwen3", ("qwen3",), "Qwen3DecoderLayer", key_norm="self_attn.k_norm"),
+    _llama_like("gemma", ("gemma",), "GemmaDecoderLayer", norm=NormKind.RMS_PLUS_ONE),
     _llama_like(
         "gemma2",
         ("gemma2",),
@@ -99,9 +94,7 @@ register_architecture(
         norm=NormKind.RMS_PLUS_ONE,
         ffn_norm="pre_feedforward_layernorm",
         notes="post-norms on the attention and MLP outputs; local layers alternate",
-    )
-)
-register_architecture(
+    ),
     _llama_like(
         "gemma3",
         ("gemma3_text", "gemma3"),
@@ -110,10 +103,7 @@ register_architecture(
         ffn_norm="pre_feedforward_layernorm",
         key_norm="self_attn.k_norm",
         notes="norms scale by (1 + w); 5 sliding-window layers per global one",
-    )
-)
-
-register_architecture(
+    ),
     Architecture(
         "gpt2",
         ("gpt2",),
@@ -128,10 +118,7 @@ register_architecture(
         linear=LinearKind.CONV1D,
         no_split=("GPT2Block",),
         notes="Conv1D linears (weights stored (in, out)); learned absolute positions",
-    )
-)
-
-register_architecture(
+    ),
     Architecture(
         "opt",
         ("opt",),
@@ -146,10 +133,7 @@ register_architecture(
         no_split=("OPTDecoderLayer",),
         notes="the MLP's fc1/fc2 sit in the block; opt-350m normalizes after, not before "
         "(do_layer_norm_before): its norms must not take a folded scale",
-    )
-)
-
-register_architecture(
+    ),
     Architecture(
         "gpt_neox",
         ("gpt_neox",),
@@ -163,10 +147,7 @@ register_architecture(
         kv=KeyValues("attention.query_key_value", "attention.query_key_value", fused="heads,qkv", rope="partial"),
         no_split=("GPTNeoXLayer",),
         notes="Pythia; fused QKV, RoPE on rotary_pct of each head, parallel residual (use_parallel_residual)",
-    )
-)
-
-register_architecture(
+    ),
     Architecture(
         "bert",
         ("bert",),
@@ -181,5 +162,5 @@ register_architecture(
         kv=KeyValues("attention.self.key", "attention.self.value", rope=None),
         no_split=("BertLayer",),
         notes="an encoder, post-norm: no norm folds into q/k/v or the FFN input; no causal LM head",
-    )
+    ),
 )

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from outliers.arch.lmhead import SplitLM, positions_per_chunk, split_lm
 from outliers.errors import InvalidArgumentError
 from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
-from outliers.eval.lmhead import SplitLM, positions_per_chunk, split_lm
 from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
 from outliers.models.dispatch import input_device
@@ -50,7 +50,7 @@ def _short_dtype(dtype: torch.dtype) -> str:
 class _Scorer:
     """One model's last ``keep`` positions per batch, and their log-probs a few positions at a time.
 
-    With a body/head split (``outliers.eval.lmhead``) the batch keeps final hidden
+    With a body/head split (``outliers.arch.lmhead``) the batch keeps final hidden
     states and logits are made per chunk of positions; otherwise the model's
     own forward gives the logits (with ``logits_to_keep`` where it takes it).
     """

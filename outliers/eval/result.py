@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from outliers.display import perplexity_html
+from outliers.display import fmt_interval, named, provenance, render_html
 
 __all__ = ["PerplexityResult"]
 
@@ -79,3 +79,45 @@ class PerplexityResult:
 
     def _repr_html_(self) -> str:
         return perplexity_html(self)
+
+
+def perplexity_html(r: PerplexityResult) -> str:
+    """``PerplexityResult``: perplexity with its interval, NLL, tokens, speed; against a reference, the paired
+    change, KL and top-1 agreement, each with its interval (as ``outliers eval`` prints them)."""
+    from outliers.eval.intervals import MIN_WINDOWS
+
+    rows: list[tuple[Any, ...]] = [
+        ("perplexity", f"{r.ppl:.4f}", f"{fmt_interval(r.ppl_ci95)} 95 % CI over {r.n_windows} windows".strip()),
+        ("mean NLL", r.nll, "nats/token"),
+        ("tokens scored", r.n_tokens),
+        ("tokens/s", f"{r.tokens_per_s:.1f}", f"{r.seconds:.2f} s"),
+    ]
+    if r.ref_ppl is not None:
+        rows.append(("reference", f"{r.ref_ppl:.4f}", f"{r.ref_dtype}, the same windows"))
+    if r.delta_ppl_pct is not None:
+        rows.append(
+            ("vs reference", f"{r.delta_ppl_pct:+.2f} %", f"{fmt_interval(r.delta_ppl_pct_ci95, '+.2f')} paired")
+        )
+    if r.kl_vs_ref is not None:
+        rows.append(("KL vs reference", f"{r.kl_vs_ref:.5f}", f"{fmt_interval(r.kl_vs_ref_ci95, '.5f')} nats/token"))
+    if r.top1_agreement is not None:
+        rows.append(
+            ("top-1 agreement", f"{100 * r.top1_agreement:.2f} %", fmt_interval(r.top1_agreement_ci95, ".2f", 100))
+        )
+    settings = [
+        ("model", r.model),
+        ("corpus", r.corpus),
+        ("protocol", r.protocol),
+        ("window", r.window),
+        ("stride", r.stride if r.protocol == "sliding" else None),
+        ("bos", r.bos),
+        ("dtype", r.dtype),
+        ("method", r.method),
+        ("threshold", r.extra.get("threshold")),
+        ("outlier weights", r.extra.get("outlier_weights")),
+        ("device", r.device),
+        *provenance(r.extra),
+    ]
+    rough = r.n_windows < MIN_WINDOWS and r.n_windows > 0
+    note = f"only {r.n_windows} windows: intervals over fewer than {MIN_WINDOWS} windows are rough" if rough else ""
+    return render_html(named("Perplexity", r.model, r.method), rows, settings, notes=[note])

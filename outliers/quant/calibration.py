@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outliers.analysis.hooks import pre_hooks
+from outliers.arch.hooks import pre_hooks
 from outliers.errors import CorpusError
 from outliers.models.dispatch import input_device
 from outliers.quant.transforms import Transform, input_groups, rotate, smooth, smoothing_scales

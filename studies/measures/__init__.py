@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from studies.settings import Setting
+from studies.columns import COLUMNS, RESERVED
+from studies.settings import CORE_SETTINGS, Setting
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -133,9 +134,6 @@ def register_measure(measure: Measure) -> Measure:
             the store writes itself, that is no SQL name, whose type is not INTEGER, REAL, TEXT or BLOB, or
             that another measure declared with another type.
     """
-    from studies.config import CORE_SETTINGS
-    from studies.store import COLUMNS, RESERVED
-
     if measure.name in MEASURES:
         raise ValueError(f"measure {measure.name!r} is already registered")
     taken = set(CORE_SETTINGS) | set(measure_settings())

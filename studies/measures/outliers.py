@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..format import fmt_delta
-from ..phenomena import phenomena_figure, phenomena_table
+from .phenomena import phenomena_figure, phenomena_table
 from . import Context, Image, Measure, Setting, Table, register_measure
-from .perplexity import ppl_rows
+from .perplexity_report import ppl_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -159,12 +159,12 @@ def moments_table(df: pd.DataFrame) -> pd.DataFrame:
 def emergence(table: pd.DataFrame) -> Figure:
     """The paper's Fig. 3a/3b: shares of layers and positions against parameters and fp32 perplexity.
 
-    ``table``: ``studies.emergence.emergence_table`` of a study's results, or
+    ``table``: ``studies.measures.emergence.emergence_table`` of a study's results, or
     this module's ``outlier_table`` (its shares are means over the features).
     The paper's points join the parameter axis; a family with at least six
-    models gets its logistic fit (``studies.emergence``).
+    models gets its logistic fit (``studies.measures.emergence``).
     """
-    from ..emergence import emergence_figure, fit_table, paper_points
+    from .emergence import emergence_figure, fit_table, paper_points
 
     if "params" not in table:  # the Table-4 layout
         table = table.assign(params=table["params (M)"] * 1e6)
@@ -175,7 +175,7 @@ def emergence(table: pd.DataFrame) -> Figure:
 
 
 def _emergence_section(df: pd.DataFrame) -> list:
-    from ..emergence import MIN_MODELS, emergence_figure, emergence_table, fit_table, paper_points
+    from .emergence import MIN_MODELS, emergence_figure, emergence_table, fit_table, paper_points
 
     ours = emergence_table(df)
     if len(ours) < 2:

@@ -26,29 +26,17 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from outliers.errors import InvalidArgumentError
-from outliers.quant.methods import METHODS, label
+from outliers.quant.methods import METHODS
 from outliers.quant.transforms import ROTATIONS, Transform, parse_row, row_name
 
-from ..format import fmt_delta
 from ..settings import floats
-from . import Context, Image, Measure, Setting, Table, register_measure
+from . import Context, Measure, Setting, register_measure
+from .perplexity_report import report, transforms
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from matplotlib.figure import Figure
-
     from studies.config import StudyConfig
 
-__all__ = [
-    "PERPLEXITY",
-    "ppl_rows",
-    "perplexity_table",
-    "agreement_table",
-    "threshold_curves",
-    "transforms",
-    "row_label",
-    "evaluated_tokens",
-]
+__all__ = ["PERPLEXITY", "evaluated_tokens"]
 
 SETTINGS = (
     Setting("methods", (list,), ("llm.int8",), items=(str,)),
@@ -102,15 +90,6 @@ def _validate_transforms(cfg: StudyConfig) -> None:
             raise InvalidArgumentError(f"{key} lists {twice} more than once")
     # every registered method takes every transform: both act on the float model before quantize_model, which
     # replaces its linears whatever their format; a method that could not would be refused here
-
-
-def transforms(cfg: StudyConfig) -> list[Transform]:
-    """The transforms the grid crosses methods with: none, smoothing at each alpha, each rotation."""
-    return [
-        Transform(),
-        *(Transform(smooth=a) for a in cfg.alphas or ()),
-        *(Transform(rotate=r) for r in cfg.rotations or ()),
-    ]
 
 
 def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
@@ -239,170 +218,6 @@ def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
         result.update(float_columns_pct=100 * columns.share, float_columns_calls=columns.n_calls)
     result["token_nll"] = r.token_nll
     return result
-
-
-# ---------------------------------------------------------------- report
-
-
-def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The done perplexity rows, with the result's interval and agreement fields as columns."""
-    ppl = df[(df.kind == "perplexity") & (df.status == "done")].copy()
-    for col in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "top1_agreement", "n_windows"):
-        ppl[col] = ppl.result.map(lambda r, c=col: r.get(c))
-    return ppl
-
-
-def _untransformed(ppl: pd.DataFrame, listed: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The Table-1 layout's rows: those without a transform (a plain method name, ``row_name``) and those the
-    study's ``methods`` name with theirs (``"absmax-vector@smooth=0.5"``)."""
-    canonical = {row_name(*parse_row(m)) for m in listed}  # "smooth=0.50" names the row "smooth=0.5"
-    return ppl[~ppl.method.str.contains("@", regex=False) | ppl.method.isin(canonical)]
-
-
-def _base(name: str) -> str:
-    return parse_row(name)[0]
-
-
-def row_label(name: str) -> str:
-    """A row's report label: its method's, and the transform before it (``"... after smooth 0.5"``)."""
-    method, transform = parse_row(name)
-    return label(method) + (f" after {transform.label}" if transform else "")
-
-
-def perplexity_table(df: pd.DataFrame, threshold: float, listed: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The paper's Table-1 layout at one decomposition threshold: one row per method, per model its
-    perplexity and the paired change against fp32 with its 95 % interval.
-
-    Methods without decomposition have one cell each (their threshold is moot) and appear in every
-    threshold's table. ``listed``: transformed rows the study names in ``methods``, shown after the rest.
-    """
-    import pandas as pd
-
-    ppl = _untransformed(ppl_rows(df), listed)
-    decomposes = ppl.method.map(lambda m: m != "fp32" and METHODS[_base(m)].decomposition)
-    ppl = ppl[
-        (ppl.method == "fp32") | (decomposes & (ppl.threshold == threshold)) | (~decomposes & (ppl.method != "fp32"))
-    ]
-    order = ["fp32", *METHODS]
-    rows = []
-    for method in sorted(ppl.method.unique(), key=lambda m: ("@" in m, order.index(_base(m)), m)):
-        row = {"method": row_label(method)}
-        for model, r in ppl[ppl.method == method].groupby("model", sort=False):
-            r = r.iloc[-1]
-            row[model] = r.ppl
-            row[f"{model} vs fp32"] = fmt_delta(r.delta_ppl_pct, r.delta_ppl_pct_ci95)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
-    """KL against the float model and top-1 agreement per quantized cell, each with its interval."""
-    import pandas as pd
-
-    def interval(v, ci, scale, fmt):
-        if v is None:
-            return ""
-        return f"{v * scale:{fmt}}" + (f" [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else "")
-
-    rows = [
-        {
-            "model": r.model,
-            "method": row_label(r.method),
-            "threshold": f"{r.threshold:g}",
-            "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
-            "top-1 agreement %": interval(
-                r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"), 100, ".2f"
-            ),
-        }
-        for r in ppl.itertuples()
-    ]
-    return pd.DataFrame(rows)
-
-
-def threshold_curves(df: pd.DataFrame) -> Figure:
-    """Perplexity against the decomposition threshold per method and model, the fp32 line dashed."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    ppl = _untransformed(df[(df.kind == "perplexity") & (df.status == "done")])  # transform_curves has the rest
-    curves = ppl[ppl.method != "fp32"]
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    sns.lineplot(curves, x="threshold", y="ppl", hue="method", style="model", marker="o", ax=ax)
-    for model, base in ppl[ppl.method == "fp32"].groupby("model"):
-        ax.axhline(base.ppl.iloc[-1], ls="--", c="k", lw=1, label=f"fp32 {model}")
-    ax.set(xlabel="decomposition threshold", ylabel="perplexity", title="Perplexity vs threshold")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
-    """Table-1 blocks (one per reported threshold), the flat perplexity.csv, agreement and threshold curves."""
-    from outliers.eval.intervals import MIN_WINDOWS
-
-    ppl = ppl_rows(df)
-    if not len(ppl):
-        return ["No perplexity cell is done yet: no Table-1 layout.", ""]
-    n_windows = int(ppl.n_windows.dropna().max())
-    thresholds = cfg.report_thresholds or cfg.thresholds
-    parts: list = [
-        "## Perplexity (Table-1 layout)",
-        "",
-        f"{cfg.protocol} windows of {cfg.window} (bos {cfg.bos}), {n_windows} windows. Beside each "
-        "perplexity: its change against fp32 on the same windows, with a paired 95 % bootstrap "
-        "interval over windows."
-        + (f" Fewer than {MIN_WINDOWS} windows: the intervals are rough." if n_windows < MIN_WINDOWS else "")
-        + " Adjacent windows of one document are correlated: the intervals speak for "
-        "this corpus slice.",
-        "",
-    ]
-    has_decomp = any(METHODS[_base(m)].decomposition for m in cfg.methods)
-    plain = _untransformed(ppl, cfg.methods)
-    for t in thresholds if has_decomp else thresholds[:1]:
-        heading = f"### Decomposition threshold {t:g}" if has_decomp else "### Methods"
-        if has_decomp and not ((plain.threshold == t) & (plain.method != "fp32")).any():
-            parts += [heading, "", f"No decomposition cell at threshold {t:g} is done.", ""]
-            continue
-        stem = f"table1_t{t:g}" if has_decomp else "table1"
-        parts += [heading, "", Table(perplexity_table(df, t, cfg.methods), stem, ".3f"), ""]
-    flat = ppl[
-        [
-            "model",
-            "corpus",
-            "method",
-            "threshold",
-            "ppl",
-            "delta_ppl_pct",
-            "kl_vs_ref",
-            "top1_agreement",
-            "n_tokens",
-            "tokens_per_s",
-        ]
-    ]
-    parts.append(Table(flat, "perplexity", csv_only=True))
-    quantized = ppl[ppl.method != "fp32"]
-    if len(quantized):
-        parts += [
-            "## Agreement with the float model",
-            "",
-            "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
-            "top-1 token is the same, with 95 % bootstrap intervals over windows.",
-            "",
-            Table(agreement_table(quantized), "agreement", ".4f"),
-            "",
-        ]
-    if len(quantized) and quantized.threshold.nunique() > 1:
-        parts += [
-            "## Perplexity vs threshold",
-            "",
-            Image(threshold_curves(df), "threshold_curves.png", "threshold curves"),
-            "",
-        ]
-    if cfg.alphas or cfg.rotations:
-        from ..transform_report import transform_section
-
-        parts += transform_section(ppl, cfg)
-    return parts
 
 
 PERPLEXITY = register_measure(

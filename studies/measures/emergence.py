@@ -40,7 +40,7 @@ __all__ = [
 
 MIN_MODELS = 6  # fewer models of one family than this get points, not a curve (3 parameters are fitted)
 SHARES = ("% layers", "% positions")
-PAPER_POINTS = Path(__file__).resolve().parents[1] / "docs" / "paper_points.csv"
+PAPER_POINTS = Path(__file__).resolve().parents[2] / "docs" / "paper_points.csv"
 
 
 def logistic(x: np.ndarray, top: float, midpoint: float, slope: float) -> np.ndarray:
@@ -101,7 +101,7 @@ def emergence_table(df: pd.DataFrame) -> pd.DataFrame:
     """
     import pandas as pd
 
-    from .measures.perplexity import ppl_rows
+    from .perplexity_report import ppl_rows
 
     ppl = ppl_rows(df)
     rows = []
