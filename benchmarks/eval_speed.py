@@ -25,6 +25,7 @@ import logging
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 from outliers.threads import configure_threads
 
@@ -42,9 +43,10 @@ from speed_parts import (  # noqa: E402
 )
 
 import outliers  # noqa: E402
-from outliers.cli.eval import quantize_skip  # noqa: E402
+from outliers.arch.registry import quantize_skip  # noqa: E402
+from outliers.eval.rows import Row, RowEvaluator  # noqa: E402
+from outliers.eval.windows import PerplexitySettings  # noqa: E402
 from outliers.quant import gemm  # noqa: E402
-from outliers.quant.model import quantized_copy  # noqa: E402
 
 INT8, HEAD = "ours llm.int8 t=6", "ours llm.int8 t=6, int8 lm_head"
 
@@ -81,47 +83,55 @@ def model_names(arg: str, max_mb: float) -> list[str]:
     return names
 
 
-def configs_of(model, ids, args) -> tuple[dict, dict[str, list[str]]]:
-    """The models to time, and the names of the linears each int8 configuration quantizes."""
-    configs, replaced = {"fp32": model}, {}
-    for name, method, t, skip in [
-        ("ours absmax-vector t=0", "absmax-vector", 0.0, None),
-        (INT8, "llm.int8", 6.0, None),
-        (HEAD, "llm.int8", 6.0, quantize_skip(model, True)),
-    ]:
-        configs[name], report = quantized_copy(model, method, t, skip=skip)
-        replaced[name] = report.replaced
-    if not args.no_transforms:
-        from outliers.quant.calibration import transformed_copy
-        from outliers.quant.transforms import Transform
+def configs_of(model, ids, args) -> tuple[dict, dict[str, list[str]], RowEvaluator, dict[str, Row]]:
+    """The models to time, the names of the linears each int8 configuration quantizes, and the row evaluator
+    (outliers.eval.rows) that made them, with their rows."""
+    from outliers.quant.transforms import Transform
 
-        reserved = args.windows * args.window  # calibration from the corpus end, apart from the timed windows
-        rotated, _ = transformed_copy(model, Transform(rotate="hadamard"), window=args.window)
-        smoothed, _ = transformed_copy(model, Transform(smooth=0.5), ids, window=args.window, reserved=reserved)
-        configs["fp32 after hadamard"] = rotated
-        configs["ours llm.int8 t=6 after hadamard"] = quantized_copy(rotated, "llm.int8", 6.0)[0]
-        configs["ours smoothquant (absmax-vector after smooth 0.5)"] = quantized_copy(smoothed, "absmax-vector", 0.0)[0]
+    ev = RowEvaluator(model, ids, settings_of(args), progress=False)  # calibration after the timed windows
+    rows = {
+        "ours absmax-vector t=0": Row("absmax-vector", threshold=0.0),
+        INT8: Row("llm.int8", threshold=6.0),
+        HEAD: Row("llm.int8", threshold=6.0, skip=quantize_skip(model, True)),
+    }
+    if not args.no_transforms:
+        rows |= {
+            "fp32 after hadamard": Row("fp32", Transform(rotate="hadamard")),
+            "ours llm.int8 t=6 after hadamard": Row("llm.int8", Transform(rotate="hadamard"), 6.0),
+            "ours smoothquant (absmax-vector after smooth 0.5)": Row("absmax-vector", Transform(smooth=0.5), 0.0),
+        }
+    configs, replaced = {"fp32": model}, {}
+    for name, row in rows.items():  # each kept here past the evaluator's one-at-a-time hold: rounds interleave them
+        prepared = ev.prepare(row)
+        configs[name] = prepared.model
+        if prepared.report is not None:
+            replaced[name] = prepared.report.replaced
     if not args.no_bnb:
         try:
             for t in (6.0, 0.0):
                 configs[f"bitsandbytes t={t:g}"] = bnb_model(model.name_or_path, t)
         except ImportError:
             print("bitsandbytes not installed: skipping it", file=sys.stderr)
-    return configs, replaced
+    return configs, replaced, ev, rows
+
+
+def settings_of(args):
+    return PerplexitySettings(window=args.window, max_windows=args.windows, batch_size=args.batch_size)
 
 
 def bench(name: str, args) -> None:
     model, tok, info = outliers.load_model(name, progress=False)
     ids = outliers.encode_corpus(tok, outliers.load_corpus("builtin"))
-    configs, replaced = configs_of(model, ids, args)
+    configs, replaced, ev, rows = configs_of(model, ids, args)
     head = next(n for n in replaced[HEAD] if n not in replaced[INT8])
 
-    def run(m, **kw):
-        kw = dict(window=args.window, max_windows=args.windows, batch_size=args.batch_size, progress=False) | kw
-        return outliers.perplexity(m, ids, **kw)
+    timed = settings_of(args)
+
+    def run(m, settings=timed):
+        return outliers.perplexity(m, ids, settings, progress=False)
 
     for m in configs.values():  # first calls load kernels and set up GEMMs: not part of any round
-        run(m, max_windows=args.batch_size)
+        run(m, replace(settings_of(args), max_windows=args.batch_size))
     speeds, seconds, res = defaultdict(list), defaultdict(list), {}
     lin, iso, parts = defaultdict(list), defaultdict(list), defaultdict(list)
     for r in range(args.rounds):
@@ -139,10 +149,7 @@ def bench(name: str, args) -> None:
             iso[cname].append(isolated_gemms(lt.calls(replaced[cname])))
             with int8_parts(configs[cname]) as shares:
                 parts[cname].append(shares(run(configs[cname]).seconds))
-    quality = {}
-    states: dict = {}
-    for cname in (INT8, HEAD):
-        quality[cname] = run(configs[cname], reference=model, reference_states=states)
+    quality = {cname: ev.evaluate(rows[cname]).result for cname in (INT8, HEAD)}  # against fp32, one reference
 
     best = {k: max(v) for k, v in speeds.items()}
     # one ceiling per round, from that round's hook-timed fp32 pass, and their median

@@ -111,7 +111,7 @@ def child_steps(name: str, windows: int, tokens: int) -> dict:
     baseline = _status_kib("VmRSS") * 1024 if conversion else baseline
     from outliers.analysis.scan import scan
     from outliers.data.corpus import encode_corpus, load_corpus
-    from outliers.eval.perplexity import perplexity
+    from outliers.eval.perplexity import PerplexitySettings, perplexity
     from outliers.models.load import load_model
     from outliers.quant.model import quantized_copy
 
@@ -122,7 +122,7 @@ def child_steps(name: str, windows: int, tokens: int) -> dict:
     out["n_params"], out["fp32_bytes"] = info.n_params, _weights(model)
     ids = encode_corpus(tok, load_corpus("builtin"))
     with Peak(baseline) as p:
-        perplexity(model, ids, max_windows=windows, progress=False)
+        perplexity(model, ids, PerplexitySettings(max_windows=windows), progress=False)
     out["steps"]["eval"] = p
     with Peak(baseline) as p:
         scan(model, ids, points="attn,ffn,residual", max_tokens=tokens, progress=False)
@@ -135,7 +135,7 @@ def child_steps(name: str, windows: int, tokens: int) -> dict:
     for backend in gemm.BACKENDS:
         if gemm.verify(backend):
             with gemm.use(backend), Peak(baseline) as p:
-                perplexity(quantized, ids, max_windows=windows, progress=False)
+                perplexity(quantized, ids, PerplexitySettings(max_windows=windows), progress=False)
             out["steps"][f"eval int8 ({backend})"] = p
     del quantized
     out["steps"] = {k: {"seconds": v.seconds, "peak": v.bytes, "cuda": v.cuda} for k, v in out["steps"].items()}

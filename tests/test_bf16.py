@@ -29,7 +29,7 @@ from outliers.analysis.moments import moments_table
 from outliers.analysis.points import CapturePoint
 from outliers.analysis.scan import scan
 from outliers.analysis.stats import OutlierStats, Stat
-from outliers.eval.perplexity import perplexity
+from outliers.eval.perplexity import PerplexitySettings, perplexity
 from outliers.quant.calibration import transformed_copy
 from outliers.quant.emulated import quantize_fp8, quantize_rtn
 from outliers.quant.int8 import int8_vectorwise_quant
@@ -83,8 +83,8 @@ def quant_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_perplexity_of_a_bf16_model(arch):
     model = bf16_model(arch)
-    r = perplexity(model, CORPUS, window=32, max_windows=8, progress=False)
-    ref = perplexity(twin(model), CORPUS, window=32, max_windows=8, progress=False)
+    r = perplexity(model, CORPUS, PerplexitySettings(window=32, max_windows=8), progress=False)
+    ref = perplexity(twin(model), CORPUS, PerplexitySettings(window=32, max_windows=8), progress=False)
     assert r.dtype == r.method == "bf16" and ref.dtype == "fp32"
     assert math.isfinite(r.ppl) and r.token_nll.dtype.name == "float32"
     # NLLs are float32 sums either way; bf16 logits move a random model's ppl (~385) by < 1e-4 relative here

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from outliers import encode_corpus, load_corpus, load_model, perplexity
+from outliers import PerplexitySettings, encode_corpus, load_corpus, load_model, perplexity
 from outliers.cli import main
 
 
@@ -71,7 +71,9 @@ def test_eval_prints_and_writes_json(model_dir, text_file, tmp_path, capsys):
     assert f"{record['ppl']:.4f}" in printed
     model, tok, _ = load_model(folder, progress=False)
     ids = encode_corpus(tok, load_corpus(str(text_file)))
-    assert record["ppl"] == pytest.approx(perplexity(model, ids, window=64, max_windows=3, progress=False).ppl)
+    assert record["ppl"] == pytest.approx(
+        perplexity(model, ids, PerplexitySettings(window=64, max_windows=3), progress=False).ppl
+    )
 
 
 def test_no_such_model_exits_2_fast_with_one_line():
@@ -433,7 +435,7 @@ def test_quantized_lm_head_leaves_the_tied_embedding_alone():
     import torch
 
     from outliers.arch.lmhead import split_lm
-    from outliers.cli.eval import quantize_skip
+    from outliers.arch.registry import quantize_skip
     from outliers.quant.linear import Int8Linear
     from outliers.quant.model import quantized_copy
 
@@ -462,7 +464,7 @@ def test_quantize_lm_head_needs_a_linear_head():
     from helpers import make_config
     from transformers import AutoModel
 
-    from outliers.cli.eval import quantize_skip
+    from outliers.arch.registry import quantize_skip
     from outliers.errors import InvalidArgumentError
 
     body = AutoModel.from_config(make_config("llama"))  # no output head at all

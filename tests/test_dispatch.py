@@ -13,7 +13,7 @@ from helpers import planted_model
 from outliers.analysis.hooks import capture
 from outliers.analysis.scan import scan
 from outliers.errors import InvalidArgumentError
-from outliers.eval.perplexity import perplexity
+from outliers.eval.perplexity import PerplexitySettings, perplexity
 from outliers.models.dispatch import (
     dispatch,
     dispatched_copy,
@@ -106,8 +106,8 @@ def test_quantize_then_dispatch_int8(arch, tmp_path):
     assert layer.weight_q.is_meta  # loaded for the forward only
     corpus = torch.randint(0, 384, (300,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        ref = perplexity(model, corpus, window=32, batch_size=2, progress=False)
-        both = perplexity(placed, corpus, window=32, batch_size=2, reference=model, progress=False)
+        ref = perplexity(model, corpus, PerplexitySettings(window=32, batch_size=2), progress=False)
+        both = perplexity(placed, corpus, PerplexitySettings(window=32, batch_size=2), reference=model, progress=False)
     assert both.ref_ppl == ref.ppl and both.device == "cpu"
 
 

@@ -52,16 +52,18 @@ def test_quantized_cell_in_bounded_memory(qwen15):
     """fp32 and llm.int8 on 2 windows, the int8 model sharing every unquantized tensor; a scan."""
     import torch
 
-    from outliers import perplexity, scan
+    from outliers import PerplexitySettings, perplexity, scan
     from outliers.quant.model import quantized_copy
 
     model, info, ids = qwen15
     weights = 4 * info.n_params
-    fp32 = perplexity(model, ids, max_windows=2, progress=False)  # every weight read: resident from here on
+    fp32 = perplexity(
+        model, ids, PerplexitySettings(max_windows=2), progress=False
+    )  # every weight read: resident from here on
     Path("/proc/self/clear_refs").write_text("5")
     base = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
     q, report = quantized_copy(model, "llm.int8", 6.0)
-    r = perplexity(q, ids, max_windows=2, reference=model, progress=False)
+    r = perplexity(q, ids, PerplexitySettings(max_windows=2), reference=model, progress=False)
     # the int8 model adds its codes (~0.2 x the float weights) and activations, never a second float copy
     assert _rss_peak() - base < 0.5 * weights
     assert len(report.replaced) == 28 * 7 and report.skipped == ["lm_head"]

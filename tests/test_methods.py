@@ -1,5 +1,5 @@
 """The method registry: the built-in Table-1 rows and the FP8 / W4A16 reference rows, a new method
-usable everywhere by registering it (of any format), the README's table."""
+usable everywhere by registering it (of any format), the docs' table (docs/quantization.md)."""
 
 from __future__ import annotations
 
@@ -185,6 +185,6 @@ def test_a_new_method_of_another_format_is_one_record(monkeypatch, toy, layer):
     assert f"| `{toy.name}` |" in method_table()
 
 
-def test_the_readme_shows_the_registry():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert method_table() in readme
+def test_the_docs_show_the_registry():
+    page = (Path(__file__).parents[1] / "docs" / "quantization.md").read_text()
+    assert method_table() in page

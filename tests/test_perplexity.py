@@ -48,7 +48,7 @@ def hf_guide_sliding_nll_sum(model, ids, window, stride):
 
 def test_chunks_equal_plain_loss_loop(arch, ids):
     model = make_model(arch)
-    r = perplexity(model, ids, window=64, max_windows=5, batch_size=2, progress=False)
+    r = perplexity(model, ids, PerplexitySettings(window=64, max_windows=5, batch_size=2), progress=False)
     assert r.n_windows == 5 and r.n_tokens == 5 * 63
     assert r.ppl == pytest.approx(plain_chunks_ppl(model, ids, 64, 5), rel=1e-5)
 
@@ -56,7 +56,9 @@ def test_chunks_equal_plain_loss_loop(arch, ids):
 def test_sliding_equals_hf_guide(arch, ids):
     model = make_model(arch)
     ids = ids[:300]
-    r = perplexity(model, ids, protocol="sliding", window=64, stride=24, batch_size=3, progress=False)
+    r = perplexity(
+        model, ids, PerplexitySettings(protocol="sliding", window=64, stride=24, batch_size=3), progress=False
+    )
     total, count = hf_guide_sliding_nll_sum(model, ids, 64, 24)
     assert r.n_tokens == count == len(ids) - 1  # every token after the first, once
     assert r.nll == pytest.approx(total / count, rel=1e-5)
@@ -65,8 +67,8 @@ def test_sliding_equals_hf_guide(arch, ids):
 def test_sliding_with_stride_window_equals_chunks(ids):
     model = make_model("llama")
     x = ids[: 4 * 50]
-    a = perplexity(model, x, window=50, progress=False)
-    b = perplexity(model, x, protocol="sliding", window=50, stride=50, progress=False)
+    a = perplexity(model, x, PerplexitySettings(window=50), progress=False)
+    b = perplexity(model, x, PerplexitySettings(protocol="sliding", window=50, stride=50), progress=False)
     assert (a.n_tokens, a.n_windows) == (b.n_tokens, b.n_windows)
     assert a.ppl == pytest.approx(b.ppl, rel=1e-6)
 
@@ -75,7 +77,8 @@ def test_sliding_with_stride_window_equals_chunks(ids):
 def test_batch_size_does_not_change_the_number(protocol, ids):
     model = make_model("gpt2")
     runs = [
-        perplexity(model, ids[:400], protocol=protocol, window=48, batch_size=b, progress=False).ppl for b in (1, 3, 8)
+        perplexity(model, ids[:400], PerplexitySettings(protocol=protocol, window=48, batch_size=b), progress=False).ppl
+        for b in (1, 3, 8)
     ]
     assert runs == pytest.approx([runs[0]] * 3, rel=1e-5)
 
@@ -91,15 +94,22 @@ def test_logits_to_keep_shortcut_matches_full_logits(ids):
         def forward(self, input_ids):
             return self.inner(input_ids=input_ids)
 
-    a = perplexity(model, ids[:300], protocol="sliding", window=64, stride=16, progress=False)
-    b = perplexity(NoShortcut(model), ids[:300], protocol="sliding", window=64, stride=16, progress=False)
+    a = perplexity(model, ids[:300], PerplexitySettings(protocol="sliding", window=64, stride=16), progress=False)
+    b = perplexity(
+        NoShortcut(model), ids[:300], PerplexitySettings(protocol="sliding", window=64, stride=16), progress=False
+    )
     assert a.nll == pytest.approx(b.nll, rel=1e-6)
 
 
 def test_result_records_settings_and_is_json_ready(ids):
     model = make_model("opt")
     r = perplexity(
-        model, ids, window=32, max_windows=3, batch_size=2, progress=False, model_name="tiny-opt", corpus_name="sample"
+        model,
+        ids,
+        PerplexitySettings(window=32, max_windows=3, batch_size=2),
+        progress=False,
+        model_name="tiny-opt",
+        corpus_name="sample",
     )
     d = json.loads(json.dumps(r.to_dict()))
     assert d["protocol"] == "chunks" and d["window"] == 32 and d["max_windows"] == 3
@@ -154,19 +164,21 @@ def test_chunks_are_disjoint_full_windows(n, window, max_windows):
 )
 def test_bad_settings_name_the_argument(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        perplexity(make_model("llama"), torch.arange(100), progress=False, **kwargs)
+        PerplexitySettings(**kwargs)
 
 
 def test_corpus_shorter_than_a_window():
     with pytest.raises(CorpusError, match="corpus has 10 tokens, fewer than one window of 16"):
-        perplexity(make_model("llama"), torch.arange(10), window=16, progress=False)
+        perplexity(make_model("llama"), torch.arange(10), PerplexitySettings(window=16), progress=False)
 
 
 def test_ids_must_be_1d_integers():
     with pytest.raises(InvalidArgumentError, match="1-D integer tensor"):
-        perplexity(make_model("llama"), torch.zeros(2, 50, dtype=torch.long), window=8, progress=False)
+        perplexity(
+            make_model("llama"), torch.zeros(2, 50, dtype=torch.long), PerplexitySettings(window=8), progress=False
+        )
     with pytest.raises(InvalidArgumentError, match="1-D integer tensor"):
-        perplexity(make_model("llama"), torch.zeros(50), window=8, progress=False)
+        perplexity(make_model("llama"), torch.zeros(50), PerplexitySettings(window=8), progress=False)
 
 
 # ---------------------------------------------------------------- chunked head, reference, BOS, intervals
@@ -187,7 +199,7 @@ def test_chunked_head_equals_the_models_own_logits(name, ids):
 
 
 def test_token_nlls_add_up_to_the_window_sums(ids):
-    r = perplexity(make_model("gpt2"), ids, window=48, max_windows=5, batch_size=2, progress=False)
+    r = perplexity(make_model("gpt2"), ids, PerplexitySettings(window=48, max_windows=5, batch_size=2), progress=False)
     assert len(r.token_nll) == r.n_tokens == sum(r.window_tokens)
     assert r.token_nll.dtype.name == "float32"
     per_window = np.split(r.token_nll.astype(np.float64), np.cumsum(r.window_tokens)[:-1])
@@ -199,7 +211,9 @@ def test_token_nlls_add_up_to_the_window_sums(ids):
 
 def test_a_model_against_itself_agrees_exactly(ids):
     model = make_model("llama")
-    r = perplexity(model, ids, window=32, max_windows=6, batch_size=4, reference=model, progress=False)
+    r = perplexity(
+        model, ids, PerplexitySettings(window=32, max_windows=6, batch_size=4), reference=model, progress=False
+    )
     assert r.kl_vs_ref == pytest.approx(0.0, abs=1e-6) and r.top1_agreement == 1.0
     assert r.delta_ppl_pct == pytest.approx(0.0, abs=1e-9) and r.ref_ppl == pytest.approx(r.ppl)
     assert r.ref_dtype == "fp32" and r.window_top1 == r.window_tokens
@@ -210,7 +224,12 @@ def test_agreement_against_a_slow_reference(ids):
     ref, other = make_model("llama", seed=0), make_model("llama", seed=1)
     states: dict = {}
     r = perplexity(
-        other, ids, window=32, max_windows=4, batch_size=3, reference=ref, reference_states=states, progress=False
+        other,
+        ids,
+        PerplexitySettings(window=32, max_windows=4, batch_size=3),
+        reference=ref,
+        reference_states=states,
+        progress=False,
     )
     assert len(states) == 2  # batches of 3 + 1 windows, kept for the next comparison
     kl = agree = n = 0.0
@@ -226,7 +245,12 @@ def test_agreement_against_a_slow_reference(ids):
     assert r.top1_agreement == pytest.approx(agree / n)
     assert r.delta_ppl_pct == pytest.approx(100 * (r.ppl / r.ref_ppl - 1), rel=1e-6)
     again = perplexity(
-        other, ids, window=32, max_windows=4, batch_size=3, reference=ref, reference_states=states, progress=False
+        other,
+        ids,
+        PerplexitySettings(window=32, max_windows=4, batch_size=3),
+        reference=ref,
+        reference_states=states,
+        progress=False,
     )
     assert again.kl_vs_ref == pytest.approx(r.kl_vs_ref, rel=1e-6)  # from the kept states
     lo, hi = r.delta_ppl_pct_ci95
@@ -237,7 +261,7 @@ def test_bos_per_window_prepends_bos_and_scores_every_corpus_token(ids):
     model = make_model("gemma")
     bos = 0
     corpus = torch.cat([torch.tensor([bos]), ids[:200]])  # as a tokenizer that adds one BOS would give
-    r = perplexity(model, corpus, window=32, bos="window", bos_token_id=bos, progress=False)
+    r = perplexity(model, corpus, PerplexitySettings(window=32, bos="window"), bos_token_id=bos, progress=False)
     n = 200 // 31
     assert r.n_windows == n and r.window_tokens == [31] * n and r.bos == "window"
     total = 0.0
@@ -247,7 +271,7 @@ def test_bos_per_window_prepends_bos_and_scores_every_corpus_token(ids):
             total += model(input_ids=x, labels=x).loss.item() * 31
     assert r.nll == pytest.approx(total / (31 * n), rel=1e-5)
     with pytest.raises(InvalidArgumentError, match="needs the tokenizer's BOS"):
-        perplexity(model, corpus, window=32, bos="window", progress=False)
+        perplexity(model, corpus, PerplexitySettings(window=32, bos="window"), progress=False)
 
 
 @given(n=st.integers(2, 300), window=st.integers(3, 40), data=st.data())
@@ -285,7 +309,7 @@ def test_intervals_cover_the_statistic_and_widen_with_spread():
 
 
 def test_first_batch_is_reported_apart_from_the_steady_rate(ids):
-    r = perplexity(make_model("llama"), ids, window=32, max_windows=5, batch_size=2, progress=False)
+    r = perplexity(make_model("llama"), ids, PerplexitySettings(window=32, max_windows=5, batch_size=2), progress=False)
     assert 0 < r.warmup_seconds < r.seconds
     fed_after_first = (5 - 2) * 32  # three windows of 32 tokens after the first batch of two
     assert r.steady_tokens_per_s == pytest.approx(fed_after_first / (r.seconds - r.warmup_seconds))
@@ -293,14 +317,14 @@ def test_first_batch_is_reported_apart_from_the_steady_rate(ids):
 
 
 def test_one_batch_has_no_steady_rate(ids):
-    r = perplexity(make_model("llama"), ids, window=32, max_windows=2, batch_size=4, progress=False)
+    r = perplexity(make_model("llama"), ids, PerplexitySettings(window=32, max_windows=2, batch_size=4), progress=False)
     assert r.steady_tokens_per_s is None and r.warmup_seconds == r.seconds
 
 
 def test_results_stored_before_the_speed_fields_still_load(ids):
     from outliers.eval.result import PerplexityResult
 
-    d = perplexity(make_model("opt"), ids, window=32, max_windows=3, progress=False).to_dict()
+    d = perplexity(make_model("opt"), ids, PerplexitySettings(window=32, max_windows=3), progress=False).to_dict()
     old = {k: v for k, v in d.items() if k not in ("warmup_seconds", "steady_tokens_per_s")}
     r = PerplexityResult(**old)
     assert r.warmup_seconds is None and r.steady_tokens_per_s is None and r.tokens_per_s == d["tokens_per_s"]

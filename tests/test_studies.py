@@ -379,8 +379,9 @@ def test_bad_transform_settings_name_the_key(tmp_path, lines, message):
 )
 def test_calibration_starts_after_the_last_token_evaluation_reads(protocol, bos):
     import torch
+    from helpers import make_model
 
-    from outliers.cli.eval import _evaluated_tokens
+    from outliers.eval.rows import RowEvaluator
     from outliers.eval.windows import PerplexitySettings
     from studies.config import parse_config
     from studies.measures.perplexity import evaluated_tokens
@@ -393,7 +394,8 @@ def test_calibration_starts_after_the_last_token_evaluation_reads(protocol, bos)
     # 3 windows of 32 (of 31 corpus tokens after a BOS of each window's own, the corpus' first dropped), or
     # windows starting every 16 tokens
     assert reserved == {"chunks-corpus": 96, "sliding-corpus": 64, "chunks-window": 1 + 3 * 31}[f"{protocol}-{bos}"]
-    assert reserved <= _evaluated_tokens(len(ids), settings)  # the CLI's bound, exact for bos="corpus"
+    # one rule: the row evaluator (outliers eval, the study's cells) reserves exactly these tokens
+    assert RowEvaluator(make_model("llama"), ids, settings, bos_token_id=0).reserved == reserved
 
 
 def _planted_llama(folder, tokenizer, hidden=128, gain=6.0):

@@ -25,7 +25,7 @@ from outliers.analysis.points import CapturePoint, resolve_points
 from outliers.analysis.stats import OutlierStats, Stat
 from outliers.arch.registry import GENERIC, architecture_of
 from outliers.errors import InvalidArgumentError
-from outliers.eval.perplexity import perplexity
+from outliers.eval.perplexity import PerplexitySettings, perplexity
 from outliers.models.dispatch import input_device
 
 __all__ = ["readers", "ablate_dims", "mean_top1_attention", "ablation_study"]
@@ -162,7 +162,7 @@ def ablation_study(
     for label, ds in tqdm(conditions, desc="ablate", disable=not progress, leave=False):
         ctx = ablate_dims(model, pts, ds, mode, means) if ds else _null()
         with ctx:
-            r = perplexity(model, ids, window=window, max_windows=max_windows, progress=False)
+            r = perplexity(model, ids, PerplexitySettings(window=window, max_windows=max_windows), progress=False)
             top1 = mean_top1_attention(model, att_windows)
         rows.append({"condition": label, "dims": ds, "ppl": r.ppl, "top1_attention": top1})
     df = pd.DataFrame(rows)

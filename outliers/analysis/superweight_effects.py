@@ -32,7 +32,7 @@ from outliers.analysis.superweights import Coord, SuperWeight, down_projections,
 from outliers.arch.linear import weight_of
 from outliers.display import fmt_interval, named, render_html
 from outliers.errors import InvalidArgumentError
-from outliers.eval.perplexity import PerplexityResult, perplexity
+from outliers.eval.perplexity import PerplexityResult, PerplexitySettings, perplexity
 
 __all__ = ["SuperWeightEffects", "super_weight_effects", "control_coords"]
 
@@ -179,22 +179,23 @@ def super_weight_effects(
     for b, r, _ in coords:
         if r not in rows.setdefault(b, []):
             rows[b].append(r)
-    kw: dict[str, Any] = dict(window=window, max_windows=max_windows, batch_size=batch_size, progress=progress)
+    settings = PerplexitySettings(window=window, max_windows=max_windows, batch_size=batch_size)
+    kw: dict[str, Any] = {"progress": progress}
     kw |= {"model_name": (meta or {}).get("model"), "corpus_name": (meta or {}).get("corpus", "")}
     states: dict = {}  # the original model's final states per batch: every edit is paired against them
     store: dict = {}
     with _row_hooks(model, rows, store, None):
-        original = perplexity(model, ids, reference=model, reference_states=states, **kw)
+        original = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
     zero = restored = None
     if coords:
         with zeroed(model, coords):
-            zero = perplexity(model, ids, reference=model, reference_states=states, **kw)
+            zero = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
         with ExitStack() as stack:
             stack.enter_context(zeroed(model, coords))
             stack.enter_context(_row_hooks(model, rows, store, restore_fraction))
-            restored = perplexity(model, ids, reference=model, reference_states=states, **kw)
+            restored = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
     with zeroed(model, control):
-        ctrl = perplexity(model, ids, reference=model, reference_states=states, **kw)
+        ctrl = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
     return SuperWeightEffects(
         original=original,
         zeroed=zero,

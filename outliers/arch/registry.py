@@ -36,6 +36,7 @@ __all__ = [
     "architecture_of",
     "blocks",
     "linear_summary",
+    "quantize_skip",
 ]
 
 
@@ -92,3 +93,26 @@ def linear_summary(model: nn.Module, limit: int = 12) -> str:
     names = sorted({re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if is_linear(m)})
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def quantize_skip(model: nn.Module, quantize_lm_head: bool) -> tuple[str, ...] | None:
+    """Return ``quantize_model``'s ``skip``: None (the architecture's: the head stays float), or that minus the head.
+
+    Model policy: which modules stay in float. The head is whatever ``get_output_embeddings`` returns,
+    found by identity, so a family whose head has another name is handled as one named ``lm_head``. A head
+    tied to the input embedding stays tied in the float model: ``quantized_copy`` replaces the copy's head
+    module and leaves the shared tensor alone.
+
+    Raises:
+        InvalidArgumentError: the model has no linear output head to quantize.
+    """
+    if not quantize_lm_head:
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = [n for n, m in model.named_modules() if m is head and n]
+    if head is None or not is_linear(head) or not names:
+        raise InvalidArgumentError(
+            f"--quantize-lm-head: {type(model).__name__} has no linear output head (get_output_embeddings)"
+        )
+    return tuple(s for s in architecture_of(model).skip if not is_skipped(names[0], (s,)))

@@ -59,7 +59,29 @@ def print_table(rows: list[tuple[str, Any]]) -> None:
 
 
 def ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
-    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]" if ci else ""
+    """``[low, high]``; "n/a (1 window)" where one window gives no interval; "" for none at all."""
+    if not ci:
+        return ""
+    if any(x != x for x in ci):  # NaN: a bootstrap over one window
+        return "n/a (1 window)"
+    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+
+
+def write_json(path: Any, obj: Any, flag: str) -> None:
+    """Write ``obj`` as JSON, atomically; the numbers were printed first, so a failure loses nothing computed.
+
+    Raises:
+        OutputPathError: the file could not be written (named with the ``flag`` that asked for it).
+    """
+    import json
+
+    from outliers.cache import atomic_write
+    from outliers.errors import OutputPathError
+
+    try:
+        atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        raise OutputPathError(f"could not write {flag} {path}: {e}") from e
 
 
 def run_facts(model: str, info: Any, corpus: Any = None) -> dict[str, Any]:

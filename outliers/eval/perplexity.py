@@ -88,6 +88,7 @@ class _Sums:
     token_nll: list[np.ndarray] = field(default_factory=list)
     ref_nll: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    token_kl: list[np.ndarray] = field(default_factory=list)
     top1: list[int] = field(default_factory=list)
 
 
@@ -106,7 +107,7 @@ def _score_batch(
     step = positions_per_chunk(model.vocab or q_states.shape[-1])
     for row, s in enumerate(batch):
         first = s.score_from - s.begin + prefix  # window-relative index of the first target
-        nll, ref_nll, kl, top1, token_nll = 0.0, 0.0, 0.0, 0, []
+        nll, ref_nll, kl, top1, token_nll, token_kl = 0.0, 0.0, 0.0, 0, [], []
         p = first - 1  # the logit at position p predicts the token at p + 1
         while p < length - 1:
             stop = min(p + step, length - 1)
@@ -119,7 +120,9 @@ def _score_batch(
                 lr = ref.log_probs(r_states[row, p - offset : stop - offset])
                 started = time.perf_counter()  # the agreement arithmetic is the reference's work too
                 ref_nll += float(-lr.gather(-1, targets).double().sum())
-                kl += float((lr.exp() * (lr - lq)).sum(-1).double().sum())
+                tok_kl = (lr.exp() * (lr - lq)).sum(-1)
+                token_kl.append(tok_kl)
+                kl += float(tok_kl.double().sum())
                 top1 += int((lr.argmax(-1) == lq.argmax(-1)).sum())
                 ref.seconds += time.perf_counter() - started
             p = stop
@@ -128,6 +131,7 @@ def _score_batch(
         if ref is not None:
             sums.ref_nll.append(ref_nll)
             sums.kl.append(kl)
+            sums.token_kl.append(torch.cat(token_kl).cpu().numpy().astype(np.float32))
             sums.top1.append(top1)
 
 
@@ -137,13 +141,8 @@ def _score_batch(
 def perplexity(
     model: nn.Module,
     ids: torch.Tensor,
+    settings: PerplexitySettings | None = None,
     *,
-    protocol: str = "chunks",
-    window: int = 512,
-    stride: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 4,
-    bos: str = "corpus",
     bos_token_id: int | None = None,
     reference: nn.Module | None = None,
     reference_states: MutableMapping | None = None,
@@ -158,8 +157,8 @@ def perplexity(
         model: a transformers causal LM (anything returning ``.logits`` of
             shape ``(batch, seq, vocab)`` from ``model(input_ids)``).
         ids: token ids, shape ``(n_tokens,)``, e.g. from ``encode_corpus``.
-        protocol, window, stride, max_windows, batch_size, bos: see
-            ``PerplexitySettings`` and the module docstring.
+        settings: how windows are cut and batched (``PerplexitySettings``; the
+            defaults: chunks of 512, 4 per batch, every window).
         bos_token_id: the BOS id, needed for ``bos="window"``.
         reference: the model to compare with (typically the float model that
             ``model`` was quantized from), scored on the same windows.
@@ -175,7 +174,7 @@ def perplexity(
         InvalidArgumentError: bad settings or ids that are not 1-D integers.
         CorpusError: fewer tokens than one window.
     """
-    settings = PerplexitySettings(protocol, window, stride, max_windows, batch_size, bos)
+    settings = settings or PerplexitySettings()
     if ids.dim() != 1 or ids.dtype.is_floating_point:
         raise InvalidArgumentError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
     corpus_ids = window_ids(ids, settings, bos_token_id)
@@ -236,6 +235,7 @@ def perplexity(
             window_ref_nll=sums.ref_nll,
             window_kl=sums.kl,
             window_top1=sums.top1,
+            token_kl=np.concatenate(sums.token_kl),
         )
     return PerplexityResult(
         ppl=_exp(nll),

@@ -16,19 +16,20 @@ __all__ = ["PerplexityResult"]
 class PerplexityResult:
     """A perplexity and everything needed to reproduce, bound or compare it.
 
-    ``window_nll`` and ``window_tokens`` are each window's NLL sum and scored
-    tokens (their ratio of sums is ``nll``); ``token_nll`` holds every scored
-    token's NLL in window order (float32, left out of ``to_dict``). The
-    ``*_ci95`` fields are 95 % bootstrap intervals over windows. The fields
-    from ``ref_dtype`` to ``window_top1`` are set when a reference model was given.
+        ``window_nll`` and ``window_tokens`` are each window's NLL sum and scored
+        tokens (their ratio of sums is ``nll``); ``token_nll`` holds every scored
+        token's NLL in window order and, against a reference, ``token_kl`` each
+    one's KL (float32, both left out of ``to_dict``). The
+        ``*_ci95`` fields are 95 % bootstrap intervals over windows. The fields
+        from ``ref_dtype`` to ``window_top1`` are set when a reference model was given.
 
-    Speed: ``seconds`` and ``tokens_per_s`` cover every batch, the first one
-    included, as they always have (a study's stored cells hold them). The first
-    batch also pays one-time set-up (kernels loading from their cache, the int8
-    GEMM's first-call set-up, first allocations), so ``warmup_seconds`` is its
-    share of ``seconds`` and ``steady_tokens_per_s`` the rate over the batches
-    after it: the number to compare across methods (None with a single
-    batch). Both are None in results made before they existed.
+        Speed: ``seconds`` and ``tokens_per_s`` cover every batch, the first one
+        included, as they always have (a study's stored cells hold them). The first
+        batch also pays one-time set-up (kernels loading from their cache, the int8
+        GEMM's first-call set-up, first allocations), so ``warmup_seconds`` is its
+        share of ``seconds`` and ``steady_tokens_per_s`` the rate over the batches
+        after it: the number to compare across methods (None with a single
+        batch). Both are None in results made before they existed.
     """
 
     ppl: float
@@ -70,11 +71,17 @@ class PerplexityResult:
     steady_tokens_per_s: float | None = None  # tokens fed per second after the first batch; None with one batch
     extra: dict[str, Any] = field(default_factory=dict)
     token_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # each scored token's KL(P_ref || P_model), in the order of token_nll; set with a reference
+    token_kl: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field but ``token_nll``, JSON-ready."""
+        """Every field but the per-token arrays (``token_nll``, ``token_kl``), JSON-ready."""
         d = asdict(self)
         d.pop("token_nll")
+        d.pop("token_kl")
+        for k, v in d.items():  # one window has no interval: null, not [NaN, NaN]
+            if k.endswith("_ci95") and v is not None and any(x != x for x in v):
+                d[k] = None
         return d
 
     def _repr_html_(self) -> str:

@@ -144,3 +144,13 @@ def window_ids(ids: torch.Tensor, settings: PerplexitySettings, bos_token_id: in
             "bos='window' needs the tokenizer's BOS token id (bos_token_id); this tokenizer has none: use bos='corpus'"
         )
     return ids[1:] if len(ids) and int(ids[0]) == bos_token_id else ids
+
+
+def evaluated_tokens(ids: torch.Tensor, settings: PerplexitySettings, bos_token_id: int | None = None) -> int:
+    """How many tokens from the start of ``ids`` evaluation reads: calibration on the same text starts after them.
+
+    The one rule for keeping calibration off the evaluated tokens: the windows are cut by the functions
+    ``perplexity`` cuts them with, and a leading BOS that ``bos="window"`` drops still counts.
+    """
+    corpus = window_ids(ids, settings, bos_token_id)
+    return len(ids) - len(corpus) + max(s.end for s in spans(len(corpus), settings))

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..format import fmt_delta
-from .phenomena import phenomena_figure, phenomena_table
 from . import Context, Image, Measure, Setting, Table, register_measure
 from .perplexity_report import ppl_rows
+from .phenomena import phenomena_figure, phenomena_table
 
 if TYPE_CHECKING:
     import pandas as pd

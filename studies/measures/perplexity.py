@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from outliers.errors import InvalidArgumentError
 from outliers.quant.methods import METHODS
-from outliers.quant.transforms import ROTATIONS, Transform, parse_row, row_name
+from outliers.quant.transforms import ROTATIONS, parse_row, row_name
 
 from ..settings import floats
 from . import Context, Measure, Setting, register_measure
@@ -53,9 +53,7 @@ SETTINGS = (
 
 
 def validate(cfg: StudyConfig) -> None:
-    from outliers.eval.windows import PerplexitySettings
-
-    PerplexitySettings(cfg.protocol, cfg.window, cfg.stride, cfg.max_windows, cfg.batch_size, cfg.bos)
+    _settings(cfg)
     if cfg.report_thresholds is not None:
         if not cfg.report_thresholds:
             raise InvalidArgumentError("[report] thresholds must name at least one threshold")
@@ -124,98 +122,57 @@ def fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
 
 
 def evaluated_tokens(ids: Any, cfg: StudyConfig, bos_token_id: int | None) -> int:
-    """How many tokens from the start of ``ids`` the cell's windows read: calibration must start after them.
+    """How many tokens from the start of ``ids`` the cell's windows read: calibration must start after them
+    (the one rule, ``outliers.eval.windows.evaluated_tokens``)."""
+    from outliers.eval.windows import evaluated_tokens as rule
 
-    The windows are cut by the same functions ``perplexity`` cuts them with (``outliers.eval.windows``).
-    """
-    from outliers.eval.windows import PerplexitySettings, spans, window_ids
-
-    settings = PerplexitySettings(cfg.protocol, cfg.window, cfg.stride, cfg.max_windows, cfg.batch_size, cfg.bos)
-    corpus = window_ids(ids, settings, bos_token_id)
-    return len(ids) - len(corpus) + max(s.end for s in spans(len(corpus), settings))  # + a dropped leading BOS
+    return rule(ids, _settings(cfg), bos_token_id)
 
 
-def _quantized(source: Any, method: str, threshold: float, ctx: Context) -> tuple[Any, Any]:
-    """``source`` quantized by ``method`` at ``threshold``: quantized once per (source, method), then re-thresholded.
+def _settings(cfg: StudyConfig) -> Any:
+    from outliers.eval.windows import PerplexitySettings
 
-    A threshold sweep's cells share their weights' int8 codes (the threshold only picks X's
-    columns at run time): ``set_threshold`` gives the held copy each cell's threshold. One copy is
-    held at a time, as for transforms.
-    """
-    from outliers.quant.model import quantized_copy, set_threshold
-
-    cfg = ctx.cfg
-    held = ctx.cache.get("quantized")
-    if held is None or held[0] is not source or held[1] != method:
-        ctx.cache.pop("quantized", None)  # the last copy goes before the next is made
-        made = quantized_copy(source, method, threshold, outlier_weights=cfg.outlier_weights, round_to=cfg.round_to)
-        ctx.cache["quantized"] = held = (source, method, *made)
-    _, _, copy, report = held
-    return copy, set_threshold(copy, report, threshold)
+    return PerplexitySettings(cfg.protocol, cfg.window, cfg.stride, cfg.max_windows, cfg.batch_size, cfg.bos)
 
 
-def _transformed(transform: Transform, ctx: Context) -> tuple[Any, dict[str, Any]]:
-    """The float model after ``transform``, made once for the cells that share it (one held at a time)."""
-    held = ctx.cache.get("transformed")
-    if held is None or held[0] != transform:
-        from outliers.quant.calibration import transformed_copy
+def _evaluator(cell: dict[str, Any], ctx: Context) -> Any:
+    """The row evaluator of this (model, corpus): its held copies and the reference's states outlive one cell."""
+    from outliers.eval.rows import RowEvaluator
 
-        ctx.cache.pop("transformed", None)  # the last transform's copy goes before the next is made,
-        ctx.cache.pop("quantized", None)  # with any quantized copy of it
-        cfg = ctx.cfg
-        copy, info = transformed_copy(
+    ev = ctx.cache.get("rows")
+    if ev is None:
+        ev = ctx.cache["rows"] = RowEvaluator(
             ctx.model,
-            transform,
             ctx.ids,
-            window=cfg.window,
-            reserved=evaluated_tokens(ctx.ids, cfg, ctx.bos_token_id),
-            batch_size=cfg.batch_size,
+            _settings(ctx.cfg),
+            bos_token_id=ctx.bos_token_id,
+            model_name=cell["model"],
+            corpus_name=cell["corpus"],
         )
-        ctx.cache["transformed"] = held = (transform, copy, info)
-    return held[1], held[2]
+    ev.progress = ctx.progress
+    return ev
 
 
 def compute(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    from outliers.eval.perplexity import perplexity
-    from outliers.quant.decomposed import float_columns
+    from outliers.eval.rows import Row
 
-    cfg, model = ctx.cfg, ctx.model
+    cfg = ctx.cfg
     method, transform = parse_row(cell["method"])
-    source, applied = _transformed(transform, ctx) if transform else (model, {})
-    target, report = source, None
-    if method != "fp32":
-        target, report = _quantized(source, method, cell["threshold"], ctx)
-    reference = model if report is not None or transform else None  # the untransformed float model
-    with float_columns(target) as columns:
-        r = perplexity(
-            target,
-            ctx.ids,
-            protocol=cfg.protocol,
-            window=cfg.window,
-            stride=cfg.stride,
-            max_windows=cfg.max_windows,
-            batch_size=cfg.batch_size,
-            bos=cfg.bos,
-            bos_token_id=ctx.bos_token_id,
-            reference=reference,
-            reference_states=ctx.cache.setdefault("reference_states", {}),
-            progress=ctx.progress,
-            model_name=cell["model"],
-            corpus_name=cell["corpus"],
-            method=None if method == "fp32" else method,
-        )
+    threshold = cell["threshold"] if cell["threshold"] is not None else 6.0
+    row = Row(method, transform, threshold, outlier_weights=cfg.outlier_weights, round_to=cfg.round_to)
+    done = _evaluator(cell, ctx).evaluate(row)
+    r = done.result
     if not math.isfinite(r.ppl):
         raise FloatingPointError(f"perplexity is {r.ppl} (mean NLL {r.nll})")
-    r.extra.update(applied)  # the transform's settings, calibration tokens, Hadamard constructions (as outliers eval)
-    result = r.to_dict()
-    if report is not None:
+    result = r.to_dict()  # with the transform's settings, calibration tokens, Hadamard constructions (as eval)
+    if done.report is not None:
         result.update(
-            weight_bytes_before=report.bytes_before,
-            weight_bytes_after=report.bytes_after,
-            replaced=len(report.replaced),
+            weight_bytes_before=done.report.bytes_before,
+            weight_bytes_after=done.report.bytes_after,
+            replaced=len(done.report.replaced),
         )
-    if columns.share is not None:  # a decomposing method: the mean over (layer, forward call) of the float share
-        result.update(float_columns_pct=100 * columns.share, float_columns_calls=columns.n_calls)
+    if done.float_columns_pct is not None:  # a decomposing method: the mean over (layer, call) of the float share
+        result.update(float_columns_pct=done.float_columns_pct, float_columns_calls=done.float_columns_calls)
     result["token_nll"] = r.token_nll
     return result
 
