@@ -40,3 +40,8 @@ def test_notebook_runs(path, smollm2, tmp_path, monkeypatch):
         1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
     )
     assert images >= 1, "every notebook shows at least one figure"
+    # the documentation site renders the executed copy (mkdocs-jupyter, execute: false); the repository keeps
+    # the notebook without outputs
+    site = Path(__file__).resolve().parents[1] / "docs" / "notebooks"
+    site.mkdir(parents=True, exist_ok=True)
+    nbformat.write(book, str(site / path.name))
