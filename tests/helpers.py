@@ -14,90 +14,52 @@ ARCHS = (
 )  # the families most tests run on: RMSNorm + RoPE, Conv1D, LayerNorm + learned positions
 
 
+# A tiny model of each family, as a table: transformers' config class and its fields beside the shared ones
+# (vocab, hidden, layers, 4 heads, 256 positions; "ffn" is the MLP width 2 * hidden under the family's name).
+# Decoders with grouped queries take 2 key-value heads.
+_GQA = {"num_key_value_heads": 2, "intermediate_size": "ffn", "hidden_size": "hidden", "num_attention_heads": 4}
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {**_GQA, "architectures": ["LlamaForCausalLM"]}),
+    "gpt2": (
+        "GPT2Config",
+        {"n_embd": "hidden", "n_layer": "layers", "n_head": 4, "n_positions": 256, "bos_token_id": 0}
+        | {"eos_token_id": 0, "architectures": ["GPT2LMHeadModel"]},
+    ),
+    "opt": (
+        "OPTConfig",
+        {"hidden_size": "hidden", "ffn_dim": "ffn", "num_attention_heads": 4, "word_embed_proj_dim": "hidden"}
+        | {"architectures": ["OPTForCausalLM"]},
+    ),
+    # Gemma-3: (1 + w) norms, a BOS-sensitive family
+    "gemma": (
+        "Gemma3TextConfig",
+        {**_GQA, "head_dim": 8, "sliding_window": 16, "architectures": ["Gemma3ForCausalLM"]},
+    ),
+    "mistral": ("MistralConfig", dict(_GQA)),
+    "qwen2": ("Qwen2Config", dict(_GQA)),
+    "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 8}),
+    "gemma1": ("GemmaConfig", {**_GQA, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", {**_GQA, "head_dim": 8}),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": 4, "rotary_pct": 0.25}
+        | {"architectures": ["GPTNeoXForCausalLM"]},
+    ),
+}
+
+
 def make_config(arch: str, vocab_size: int = 384, hidden: int = 32, layers: int = 2):
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
+    """A tiny transformers config of one family (``CONFIGS``)."""
+    import transformers
 
-    if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            architectures=["LlamaForCausalLM"],
-        )
-    if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=4,
-            n_positions=256,
-            bos_token_id=0,
-            eos_token_id=0,
-            architectures=["GPT2LMHeadModel"],
-        )
-    if arch == "opt":
-        return OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            ffn_dim=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            word_embed_proj_dim=hidden,
-            architectures=["OPTForCausalLM"],
-        )
-    if arch == "gemma":  # Gemma-3: (1 + w) norms, a BOS-sensitive family
-        return Gemma3TextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=256,
-            sliding_window=16,
-            architectures=["Gemma3ForCausalLM"],
-        )
-    if arch in ("mistral", "qwen2", "qwen3", "gemma1", "gemma2"):
-        import transformers
-
-        cls = {
-            "mistral": "MistralConfig",
-            "qwen2": "Qwen2Config",
-            "qwen3": "Qwen3Config",
-            "gemma1": "GemmaConfig",
-            "gemma2": "Gemma2Config",
-        }[arch]
-        extra = {"head_dim": 8} if arch in ("qwen3", "gemma1", "gemma2") else {}
-        return getattr(transformers, cls)(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **extra,
-        )
-    if arch == "gpt_neox":
-        from transformers import GPTNeoXConfig
-
-        return GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            rotary_pct=0.25,
-            architectures=["GPTNeoXForCausalLM"],
-        )
-    raise ValueError(f"unknown test architecture {arch!r}")
+    if arch not in CONFIGS:
+        raise ValueError(f"unknown test architecture {arch!r}")
+    cls, fields = CONFIGS[arch]
+    sizes = {"hidden": hidden, "ffn": 2 * hidden, "layers": layers}
+    kwargs = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
+    if "n_layer" not in kwargs:
+        kwargs |= {"num_hidden_layers": layers, "max_position_embeddings": 256}
+    return getattr(transformers, cls)(vocab_size=vocab_size, **kwargs)
 
 
 def make_model(arch: str, seed: int = 0, **kw) -> torch.nn.Module:
@@ -137,3 +99,8 @@ def planted_model(arch: str, dims=PLANTED, gain: float = 40.0) -> torch.nn.Modul
             for shared in (family.attn_in, family.ffn_in):
                 block.get_submodule(shared.norm).weight[list(dims)] = gain
     return model
+
+
+def hook_count(model) -> int:
+    """Forward and forward pre-hooks left on any module of ``model``: zero once every context manager has exited."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

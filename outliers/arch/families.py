@@ -3,7 +3,7 @@ that ``outliers.arch.registry`` registers.
 
 Sources: the modeling files of transformers (module names, norm placement).
 Tests build a tiny model of each from its transformers config and check that
-every path named here exists (``tests/test_arch.py``).
+every path named here exists (``tests/arch/test_arch.py``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ FP8 E4M3 W8A8 (emulated)
     lands on 448 (``s = 448 / max|·|``, one per tensor, or one per token of X and
     per output channel of W), clamped to ±448 (so nothing becomes NaN, whatever
     the cast does above 448) and rounded by the cast (round to nearest, ties to
-    even; ``tests/test_emulated.py`` checks it against every E4M3 value). The FP8
+    even; ``tests/quant/test_emulated.py`` checks it against every E4M3 value). The FP8
     values are multiplied and accumulated in float32 and then scaled back, as
     ``torch._scaled_mm`` computes on FP8 tensor cores (a product of two E4M3
     values is exact in float32; the sums round as float32 sums do).

@@ -156,7 +156,7 @@ class Int8Linear(nn.Module):
                 codes, stats = quantize_absmax(w)
             elif w.device.type == "cpu" and w.dtype == torch.float32:
                 # per output channel in one Numba pass, bit-identical to int8_vectorwise_quant(W, 0.0)
-                # (tests/test_int8.py); a study quantizes every linear once per cell
+                # (tests/quant/test_int8.py); a study quantizes every linear once per cell
                 from outliers.quant.cpu_kernels import quantize_rows
 
                 codes, stats, _ = quantize_rows(w.detach().contiguous(), 0.0)

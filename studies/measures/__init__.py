@@ -21,7 +21,7 @@ registration order; a measure added with ``register_measure`` (from any
 module, a test included) is planned, run, stored and reported like the
 built-in ones. A built-in measure is a module here that ends with
 ``register_measure(Measure(...))``, named in ``BUILTIN`` (its place there is
-its place in the report); ``tests/test_measures.py`` registers a toy one.
+its place in the report); ``tests/studies/test_measures.py`` registers a toy one.
 The perplexity and agreement measures follow Dettmers et al. 2022,
 "LLM.int8()" (arXiv 2208.07339), Table 1; the outlier scan its Table 4.
 """

@@ -9,7 +9,7 @@ nbclient = pytest.importorskip(
 )
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 pytestmark = pytest.mark.integration
 
 
@@ -42,6 +42,6 @@ def test_notebook_runs(path, smollm2, tmp_path, monkeypatch):
     assert images >= 1, "every notebook shows at least one figure"
     # the documentation site renders the executed copy (mkdocs-jupyter, execute: false); the repository keeps
     # the notebook without outputs
-    site = Path(__file__).resolve().parents[1] / "docs" / "notebooks"
+    site = Path(__file__).resolve().parents[2] / "docs" / "notebooks"
     site.mkdir(parents=True, exist_ok=True)
     nbformat.write(book, str(site / path.name))

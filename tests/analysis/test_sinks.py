@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_model
+from helpers import hook_count, make_model
 
 from outliers import InvalidArgumentError
 from outliers.analysis.sinks import attention_sinks
@@ -98,13 +98,9 @@ def test_hooks_match_output_attentions(arch):
     assert res.norms.other_tokens_norm[0] == pytest.approx(float(first[:, 1:].mean()), rel=1e-5)
 
 
-def _hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_hooks_are_removed_when_the_forward_raises():
     model = make_model("llama")
-    before = _hook_count(model)
+    before = hook_count(model)
 
     def boom(module, args, out):
         raise RuntimeError("boom")
@@ -113,7 +109,7 @@ def test_hooks_are_removed_when_the_forward_raises():
     with pytest.raises(RuntimeError, match="boom"):
         attention_sinks(model, _ids(), window=W, max_windows=1, progress=False)
     handle.remove()
-    assert _hook_count(model) == before and model.config._attn_implementation == "sdpa"
+    assert hook_count(model) == before and model.config._attn_implementation == "sdpa"
 
 
 def test_bad_arguments_and_encoders():
@@ -128,10 +124,10 @@ def test_bad_arguments_and_encoders():
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).eval()
-    before = _hook_count(bert)
+    before = hook_count(bert)
     with pytest.raises(InvalidArgumentError, match="not a causal LM"):
         attention_sinks(bert, _ids(), window=W, max_windows=1, progress=False)
-    assert _hook_count(bert) == before
+    assert hook_count(bert) == before
 
 
 def test_cli_json_and_out(model_dir, text_file, tmp_path, capsys):

@@ -1,6 +1,5 @@
 import math
 import re
-import time
 
 import pytest
 import torch
@@ -73,11 +72,13 @@ def test_hadamard_matrix_returns_a_copy_of_the_cached_matrix():
     assert_hadamard(hadamard_matrix(576)[0], 576)
 
 
-def test_building_8960_is_fast():
+def test_8960_builds_and_its_rows_are_orthogonal():
+    """Qwen2.5-Coder-1.5B's MLP width; its build time is benchmarks/hadamard_build.py's, not a test's."""
     hadamard._build.cache_clear()
-    start = time.perf_counter()
-    hadamard_matrix(8960)
-    assert time.perf_counter() - start < 1.0
+    h, name = hadamard_matrix(8960)
+    assert h.shape == (8960, 8960) and (h.abs() == 1).all() and name
+    rows = h[torch.randperm(8960, generator=torch.Generator().manual_seed(0))[:64]].float()
+    assert torch.equal(rows @ rows.T, 8960 * torch.eye(64))  # exact: integer sums below 2^24
 
 
 def test_sizes_without_a_construction_are_exactly_the_known_gaps():

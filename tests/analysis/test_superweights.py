@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_model
+from helpers import hook_count, make_model
 from torch import nn
 
 from outliers import InvalidArgumentError
@@ -47,10 +47,6 @@ def _snapshot(model):
 
 def _same(model, snap):
     return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
-
-
-def _hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -109,7 +105,7 @@ def test_effects_zeroed_restored_and_the_model_is_unchanged():
 
 def test_model_restored_when_the_forward_raises():
     model = _planted()
-    snap, hooks = _snapshot(model), _hook_count(model)
+    snap, hooks = _snapshot(model), hook_count(model)
     calls = {"n": 0, "ok": 1}  # forwards that pass before it raises
 
     def boom(module, args, out):
@@ -120,16 +116,16 @@ def test_model_restored_when_the_forward_raises():
     handle = model.model.layers[3].register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         super_weights(model, _ids(), window=W, max_windows=1)
-    assert _same(model, snap) and _hook_count(model) == hooks + 1
+    assert _same(model, snap) and hook_count(model) == hooks + 1
     weights = super_weights(_planted(), _ids(), window=W, max_windows=1).weights
     assert [w.coord for w in weights] == [(BLOCK, ROW, COL)]
     for ok in (2, 3):  # the original model runs twice (scored and reference); then zeroed, then restored
         calls.update(n=0, ok=ok)
         with pytest.raises(RuntimeError, match="boom"):
             super_weight_effects(model, _ids(), weights, window=W, max_windows=1, control_k=3, progress=False)
-        assert _same(model, snap) and _hook_count(model) == hooks + 1
+        assert _same(model, snap) and hook_count(model) == hooks + 1
     handle.remove()
-    assert _same(model, snap) and _hook_count(model) == hooks
+    assert _same(model, snap) and hook_count(model) == hooks
 
 
 def test_control_zeroes_exactly_k_other_weights():

@@ -1,7 +1,7 @@
 """Qwen2.5-Coder-1.5B end to end on a CPU: assembled from its 22 checksum-verified chunks, evaluated,
 scanned and quantized in bounded memory. Minutes and ~9 GiB: marked slow, run with
 
-    OUTLIERS_CACHE=~/.cache/outliers python -m pytest tests/test_integration_qwen15.py --run-slow
+    OUTLIERS_CACHE=~/.cache/outliers python -m pytest tests/integration/test_qwen15.py --run-slow
 
 (the cache variable reuses the one-time GGUF conversion instead of redoing it in a scratch cache).
 """

@@ -1,13 +1,9 @@
 import pytest
 import torch
-from helpers import make_model
+from helpers import hook_count, make_model
 
 from outliers import InvalidArgumentError
 from outliers.arch.hooks import pre_hooks, record_inputs
-
-
-def n_hooks(model):
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_record_inputs_shapes_and_cleanup():
@@ -15,7 +11,7 @@ def test_record_inputs_shapes_and_cleanup():
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     got = record_inputs(model, names, torch.randint(0, 384, (2, 10)))
     assert got[names[0]].shape == (2, 10, 32) and got[names[1]].shape == (2, 10, 64)
-    assert n_hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_hooks_removed_on_exception_and_when_nested():
@@ -24,9 +20,9 @@ def test_hooks_removed_on_exception_and_when_nested():
     with pytest.raises(RuntimeError, match="boom"):
         with pre_hooks(model, names, lambda *a: None):
             with pre_hooks(model, names, lambda *a: None):
-                assert n_hooks(model) == 2
+                assert hook_count(model) == 2
                 raise RuntimeError("boom")
-    assert n_hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_unknown_module_name():

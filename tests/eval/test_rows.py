@@ -137,7 +137,7 @@ def test_adding_a_row_kind_touches_no_other_module(tmp_path):
         print(r.result.top1_agreement)
         """
     )
-    tests = str(Path(__file__).resolve().parent)
+    tests = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path), tests], capture_output=True, text=True, timeout=300
     )

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import make_model, planted_model
+from helpers import hook_count, make_model, planted_model
 
 from outliers import InvalidArgumentError
 from outliers.analysis.ablate import ablate_dims, ablation_study, mean_top1_attention, readers
@@ -37,7 +37,7 @@ def test_zeroed_dims_reach_every_reader_and_hooks_go_away():
         model(input_ids=torch.randint(0, 384, (1, 8)))
     h.remove()
     assert (seen["k"][..., [3, 17]] == 0).all() and (seen["k"][..., 4] != 0).any()
-    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert hook_count(model) == 0
 
 
 def test_mean_fill_uses_scan_means():

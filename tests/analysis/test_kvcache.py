@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_model
+from helpers import hook_count, make_model
 
 from outliers import InvalidArgumentError
 from outliers.analysis.kvcache import kv_channels
@@ -39,10 +39,6 @@ def _row(res, kind, layer):
     rows = res.layers[(res.layers.kind == kind) & (res.layers.layer == layer)]
     assert len(rows) == 1, (kind, layer)
     return rows.iloc[0]
-
-
-def _hook_count(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_planted_key_channel_is_found_pre_rope_and_within_its_pair_post_rope():
@@ -141,9 +137,9 @@ def test_padding_is_excluded():
 
 def test_hooks_are_removed_on_exit_and_when_the_forward_raises():
     model = make_model("llama")
-    before = _hook_count(model)
+    before = hook_count(model)
     kv_channels(model, _ids(), window=W, max_windows=1, progress=False)
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
 
     def boom(module, args, out):
         raise RuntimeError("boom")
@@ -152,10 +148,10 @@ def test_hooks_are_removed_on_exit_and_when_the_forward_raises():
     with pytest.raises(RuntimeError, match="boom"):
         kv_channels(model, _ids(), window=W, max_windows=1, progress=False)
     handle.remove()
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
     with pytest.raises(KeyError), kv_hooks(model, lambda *a: None):
         raise KeyError("inside")
-    assert _hook_count(model) == before
+    assert hook_count(model) == before
 
 
 def test_rope_pairs_and_partial_rotary():

@@ -306,7 +306,7 @@ def test_gpu_benchmark_script_runs_in_the_simulator():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).parents[1],
+        cwd=Path(__file__).parents[2],
         env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
