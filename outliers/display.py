@@ -31,9 +31,11 @@ _CELL = "text-align:left;padding:1px 8px 1px 0"
 
 
 def fmt_interval(ci: Sequence[float] | None, fmt: str = ".3f", scale: float = 1.0) -> str:
-    """``[low, high]`` as the commands print it; '' for no interval or a NaN one (fewer than two windows)."""
-    if not ci or any(math.isnan(x) for x in ci):
+    """``[low, high]`` as the commands print it; '' for no interval; "n/a (1 window)" for a NaN one."""
+    if not ci:
         return ""
+    if any(math.isnan(x) for x in ci):
+        return "n/a (1 window)"
     return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 

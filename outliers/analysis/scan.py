@@ -110,6 +110,9 @@ def scan(
             range(0, n_windows, batch_size), desc="scan", unit="batch", disable=not progress, leave=False
         ):
             run_for_hooks(model, windows[start : start + batch_size].to(device))
+    from outliers.models.load import model_name
+
+    st.meta.update({"model": model_name(model)} if model_name(model) else {})
     st.meta.update(meta or {})
     st.meta.update(
         tokens_asked=max_tokens,

@@ -31,6 +31,7 @@ from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_i
 from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
 from outliers.models.dispatch import input_device
+from outliers.models.load import model_name as loaded_name
 
 __all__ = ["PerplexitySettings", "PerplexityResult", "perplexity"]
 
@@ -252,7 +253,7 @@ def perplexity(
         max_windows=settings.max_windows,
         batch_size=settings.batch_size,
         bos=settings.bos,
-        model=model_name if model_name is not None else str(getattr(model, "name_or_path", "")),
+        model=model_name if model_name is not None else loaded_name(model),
         corpus=corpus_name,
         corpus_tokens=len(ids),
         dtype=_short_dtype(param.dtype),

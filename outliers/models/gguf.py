@@ -23,10 +23,11 @@ __all__ = ["converted_dir", "check_gguf", "convert_gguf", "damage", "quiet_loadi
 
 
 def converted_dir(gguf_name: str, sha256: str) -> Path:
-    import transformers
+    # the installed version from package metadata: importing transformers would cost a study's plan seconds
+    from importlib.metadata import version
 
     stem = Path(gguf_name).stem
-    return cache_dir("models") / f"{stem}-{sha256[:16]}-tf{transformers.__version__}"
+    return cache_dir("models") / f"{stem}-{sha256[:16]}-tf{version('transformers')}"
 
 
 def check_gguf(path: Path) -> None:

@@ -22,7 +22,7 @@ from outliers.models.gguf import check_gguf, convert_gguf, quiet_loading
 from outliers.models.hub import hub_kwargs
 from outliers.models.source import identity, provenance, resolve
 
-__all__ = ["ModelInfo", "LoadedModel", "load_model", "parse_dtype"]
+__all__ = ["ModelInfo", "LoadedModel", "load_model", "parse_dtype", "model_name"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The name ``load_model`` gave the model (the built-in name, folder or file asked for); else transformers'
+    ``name_or_path``; else ''."""
+    return str(getattr(model, "outliers_name", "") or getattr(model, "name_or_path", ""))
 
 
 class LoadedModel(NamedTuple):
@@ -234,4 +240,5 @@ def load_model(
         weights_sha256=ident["sha256"],
         revision=ident["revision"] or getattr(config, "_commit_hash", None),
     )
+    model.outliers_name = info.name  # what results call it downstream: the name asked for, not a cache path
     return LoadedModel(model, tokenizer, info)

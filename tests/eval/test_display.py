@@ -132,7 +132,7 @@ def test_fmt_interval():
     assert fmt_interval((0.5, 2.0), "+.2f") == "[+0.50, +2.00]" and fmt_interval((0.97, 0.99), ".2f", 100) == (
         "[97.00, 99.00]"
     )
-    assert fmt_interval(None) == "" and fmt_interval((float("nan"), 1.0)) == ""
+    assert fmt_interval(None) == "" and fmt_interval((float("nan"), 1.0)) == "n/a (1 window)"
 
 
 def test_sinks_show_the_rate_and_cap_the_heads():
