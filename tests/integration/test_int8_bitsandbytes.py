@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from outliers import encode_corpus, load_corpus, perplexity
+from outliers import PerplexitySettings, encode_corpus, load_corpus, perplexity
 from outliers.arch.hooks import record_inputs
 from outliers.quant.int8 import int8_vectorwise_quant
 from outliers.quant.model import quantized_copy
@@ -46,7 +46,7 @@ def test_real_layer_inputs_quantize_like_bitsandbytes(layer_inputs, dtype):
     assert found_outliers > 0  # SmolLM2 has real outlier features: the test exercises decomposition
 
 
-WINDOWS = dict(window=512, max_windows=8, progress=False)  # the same 8 windows of 512 for every model
+WINDOWS = PerplexitySettings(window=512, max_windows=8)  # the same 8 windows of 512 for every model
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def our_int8(smollm2):
 def vs_fp32(smollm2, ids, our_int8, bnb_model):
     """Ours and bitsandbytes' perplexity results against the float model, on the same windows."""
     fp32_states: dict = {}  # the float model runs once for both
-    ours = perplexity(our_int8, ids, reference=smollm2.model, reference_states=fp32_states, **WINDOWS)
-    peer = perplexity(bnb_model, ids, reference=smollm2.model, reference_states=fp32_states, **WINDOWS)
+    ours = perplexity(our_int8, ids, WINDOWS, reference=smollm2.model, reference_states=fp32_states, progress=False)
+    peer = perplexity(bnb_model, ids, WINDOWS, reference=smollm2.model, reference_states=fp32_states, progress=False)
     return ours, peer
 
 
@@ -87,7 +87,8 @@ def test_perplexity_within_half_a_percent_of_bitsandbytes(vs_fp32):
 
 def test_kl_and_top1_vs_float_agree_with_bitsandbytes(vs_fp32, our_int8, bnb_model, ids):
     ours, peer = vs_fp32
-    direct = perplexity(our_int8, ids, reference=bnb_model, **WINDOWS)  # ours scored against bitsandbytes'
+    # ours scored against bitsandbytes'
+    direct = perplexity(our_int8, ids, WINDOWS, reference=bnb_model, progress=False)
     print(f"\nSmolLM2-135M, llm.int8 threshold 6, {ours.n_windows} windows of {ours.window} ({ours.n_tokens} tokens)")
     print(f"{'':26} {'ppl':>7} {'dppl %':>7} {'KL nats/tok':>12} {'top-1':>7}")
     for label, r in [
