@@ -7,11 +7,11 @@ through a float matmul (``outliers.quant.int8.outlier_columns``). The share of
 such columns is what smoothing and rotation try to drive to zero: at 0 the
 decomposition does nothing.
 
-``float_columns(model)`` counts them while the block runs, by a forward
-hook on every decomposing layer that reads the count the layer found itself
-(``Int8Linear.last_float_columns``, on its input as it quantizes it: float32,
-rounded to its ``round_to`` first), so counting costs no second look at X.
-The hooks are removed on every exit path.
+``float_columns(model)`` counts them while the block runs: every decomposing
+layer reports the columns it found itself (``Int8Linear.count_float_columns``,
+on its input as it quantizes it: float32, rounded to its ``round_to`` first),
+so counting costs no second look at X. The layers stop reporting on every
+exit path.
 """
 
 from __future__ import annotations
@@ -63,22 +63,20 @@ def decomposing_layers(model: nn.Module) -> list[tuple[str, Int8Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.spec.decomposition]
 
 
-def _count(record: FloatColumns, name: str, module: Int8Linear, args: tuple, output: object) -> None:
-    record.record(name, module.last_float_columns, module.in_features)
-
-
 @contextmanager
 def float_columns(model: nn.Module) -> Iterator[FloatColumns]:
     """Yield a ``FloatColumns`` that counts, while the block runs, each decomposing layer's float columns.
 
     A model without decomposing layers (another method, or not quantized)
-    yields an empty record (``share`` None). Hooks are global state on the
-    modules: they are removed when the block exits, by an exception too.
+    yields an empty record (``share`` None). The layers' reporting is state on
+    the modules: it is taken back when the block exits, by an exception too.
     """
     record = FloatColumns()
-    handles = [m.register_forward_hook(partial(_count, record, name)) for name, m in decomposing_layers(model)]
+    layers = decomposing_layers(model)
     try:
+        for name, m in layers:
+            m.count_float_columns = partial(record.record, name)
         yield record
     finally:
-        for h in handles:
-            h.remove()
+        for _, m in layers:
+            m.count_float_columns = None

@@ -23,6 +23,8 @@ input's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -41,7 +43,7 @@ from outliers.quant.quantizers import (
 )
 from outliers.quant.shared_input import QuantizedInput, quantized_input
 
-__all__ = ["Int8Linear", "NonFiniteInputError", "OUTLIER_WEIGHTS", "BACKENDS", "ROUND_TO"]
+__all__ = ["Int8Linear", "NonFiniteInputError", "OUTLIER_WEIGHTS", "BACKENDS", "ROUND_TO", "PATHS"]
 
 
 OUTLIER_WEIGHTS = ("int8", "fp")
@@ -58,6 +60,9 @@ FUSED_ROWS = 16
 # row's outputs, passed over once per column; beyond ~8k floats (32 KB) that buffer leaves the cache and
 # every pass streams (an lm_head's 49k-262k outputs ran several times slower than addmm_ itself).
 FUSED_OUTPUTS = 8192
+
+
+_Computed = tuple[torch.Tensor, torch.Tensor]  # a path's output (outlier product added) and X's outlier columns
 
 
 class NonFiniteInputError(InvalidArgumentError):
@@ -108,7 +113,9 @@ class Int8Linear(nn.Module):
         self.threshold = t if self.spec.decomposition else 0.0
         self.outlier_weights = outlier_weights
         self.name = name  # the module's path in its model, for error messages
-        self.last_float_columns = 0  # the last call's outlier columns (outliers.quant.decomposed reads it)
+        # where each call reports its outlier columns (n, in_features) while outliers.quant.decomposed counts
+        self.count_float_columns: Callable[[int, int], None] | None = None
+        self._paths: dict[tuple[str, torch.dtype], Callable[..., _Computed]] = {}  # PATHS' entry per device, dtype
         n_stats = out_features if self.spec.weights is Granularity.CHANNEL else 1
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(n_stats, dtype=torch.float32))
@@ -251,55 +258,82 @@ class Int8Linear(nn.Module):
 
     def _forward_2d(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """``x``: the 2-d float input; ``source``: the tensor the layer was called with (shared by siblings)."""
-        spec = self.spec
+        key = (x.device.type, x.dtype)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = PATHS[self._choose(x)]
         bias = None if self.bias is None else self.bias.float()
-        if spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW and spec.weights is Granularity.CHANNEL:
-            if self._numba(x):
-                xq, t = self._rounded(x), self.threshold
-                from cuda_kernels.errors import KernelArgumentError
-                from cuda_kernels.launch import llm_int8_linear
+        out, cols = path(self, x, source, bias)
+        if self.count_float_columns is not None:  # outliers.quant.decomposed.float_columns is counting
+            self.count_float_columns(cols.numel(), self.in_features)
+        return out
 
-                try:
-                    out, cols, stats = llm_int8_linear(
-                        xq,
-                        self.weight_q,
-                        self.weight_scale,
-                        bias,
-                        t,
-                        x_float=x,
-                        outlier_weight=self.weight_fp,
-                        out_dtype=x.dtype,
-                    )
-                except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
-                    raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
-                self._check_finite(stats, x[:, cols], x)
-                self.last_float_columns = cols.numel()
-                return out  # the kernel's epilogue already added the outlier product
-            q = self._quantized_input(x, source)
-            cols, x_cols = q.cols, q.x_cols
-            self.last_float_columns = cols.numel()
-            if x.device.type == "cpu" and x.dtype == torch.float32:
-                from outliers.quant.cpu_kernels import dequantize_inplace
+    def _choose(self, x: torch.Tensor) -> str:
+        """Which ``PATHS`` entry computes this layer on inputs like ``x``: decided once per device and dtype."""
+        spec = self.spec
+        vectorwise = (
+            spec.scheme is Scheme.ABSMAX and spec.activations is Granularity.ROW and spec.weights is Granularity.CHANNEL
+        )
+        if not vectorwise:
+            return "generic"
+        if self._numba(x):
+            return "numba-cuda"
+        return "cpu-fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "torch"
 
-                outliers = None
-                fused = len(x) >= FUSED_ROWS and self.out_features <= FUSED_OUTPUTS
-                if fused and 0 < cols.numel() <= FUSED_COLUMNS:  # joins the dequantization pass
-                    outliers = (x_cols, self._outlier_weight(cols).t())
-                product = int8_matmul(q.codes, self.weight_q)
-                out = dequantize_inplace(product, q.stats, self.weight_scale, bias, outliers)
-                if outliers is not None:
-                    return out
-            else:
-                out = int8_mm_dequant(int8_matmul(q.codes, self.weight_q), q.stats, self.weight_scale, bias)
-        else:
-            xs = self._rounded(x)
-            out, cols = self._forward_generic(xs, bias)
-            x_cols = x[:, cols]
-            self.last_float_columns = cols.numel()
+    def _vectorwise_numba(self, x: torch.Tensor, source: torch.Tensor, bias: torch.Tensor | None) -> _Computed:
+        """llm.int8 / absmax-vector on the Numba CUDA kernels: the epilogue adds the outlier product."""
+        from cuda_kernels.errors import KernelArgumentError
+        from cuda_kernels.launch import llm_int8_linear
+
+        try:
+            out, cols, stats = llm_int8_linear(
+                self._rounded(x),
+                self.weight_q,
+                self.weight_scale,
+                bias,
+                self.threshold,
+                x_float=x,
+                outlier_weight=self.weight_fp,
+                out_dtype=x.dtype,
+            )
+        except KernelArgumentError as e:  # e.g. weights left on the CPU: say which layer, as ours
+            raise InvalidArgumentError(f"{self.name or 'Int8Linear'}: {e}") from e
+        self._check_finite(stats, x[:, cols], x)
+        return out, cols
+
+    def _vectorwise_cpu(self, x: torch.Tensor, source: torch.Tensor, bias: torch.Tensor | None) -> _Computed:
+        """llm.int8 / absmax-vector on a float32 CPU input: fused Numba passes, the exact int8 GEMM between."""
+        from outliers.quant.cpu_kernels import dequantize_inplace
+
+        q = self._quantized_input(x, source)
+        cols, x_cols = q.cols, q.x_cols
+        outliers = None
+        fused = len(x) >= FUSED_ROWS and self.out_features <= FUSED_OUTPUTS
+        if fused and 0 < cols.numel() <= FUSED_COLUMNS:  # joins the dequantization pass
+            outliers = (x_cols, self._outlier_weight(cols).t())
+        product = int8_matmul(q.codes, self.weight_q)
+        out = dequantize_inplace(product, q.stats, self.weight_scale, bias, outliers)
+        if outliers is None:
+            self._add_outliers(out, x_cols, cols)
+        return out, cols
+
+    def _vectorwise_torch(self, x: torch.Tensor, source: torch.Tensor, bias: torch.Tensor | None) -> _Computed:
+        """llm.int8 / absmax-vector in torch ops (CUDA without the kernels, or a half / double CPU input)."""
+        q = self._quantized_input(x, source)
+        out = int8_mm_dequant(int8_matmul(q.codes, self.weight_q), q.stats, self.weight_scale, bias)
+        self._add_outliers(out, q.x_cols, q.cols)
+        return out, q.cols
+
+    def _generic(self, x: torch.Tensor, source: torch.Tensor, bias: torch.Tensor | None) -> _Computed:
+        """Every other int8 method: tensor-wise or zeropoint, with or without decomposition."""
+        out, cols = self._forward_generic(self._rounded(x), bias)
+        self._add_outliers(out, x[:, cols], cols)
+        return out, cols
+
+    def _add_outliers(self, out: torch.Tensor, x_cols: torch.Tensor, cols: torch.Tensor) -> None:
         if cols.numel():
             # out is float32; a half x (CUDA, torch backend) must meet it there, as the Numba epilogue does
             out.addmm_(x_cols.to(out.dtype), self._outlier_weight(cols).to(out.dtype).t())
-        return out
 
     def _outlier_weight(self, cols: torch.Tensor) -> torch.Tensor:
         """The weight's outlier columns ``(out, k)`` in float: the paper's float weight, or dequantized int8."""
@@ -355,3 +389,13 @@ class Int8Linear(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s + f", bias={self.bias is not None}"
+
+
+# How an Int8Linear computes, chosen once per (device, dtype) by Int8Linear._choose. The CPU int8 product
+# under each is outliers.quant.gemm's backend table (int8_matmul).
+PATHS: dict[str, Callable[..., _Computed]] = {
+    "numba-cuda": Int8Linear._vectorwise_numba,
+    "cpu-fused": Int8Linear._vectorwise_cpu,
+    "torch": Int8Linear._vectorwise_torch,
+    "generic": Int8Linear._generic,
+}

@@ -231,3 +231,38 @@ def test_quantized_copy_shares_what_it_does_not_quantize(arch):
     float_ids = {id(p) for p in model.parameters()}
     int8_ids = {id(b) for m in q.modules() if isinstance(m, Int8Linear) for b in m.buffers()}
     assert not int8_ids & float_ids
+
+
+@pytest.mark.parametrize(
+    "method, dtype, path",
+    [
+        ("llm.int8", torch.float32, "cpu-fused"),
+        ("absmax-vector", torch.bfloat16, "cpu-fused"),  # a CPU input is computed in float32
+        ("absmax", torch.float32, "generic"),
+        ("zeropoint-llm.int8", torch.float32, "generic"),
+    ],
+)
+def test_a_layer_chooses_its_compute_path_once(method, dtype, path, monkeypatch):
+    """One entry of the PATHS table per (device, dtype), chosen on the first call and kept."""
+    from outliers.quant.linear import PATHS
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(32, 8), method, threshold=2.0)
+    chosen = []
+    real = Int8Linear._choose
+    monkeypatch.setattr(Int8Linear, "_choose", lambda self, x: chosen.append(real(self, x)) or chosen[-1])
+    x = 3 * torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    first = layer(x.to(dtype))
+    assert torch.equal(layer(x.to(dtype)), first) and chosen == [path]
+    assert layer._paths == {("cpu", torch.float32): PATHS[path]}
+
+
+def test_a_layer_reports_its_float_columns_only_while_counted():
+    from outliers.quant.decomposed import float_columns
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(32, 8), "llm.int8", threshold=6.0)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)).clamp(-5, 5)
+    x[:, [4, 9]] = 10.0  # two outlier columns, nothing else reaches 6
+    with float_columns(layer) as seen:
+        layer(x)
+    layer(x)  # not counted
+    assert seen.calls == {"": 1} and seen.share == pytest.approx(2 / 32) and layer.count_float_columns is None

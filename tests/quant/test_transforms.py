@@ -282,6 +282,9 @@ def test_float_columns_count_nothing_without_decomposition_and_leave_no_hook_aft
     with pytest.raises(RuntimeError, match="stop"), float_columns(quantized):
         raise RuntimeError("stop")
     assert not any(m._forward_hooks for m in quantized.modules())
+    from outliers.quant.decomposed import decomposing_layers
+
+    assert all(m.count_float_columns is None for _, m in decomposing_layers(quantized))  # reporting taken back
 
 
 @pytest.mark.parametrize("round_to", [None, "float16"])
