@@ -10,7 +10,7 @@ as a ``BatchStats``, the shape the torch path returns, for comparing the two.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from outliers.analysis.fields import BatchStats
 
-__all__ = ["point_stats", "accumulate_point", "moment_sums_cpu", "massive_counts"]
+__all__ = ["point_stats", "accumulate_point", "moment_sums_cpu", "massive_counts", "Sums", "PerRow", "SUMS"]
 
 
 @njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
@@ -81,30 +81,20 @@ def _rows(
     t,
     k_rel,
     hist_scale,
-    absmax,
-    count,
-    pos,
-    neg,
-    sum_out,
-    sum_,
-    sumsq,
-    rel_count,
-    hist,
-    nonfinite,
-    union,
-    rel_union,
-    row_max,
-    row_arg,
+    acc,
+    per_row,
     moments,
-    row_moments,
 ):  # pragma: no cover - compiled
     """Rows ``lo:hi`` of ``x`` into accumulator row ``c``.
 
     A row of finite values (nearly all) takes branch-free loops that vectorize: the row sums, then the
     per-dim maxima and sums with each value's histogram bin, then the histogram; the branchy loop for
     ``|x| >= t`` and ``>= k * rms`` runs only on rows whose largest |x| reaches one of them. A row with
-    a NaN or inf takes one branchy loop that leaves those out.
+    a NaN or inf takes one branchy loop that leaves those out. ``acc`` is a ``Sums`` (row ``c`` of each is
+    added into), ``per_row`` a ``PerRow``.
     """
+    absmax, count, pos, neg, sum_out, sum_, sumsq, rel_count, hist, nonfinite = acc
+    union, rel_union, row_max, row_arg, row_moments = per_row
     dims = x.shape[1]
     last = np.float32(hist.shape[1] - 1)
     bins = np.empty(dims, dtype=np.int32)
@@ -210,99 +200,96 @@ def _rows(
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _rows_parallel(
-    x,
-    bits,
-    n_chunks,
-    t,
-    k_rel,
-    hist_scale,
-    absmax,
-    count,
-    pos,
-    neg,
-    sum_out,
-    sum_,
-    sumsq,
-    rel_count,
-    hist,
-    nonfinite,
-    union,
-    rel_union,
-    row_max,
-    row_arg,
-    moments,
-    row_moments,
-):  # pragma: no cover - compiled
-    """``_rows`` over ``n_chunks`` row ranges at once, each into partials made here, then added into the
-    accumulators (row 0 of each): one parallel region per call, no torch allocation or op per chunk."""
-    rows, dims = x.shape
+def _rows_parallel(x, bits, n_chunks, t, k_rel, hist_scale, acc, partial, per_row, moments):  # pragma: no cover
+    """``_rows`` over ``n_chunks`` row ranges at once, each into its row of ``partial`` (a ``Sums`` of zeros,
+    one row per chunk), then added into ``acc`` (row 0 of each) in chunk order: one parallel region per call,
+    no torch allocation or op per chunk."""
+    rows = x.shape[0]
     per = (rows + n_chunks - 1) // n_chunks
-    p_absmax = np.zeros((n_chunks, dims), dtype=absmax.dtype)
-    p_count = np.zeros((n_chunks, dims), dtype=np.int64)
-    p_pos = np.zeros((n_chunks, dims), dtype=np.int64)
-    p_neg = np.zeros((n_chunks, dims), dtype=np.int64)
-    p_sum_out = np.zeros((n_chunks, dims), dtype=np.float64)
-    p_sum = np.zeros((n_chunks, dims), dtype=np.float64)
-    p_sumsq = np.zeros((n_chunks, dims), dtype=np.float64)
-    p_rel = np.zeros((n_chunks, dims), dtype=np.int64)
-    p_hist = np.zeros((n_chunks, hist.shape[1]), dtype=np.int64)
-    p_nonfinite = np.zeros(n_chunks, dtype=np.int64)
     for c in prange(n_chunks):
-        _rows(
-            x,
-            bits,
-            c * per,
-            min(rows, (c + 1) * per),
-            c,
-            t,
-            k_rel,
-            hist_scale,
-            p_absmax,
-            p_count,
-            p_pos,
-            p_neg,
-            p_sum_out,
-            p_sum,
-            p_sumsq,
-            p_rel,
-            p_hist,
-            p_nonfinite,
-            union,
-            rel_union,
-            row_max,
-            row_arg,
-            moments,
-            row_moments,
-        )
+        _rows(x, bits, c * per, min(rows, (c + 1) * per), c, t, k_rel, hist_scale, partial, per_row, moments)
     for c in range(n_chunks):
-        for d in range(dims):
-            absmax[0, d] = max(absmax[0, d], p_absmax[c, d])
-            count[0, d] += p_count[c, d]
-            pos[0, d] += p_pos[c, d]
-            neg[0, d] += p_neg[c, d]
-            sum_out[0, d] += p_sum_out[c, d]
-            sum_[0, d] += p_sum[c, d]
-            sumsq[0, d] += p_sumsq[c, d]
-            rel_count[0, d] += p_rel[c, d]
-        for b in range(hist.shape[1]):
-            hist[0, b] += p_hist[c, b]
-        nonfinite[0] += p_nonfinite[c]
+        _merge(acc, partial, c)
+
+
+@njit(cache=True, boundscheck=False)
+def _merge(acc, partial, c):  # pragma: no cover - compiled
+    """Add chunk ``c``'s partial sums into row 0 of the accumulators (the maximum for ``absmax``)."""
+    absmax, count, pos, neg, sum_out, sum_, sumsq, rel_count, hist, nonfinite = acc
+    p_absmax, p_count, p_pos, p_neg, p_sum_out, p_sum, p_sumsq, p_rel_count, p_hist, p_nonfinite = partial
+    _merge_max(absmax, p_absmax, c)
+    _merge_add(count, p_count, c)
+    _merge_add(pos, p_pos, c)
+    _merge_add(neg, p_neg, c)
+    _merge_add(sum_out, p_sum_out, c)
+    _merge_add(sum_, p_sum, c)
+    _merge_add(sumsq, p_sumsq, c)
+    _merge_add(rel_count, p_rel_count, c)
+    _merge_add(hist, p_hist, c)
+    nonfinite[0] += p_nonfinite[c]
+
+
+@njit(cache=True, boundscheck=False)
+def _merge_add(dst, src, c):  # pragma: no cover - compiled
+    for d in range(dst.shape[1]):
+        dst[0, d] += src[c, d]
+
+
+@njit(cache=True, boundscheck=False)
+def _merge_max(dst, src, c):  # pragma: no cover - compiled
+    for d in range(dst.shape[1]):
+        dst[0, d] = max(dst[0, d], src[c, d])
+
+
+class Sums(NamedTuple):
+    """A point's accumulators as the kernel adds into them, each with a leading chunk axis: ``(chunks, dims)``,
+    ``hist`` ``(chunks, bins)``, ``nonfinite`` ``(chunks,)``. A new statistic is a field here (its dtype in
+    ``SUMS``), its loop in ``_rows`` and, where partial sums merge, a line in ``_rows_parallel``."""
+
+    absmax: np.ndarray
+    count: np.ndarray  # type: ignore[assignment]  # a field, as OutlierStats names it (shadows tuple.count)
+    pos: np.ndarray
+    neg: np.ndarray
+    sum_out: np.ndarray
+    sum: np.ndarray
+    sumsq: np.ndarray
+    rel_count: np.ndarray
+    hist: np.ndarray
+    nonfinite: np.ndarray
+
+    @classmethod
+    def zeros(cls, chunks: int, dims: int, bins: int) -> Sums:
+        shape = {"hist": (chunks, bins), "nonfinite": (chunks,)}
+        return cls(**{k: np.zeros(shape.get(k, (chunks, dims)), dtype=dt) for k, dt in SUMS.items()})
+
+
+class PerRow(NamedTuple):
+    """What the kernel writes per row: the unions' marks, each row's largest |x| and its dim, its moments."""
+
+    union: np.ndarray  # uint8 (tokens, dims)
+    rel_union: np.ndarray
+    row_max: np.ndarray  # float32 (tokens,)
+    row_arg: np.ndarray  # int64 (tokens,)
+    row_moments: np.ndarray  # float64 (tokens or 0, 5)
+
+
+# Sums' dtypes (the per-dim ones are the Stat names and dtypes OutlierStats keeps)
+SUMS = {
+    "absmax": np.float32,
+    "count": np.int64,
+    "pos": np.int64,
+    "neg": np.int64,
+    "sum_out": np.float64,
+    "sum": np.float64,
+    "sumsq": np.float64,
+    "rel_count": np.int64,
+    "hist": np.int64,
+    "nonfinite": np.int64,
+}
+_ACC = {k: getattr(torch, np.dtype(v).name) for k, v in SUMS.items() if k not in ("hist", "nonfinite")}
 
 
 PARALLEL_ROWS = 512  # fewer rows than this: one thread (a parallel region's hand-off costs more than it saves)
-
-# the per-dim accumulators accumulate_point adds into (Stat names and dtypes, as OutlierStats keeps them)
-_ACC = {
-    "absmax": torch.float32,
-    "count": torch.int64,
-    "pos": torch.int64,
-    "neg": torch.int64,
-    "sum_out": torch.float64,
-    "sum": torch.float64,
-    "sumsq": torch.float64,
-    "rel_count": torch.int64,
-}
 
 
 def _views(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -379,33 +366,15 @@ def accumulate_point(
     row_arg = torch.empty(rows, dtype=torch.int64)
     row_moments = torch.zeros((rows if moments else 0, 5), dtype=torch.float64)
     xv, bits = _views(x)
+    acc_ = Sums(**{k: one(acc[k]) for k in _ACC}, hist=one(hist), nonfinite=nonfinite)
+    per_row = PerRow(union.numpy(), rel_union.numpy(), row_max.numpy(), row_arg.numpy(), row_moments.numpy())
     chunks = min(torch.get_num_threads(), rows // (PARALLEL_ROWS // 2)) if rows >= PARALLEL_ROWS else 1
-    kernel: Any = _rows_parallel if chunks > 1 else _rows
-    where = (chunks,) if chunks > 1 else (0, rows, 0)
-    kernel(
-        xv,
-        bits,
-        *where,
-        np.float32(threshold),
-        np.float64(relative_k),
-        np.float32(hist_scale),
-        one(acc["absmax"]),
-        one(acc["count"]),
-        one(acc["pos"]),
-        one(acc["neg"]),
-        one(acc["sum_out"]),
-        one(acc["sum"]),
-        one(acc["sumsq"]),
-        one(acc["rel_count"]),
-        one(hist),
-        nonfinite,
-        union.numpy(),
-        rel_union.numpy(),
-        row_max.numpy(),
-        row_arg.numpy(),
-        moments,
-        row_moments.numpy(),
-    )
+    args = (np.float32(threshold), np.float64(relative_k), np.float32(hist_scale))
+    if chunks > 1:
+        partial = Sums.zeros(chunks, dims, hist.shape[-1])
+        _rows_parallel(xv, bits, chunks, *args, acc_, partial, per_row, moments)
+    else:
+        _rows(xv, bits, 0, rows, 0, *args, acc_, per_row, moments)
     return int(nonfinite[0]), row_max, row_arg, row_moments if moments else None
 
 
