@@ -96,7 +96,7 @@ class StudyConfig:
     settings: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        from outliers.models.load import parse_dtype
+        from outliers.models.dtypes import dtype_name
 
         from .measures import MEASURES, measure_settings
 
@@ -107,7 +107,7 @@ class StudyConfig:
         object.__setattr__(self, "settings", {k: self.settings.get(k, s.default) for k, s in known.items()})
         for measure in MEASURES.values():  # every measure's settings, taken or not: study.json holds them all
             measure.validate(self)
-        parse_dtype(self.dtype)
+        dtype_name(self.dtype)
         for m in self.measure:
             if m not in MEASURES:
                 raise InvalidArgumentError(f"unknown measure {m!r}; choose from {', '.join(MEASURES)}")

@@ -55,7 +55,7 @@ def cell_memory(size: ModelSize, cell: dict[str, Any], cfg: StudyConfig) -> int:
 
     and a cell needs weights + activations + logits + what its kind and method add.
     """
-    from outliers.quant.transforms import parse_row
+    from outliers.quant.transform_spec import parse_row
 
     d = _DTYPE_BYTES.get(cfg.dtype, 4)
     P, h, L, H, V = size.n_params, size.hidden_size, size.num_layers, size.num_heads, size.vocab_size

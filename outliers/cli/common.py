@@ -142,7 +142,7 @@ def add_transform_args(p: Any) -> None:
 
 def transform_of(args: Any) -> Any:
     """The ``Transform`` the arguments ask for (validated: bad values fail before a model loads)."""
-    from outliers.quant.transforms import Transform
+    from outliers.quant.transform_spec import Transform
 
     return Transform(smooth=args.smooth, rotate=args.rotate, seed=args.seed, calib_windows=args.calib_windows)
 

@@ -151,6 +151,7 @@ def perplexity(
     model_name: str | None = None,
     corpus_name: str = "",
     method: str | None = None,
+    prefix_ids: torch.Tensor | None = None,
 ) -> PerplexityResult:
     """Return the perplexity of a causal LM over token ids, with its settings, per-window sums and interval.
 
@@ -168,6 +169,8 @@ def perplexity(
             one reference without rerunning it; key it by model, corpus and
             settings yourself (None: nothing is kept).
         progress: show a progress bar over windows.
+        prefix_ids: token ids put before every window for ``model`` only, never scored (1-D; a row that
+            changes the input, ``outliers.eval.rows``); the reference reads the windows as they are.
         model_name, corpus_name, method: labels copied into the result;
             ``method`` defaults to the weights' dtype (``"fp32"``).
 
@@ -176,6 +179,8 @@ def perplexity(
         CorpusError: fewer tokens than one window.
     """
     settings = settings or PerplexitySettings()
+    if prefix_ids is not None and (prefix_ids.dim() != 1 or prefix_ids.dtype.is_floating_point):
+        raise InvalidArgumentError(f"prefix_ids must be a 1-D integer tensor, got shape {tuple(prefix_ids.shape)}")
     if ids.dim() != 1 or ids.dtype.is_floating_point:
         raise InvalidArgumentError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
     corpus_ids = window_ids(ids, settings, bos_token_id)
@@ -198,7 +203,8 @@ def perplexity(
         # (all of them for chunks; about `stride` for sliding).
         keep = max(s.n_scored for s in batch) + 1
         keep = min(keep, x.shape[1])
-        q_states = scorer.states(x, keep)
+        fed = x if prefix_ids is None else torch.cat([prefix_ids.to(x).expand(len(x), -1), x], dim=1)
+        q_states = scorer.states(fed, keep)  # the last `keep` positions: the window's, after any prefix
         r_states = None
         if ref is not None:
             key = tuple(batch)
@@ -208,7 +214,7 @@ def perplexity(
                 if reference_states is not None:
                     reference_states[key] = r_states
         _score_batch(scorer, ref, q_states, r_states, x, batch, settings.prefix, sums)
-        n_fed += x.numel()
+        n_fed += fed.numel()
         if first is None:
             first = (scorer.seconds, n_fed)
         bar.update(len(batch))

@@ -18,9 +18,10 @@ here, so the recipe exists once:
 
 Kinds of row are a registry (``ROW_KINDS``). A kind turns a row into what is
 scored (``Prepared``): a model, whether it is compared with the float model,
-a context entered around the scoring (a quantized key cache, a causal edit)
-and the facts to record. Adding a kind is one ``register_row_kind`` call in
-the module that defines it; nothing here or in the callers changes
+a context entered around the scoring (a quantized key cache, a causal edit),
+tokens put before every window and left unscored, and the facts to record.
+Adding a kind is one ``register_row_kind`` call in the module that defines
+it; nothing here or in the callers changes
 (``tests/eval/test_rows.py`` adds a toy kind).
 """
 
@@ -40,7 +41,7 @@ from outliers.errors import CorpusError, InvalidArgumentError
 from outliers.eval.perplexity import perplexity
 from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, evaluated_tokens
-from outliers.quant.transforms import Transform, parse_row
+from outliers.quant.transform_spec import Transform, parse_row
 
 __all__ = [
     "Row",
@@ -93,6 +94,8 @@ class Prepared:
     change, KL, top-1). ``context`` is entered around the scoring and left
     after it, whatever happens. ``facts`` go into the result's ``extra``;
     ``setup`` holds one-time costs in seconds, reported apart from scoring.
+    ``prefix``: token ids the row puts before every window, left unscored (the reference reads the windows
+    as they are).
     """
 
     model: nn.Module
@@ -101,6 +104,7 @@ class Prepared:
     report: Any = None  # outliers.quant.model.QuantReport where the row quantized
     facts: dict[str, Any] = field(default_factory=dict)
     setup: dict[str, float] = field(default_factory=dict)
+    prefix: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,7 @@ class RowEvaluator:
                 model_name=self.model_name,
                 corpus_name=self.corpus_name,
                 method=row.method if row.quantized else None,
+                prefix_ids=prepared.prefix,
             )
         result.extra.update(prepared.facts)
         gemm = None

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from outliers.errors import CorpusError, InvalidArgumentError
+
+if TYPE_CHECKING:  # annotations only: a study plan cuts windows without loading torch
+    import torch
 
 __all__ = ["PROTOCOLS", "BOS_MODES", "PerplexitySettings", "Span", "spans", "batches", "window_ids"]
 

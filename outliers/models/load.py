@@ -18,6 +18,7 @@ from outliers.cache import heal, sha256_file
 from outliers.errors import HubUnavailableError, InvalidArgumentError, ModelFileError
 from outliers.models.builtin import DEFAULT_MODEL
 from outliers.models.dispatch import DeviceMap, check_offload, describe_placement, offload_subfolder, remove_with
+from outliers.models.dtypes import dtype_name
 from outliers.models.gguf import check_gguf, convert_gguf, quiet_loading
 from outliers.models.hub import hub_kwargs
 from outliers.models.source import identity, provenance, resolve
@@ -64,20 +65,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Return the torch dtype for ``"float32"``, ``"fp32"``, ``"bf16"``, ... or a dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "half": torch.float16,
-    }
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise InvalidArgumentError(f"dtype must be one of {sorted(names)}, got {dtype!r}") from None
+    return getattr(torch, dtype_name(dtype))
 
 
 def _is_causal(config: Any) -> bool:

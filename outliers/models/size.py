@@ -106,9 +106,29 @@ def _config_size(config: Any, n_params: int | None, source: str) -> ModelSize:
     )
 
 
+_PLAIN = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
+
+
+def _plain_config(folder: Path) -> dict[str, Any] | None:
+    """``config.json``'s sizes read as JSON, where they sit at its top level under transformers' standard names
+    (the built-in models' folders): no transformers import for a plan. None: let transformers read it."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = [*_PLAIN, "vocab_size"]
+    if "text_config" in config or not all(isinstance(config.get(k), int) for k in keys):
+        return None
+    return config if isinstance(config.get("model_type"), str) else None
+
+
 def _folder_size(folder: Path, where: str = "") -> ModelSize:
     n = _safetensors_count(folder)
-    return _config_size(_config(folder), n, f"{where}config.json" + (" + safetensors headers" if n else ""))
+    source = f"{where}config.json" + (" + safetensors headers" if n else "")
+    if n and (plain := _plain_config(folder)) is not None:
+        sizes = {field: int(plain[key]) for key, field in _PLAIN.items()}
+        return ModelSize(n, **sizes, vocab_size=int(plain["vocab_size"]), model_type=plain["model_type"], source=source)
+    return _config_size(_config(folder), n, source)
 
 
 def _gguf_size(path: Path) -> ModelSize:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from outliers.errors import InvalidArgumentError
 from outliers.quant.methods import METHODS
-from outliers.quant.transforms import ROTATIONS, parse_row, row_name
+from outliers.quant.transform_spec import ROTATIONS, parse_row, row_name
 
 from ..settings import floats
 from . import Context, Measure, Setting, register_measure

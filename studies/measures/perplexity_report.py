@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING
 
 from outliers.quant.methods import METHODS, label
-from outliers.quant.transforms import Transform, parse_row, row_name
+from outliers.quant.transform_spec import Transform, parse_row, row_name
 
 from ..format import fmt_delta
 from . import Image, Table

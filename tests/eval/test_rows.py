@@ -151,3 +151,28 @@ def test_an_unknown_kind_names_the_kinds(ids):
     with pytest.raises(InvalidArgumentError, match="unknown row kind 'nope'; choose from method"):
         RowEvaluator(make_model("llama"), ids, SETTINGS).evaluate(Row(kind="nope"))
     assert "method" in ROW_KINDS
+
+
+def test_a_row_may_put_unscored_tokens_before_every_window(ids):
+    """A kind that changes the input: its prefix is read before each window, never scored; the reference reads
+    the windows alone."""
+    model = make_model("llama")
+    prefix = torch.tensor([5, 6, 7])
+    from outliers.eval import rows
+
+    kind = rows.register_row_kind(RowKind("toy-prefix", lambda row, ev: Prepared(ev.model, True, prefix=prefix)))
+    try:
+        (done,) = evaluate_rows(model, ids, SETTINGS, [Row(kind=kind.name)], progress=False)
+    finally:
+        rows._KINDS.pop(kind.name)
+    plain = perplexity(model, ids, SETTINGS, progress=False)
+    assert done.result.n_tokens == plain.n_tokens and done.result.ref_ppl == pytest.approx(plain.ppl, rel=1e-6)
+    # by hand: each window after the prefix, its own tokens' NLL from the logits after the prefix
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in range(6):
+            x = ids[w * 32 : (w + 1) * 32]
+            logits = model(input_ids=torch.cat([prefix, x])[None]).logits[0, len(prefix) :]
+            nll += float(torch.nn.functional.cross_entropy(logits[:-1], x[1:], reduction="sum"))
+            n += 31
+    assert done.result.nll == pytest.approx(nll / n, rel=1e-5) and done.result.kl_vs_ref > 0

@@ -94,3 +94,18 @@ def test_a_gguf_is_read_from_its_header_until_it_is_converted(tmp_path, model_di
     monkeypatch.setattr(gguf_module, "converted_dir", lambda name, sha256: model_dir("llama"))
     converted, _ = model_size(str(path))  # load_model would load the converted folder: it is what counts
     assert converted is not None and converted.source == "config.json + safetensors headers"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma", "opt"])
+def test_a_folder_s_sizes_read_as_json_are_what_transformers_reads(arch, tmp_path):
+    """The plan reads a saved folder's config.json without transformers where its sizes sit at the top level
+    under the standard names; the numbers are transformers' own (gpt2's n_embd falls back to AutoConfig)."""
+    from helpers import make_model
+
+    from outliers.models import size
+
+    make_model(arch).save_pretrained(tmp_path)
+    got = size._folder_size(tmp_path)
+    want = size._config_size(size._config(tmp_path), size._safetensors_count(tmp_path), got.source)
+    assert got == want
+    assert (size._plain_config(tmp_path) is None) == (arch == "gpt2")
