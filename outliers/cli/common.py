@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from outliers.display import fmt_interval as ci  # the commands print intervals as results draw them
 from outliers.errors import InvalidArgumentError, OutputPathError
 
 __all__ = [
@@ -56,15 +57,6 @@ def print_table(rows: list[tuple[str, Any]]) -> None:
         if isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
         print(f"{k:<{width}}  {v}")
-
-
-def ci(ci, fmt: str = ".3f", scale: float = 1.0) -> str:
-    """``[low, high]``; "n/a (1 window)" where one window gives no interval; "" for none at all."""
-    if not ci:
-        return ""
-    if any(x != x for x in ci):  # NaN: a bootstrap over one window
-        return "n/a (1 window)"
-    return f"[{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
 def write_json(path: Any, obj: Any, flag: str) -> None:

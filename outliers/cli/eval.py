@@ -136,10 +136,8 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     done = [evaluator.evaluate(row) for row in rows]
-    for d in done:  # what each row was: the quantization, the transform, set-up and the int8 GEMM it ran on
-        d.result.extra.update(d.quant_fields(), load_seconds=load_s, **d.setup)
-        d.result.extra.update({"int8_gemm": d.int8_gemm} if d.int8_gemm else {})
-        d.result.extra.update({"float_columns_pct": d.float_columns_pct} if d.float_columns_pct is not None else {})
+    for d in done:  # what each row was: the quantization, set-up, the int8 GEMM it ran on, the float share
+        d.result.extra.update(d.record(), load_seconds=load_s)
     results = [d.result for d in done]
     labels = [row_label(d.row, d.result.dtype) for d in done]
     gemm = describe_gemm() if any(d.int8_gemm for d in done) else None

@@ -151,8 +151,15 @@ class RowResult:
     float_columns_calls: int = 0
     int8_gemm: dict[str, Any] | None = None
 
+    def record(self) -> dict[str, Any]:
+        """What the row was, for its result's ``extra``: the quantization (none for an unquantized row), set-up
+        seconds, the int8 GEMM it ran on and the share of columns it sent through float, where there are."""
+        out = self.quant_fields() | self.setup
+        out |= {"int8_gemm": self.int8_gemm} if self.int8_gemm else {}
+        return out | ({} if self.float_columns_pct is None else {"float_columns_pct": self.float_columns_pct})
+
     def quant_fields(self) -> dict[str, Any]:
-        """The quantization's record for a result's ``extra``; {} for an unquantized row."""
+        """The quantization's record; {} for an unquantized row."""
         r = self.report
         if r is None:
             return {}
@@ -249,9 +256,8 @@ class RowEvaluator:
                 round_to=row.round_to,
             )
             setup["quantize_seconds"] = time.perf_counter() - started
-            self.held["quantized"] = held = (source, key, copy, report)
-        copy, report = held[2], held[3]
-        report = set_threshold(copy, report, row.threshold)
+            held = (source, key, copy, report)
+        copy, report = held[2], set_threshold(held[2], held[3], row.threshold)
         self.held["quantized"] = (source, key, copy, report)
         return copy, report, setup
 
@@ -401,6 +407,10 @@ def parse_rows(method: str, transform: Transform | None = None, **options: Any) 
     for m, _ in pairs:
         if m != "fp32":
             get_method(m)
+    if "threshold" in options:  # checked before any model loads
+        from outliers.quant.int8 import check_threshold
+
+        check_threshold(options["threshold"])
     return [Row(m, t, **options) for m, t in pairs]
 
 
