@@ -155,8 +155,11 @@ class RowResult:
         """What the row was, for its result's ``extra``: the quantization (none for an unquantized row), set-up
         seconds, the int8 GEMM it ran on and the share of columns it sent through float, where there are."""
         out = self.quant_fields() | self.setup
-        out |= {"int8_gemm": self.int8_gemm} if self.int8_gemm else {}
-        return out | ({} if self.float_columns_pct is None else {"float_columns_pct": self.float_columns_pct})
+        if self.int8_gemm:
+            out["int8_gemm"] = self.int8_gemm
+        if self.float_columns_pct is not None:
+            out["float_columns_pct"] = self.float_columns_pct
+        return out
 
     def quant_fields(self) -> dict[str, Any]:
         """The quantization's record; {} for an unquantized row."""
