@@ -83,11 +83,15 @@ def moments_table(stats: OutlierStats) -> pd.DataFrame:
 
 
 def layer_table(stats: OutlierStats) -> pd.DataFrame:
-    """Return one row per block: the token kurtosis of each kind of point, and the block output's
-    sequence kurtosis and ∞-norm where the residual stream was scanned."""
+    """Return one row per block: the token kurtosis of each kind of point, the down projection's largest
+    input where ``down_in`` was scanned, and the block output's sequence kurtosis and ∞-norm where the
+    residual stream was."""
     df = moments_table(stats)
     out = df.pivot(index="layer", columns="kind", values="token_kurtosis")
     out.columns = [f"{k} token kurtosis" for k in out.columns]
+    down = df[df.kind == "down_in"].set_index("layer")
+    if len(down):
+        out["down_in max |x|"] = down.max_abs
     res = df[df.kind == "residual"].set_index("layer")
     if len(res):
         out["output kurtosis"] = res.seq_kurtosis

@@ -7,6 +7,11 @@ lives in (Dettmers et al. 2022, §4.1; ``docs/protocols.md``):
 ``attn_in``   input of the q/k/v projections (they share it; hooked once, on q)  space "hidden"
 ``attn_out``  input of the attention output projection (concatenated heads)     space "heads"
 ``ffn_in``    input of the FFN expansion (up/gate, fc1, c_fc, intermediate)      space "hidden"
+``down_in``   input of the MLP's output projection (down_proj, fc2, c_proj,       space "intermediate"
+              dense_4h_to_h, output.dense): the MLP's hidden activation, as wide
+              as the MLP. The massive activation a super weight multiplies is
+              born here (Yu et al. 2024; DuQuant's "massive outliers"). Not a
+              default point: asked for by name.
 ``residual``  a block's output, the residual stream                              space "residual"
 
 Dims are pooled only within one space: dim i of the heads space is not dim i
@@ -33,8 +38,14 @@ from outliers.errors import InvalidArgumentError
 
 __all__ = ["CapturePoint", "KINDS", "SPACES", "resolve_points", "parse_kinds"]
 
-KINDS = ("attn_in", "attn_out", "ffn_in", "residual")
-SPACES = {"attn_in": "hidden", "attn_out": "heads", "ffn_in": "hidden", "residual": "residual"}
+KINDS = ("attn_in", "attn_out", "ffn_in", "down_in", "residual")
+SPACES = {
+    "attn_in": "hidden",
+    "attn_out": "heads",
+    "ffn_in": "hidden",
+    "down_in": "intermediate",
+    "residual": "residual",
+}
 SHORTHANDS = {
     "attn": ("attn_in", "attn_out"),
     "ffn": ("ffn_in",),

@@ -98,5 +98,7 @@ class Architecture:
                 out["attn_out"] = at(self.attn_out)
             if self.ffn_in:
                 out["ffn_in"] = at(self.ffn_in.linears[0])
+            if self.down:
+                out["down_in"] = at(self.down)  # the MLP's hidden activation, where massive activations are born
             out["residual"] = block
         return out | dict(self.patterns)

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--points",
         default="attn,ffn",
-        help="capture points: attn (= attn_in,attn_out), ffn, residual, or kinds (default: %(default)s)",
+        help="capture points: attn (= attn_in,attn_out), ffn, residual, down_in (the MLP's output projection's "
+        "input: where massive activations are born), or kinds (default: %(default)s)",
     )
     p.add_argument("--threshold", type=float, default=6.0, help="magnitude cut-off (default: %(default)s)")
     p.add_argument(
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         )
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
-    spaces: list[str] = [s for s in ("hidden", "heads", "residual") if s in stats.spaces and s != "residual"]
+    spaces: list[str] = [s for s in ("hidden", "heads", "intermediate") if s in stats.spaces]
     rows = [
         summary(stats, Criteria(**{**base.__dict__, "space": s, "scale": scale}))
         for s in spaces
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             f"\nmassive activations (residual stream, |x| > 100 and > 1000x the hidden state's median): "
             f"{len(massive)} (block, dim) pairs" + (f", dims {sorted(set(massive.dim))}" if len(massive) else "")
         )
+    if "down_in" in kinds:
+        _print_down_in(stats)
     if stats.moments:
         _print_moments(stats)
     if out is not None:
@@ -194,6 +197,20 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"\nwrote statistics, CSV tables and figures to {out}")
     return 0
+
+
+def _print_down_in(stats) -> None:
+    """Where the MLP's down projection reads its largest input: the birth of a massive activation."""
+    from outliers.analysis.stats import Stat
+
+    rows = [(float(stats.get(p.name, Stat.ABSMAX).max()), p) for p in stats.points if p.kind == "down_in"]
+    value, point = max(rows, key=lambda r: r[0])
+    dim = int(stats.get(point.name, Stat.ABSMAX).argmax())
+    print(
+        f"\ndown-projection input (the MLP's hidden activation, {point.dims} dims): largest |x| {value:.1f} "
+        f"in block {point.layer}, dim {dim}; median over blocks of the block max "
+        f"{sorted(r[0] for r in rows)[len(rows) // 2]:.1f}"
+    )
 
 
 def _print_moments(stats) -> None:

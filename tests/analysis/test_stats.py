@@ -194,6 +194,19 @@ def test_massive_activations_on_the_residual_stream():
     assert set(df.dim) == {9} and set(df.layer) == {0, 1} and (df["count"] == 6 * 24).all()
 
 
+def test_a_planted_down_projection_input_is_found_in_its_own_space():
+    model = make_model("llama")
+    with torch.no_grad():  # block 1's MLP activation dim 5 is 1000x the rest
+        model.model.layers[1].mlp.up_proj.weight[5] *= 1000.0
+    with torch.inference_mode(), capture(model, "down_in") as st:
+        model(input_ids=ids())
+    assert st.spaces == {"intermediate": model.config.intermediate_size}
+    maxes = {p.layer: st.get(p.name, Stat.ABSMAX) for p in st.points}
+    assert int(maxes[1].argmax()) == 5 and float(maxes[1].max()) > 100 * float(maxes[0].max())
+    found = outlier_features(st, Criteria(space="intermediate", layers=0.5))
+    assert found.dim.tolist() == [5]
+
+
 def test_bad_arguments():
     model = make_model("llama")
     with pytest.raises(InvalidArgumentError, match="threshold must be > 0"):

@@ -96,6 +96,21 @@ def test_capture_points_come_from_the_registry(model_type):
     assert all(p.module.endswith(arch.attn_in.linears[0]) for p in pts if p.kind == "attn_in")
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_down_projection_input_is_its_own_space(model_type):
+    from outliers.arch.linear import in_features
+
+    model = tiny(model_type)
+    pts = resolve_points(model, "down_in")
+    arch = architecture_of(model)
+    modules = dict(model.named_modules())
+    assert len(pts) == model.config.num_hidden_layers and {p.space for p in pts} == {"intermediate"}
+    for p in pts:
+        assert p.module.endswith(arch.down) and p.dims == in_features(modules[p.module])
+    # not among the default points: existing scans do not change
+    assert all(p.kind != "down_in" for p in resolve_points(model))
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "opt", "gpt_neox"])
 def test_a_scale_folded_into_the_norm_divides_its_output(model_type):
     model = tiny(model_type)
