@@ -88,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_transform_args(p)
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
+    p.add_argument(
+        "--no-noise-floor",
+        action="store_true",
+        help="skip the bfloat16 noise floor printed beside rows compared with the float model (the float "
+        "model cast to bfloat16, scored against it once per model, corpus and windows, then cached)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     add_int8_gemm_arg(p)
@@ -119,14 +125,18 @@ def run(args: argparse.Namespace) -> int:
         )
     skip = quantize_skip(model, args.quantize_lm_head)
     ids = encode_corpus(tokenizer, corpus)
+    bos = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
+    floor_wanted = not args.no_noise_floor and any(r.quantized or r.transform for r in rows)
+    # a noise floor to score reuses the reference's states; one from the cache needs none kept
+    floor_to_score = floor_wanted and _floor_unknown(model, ids, settings, bos, args.model, info)
     evaluator = RowEvaluator(
         model,
         ids,
         settings,
-        bos_token_id=bos_token_id(tokenizer, args.model) if settings.bos == "window" else None,
+        bos_token_id=bos,
         # the evaluated text itself, under another name, must not calibrate on what it evaluates either
         calib_ids=None if calib_corpus.sha256 == corpus.sha256 else encode_corpus(tokenizer, calib_corpus),
-        keep_reference=len(rows) > 1,  # the reference runs once for all rows
+        keep_reference=len(rows) > 1 or floor_to_score,  # the reference runs once for all rows
         place=place,
         progress=not args.quiet,
         model_name=args.model,
@@ -141,13 +151,33 @@ def run(args: argparse.Namespace) -> int:
     results = [d.result for d in done]
     labels = [row_label(d.row, d.result.dtype) for d in done]
     gemm = describe_gemm() if any(d.int8_gemm for d in done) else None
-    _print(results, labels, rows, args, info, corpus, len(ids), gemm, head_quantized=skip is not None)
+    floor = None
+    if floor_wanted and any(r.ref_ppl is not None for r in results):
+        from outliers.eval.noise_floor import noise_floor
+
+        floor = noise_floor(evaluator, weights=info.weights_sha256)
+        evaluator.release()
+    _print(results, labels, rows, args, info, corpus, len(ids), gemm, floor, head_quantized=skip is not None)
     if note := few_windows_note(results[0].n_windows):
         print(f"note: {note}", file=sys.stderr)
     if json_path:
-        payload = [r.to_dict() | {"model_info": info.to_dict(), "corpus_sha256": corpus.sha256} for r in results]
+        facts: dict[str, Any] = {"model_info": info.to_dict(), "corpus_sha256": corpus.sha256}
+        facts["noise_floor"] = floor.to_dict() if floor is not None else None
+        payload = [r.to_dict() | facts for r in results]
         write_json(json_path, payload[0] if len(payload) == 1 else payload, "--json")
     return 0
+
+
+def _floor_unknown(model, ids, settings, bos, name, info) -> bool:
+    """Whether the noise floor of this model, text and windows is still to be scored (not cached; float32)."""
+    import torch
+
+    from outliers.eval.noise_floor import cached_noise_floor, noise_floor_key
+
+    if next(model.parameters()).dtype != torch.float32:
+        return False
+    key = noise_floor_key(model, ids, settings, bos_token_id=bos, model_name=name, weights=info.weights_sha256)
+    return cached_noise_floor(key) is None
 
 
 def _optional(args: argparse.Namespace) -> bool:
@@ -156,8 +186,9 @@ def _optional(args: argparse.Namespace) -> bool:
     return args.method == "all" and not args.smooth
 
 
-def _print(results, labels, rows, args, info, corpus, n_ids, gemm, *, head_quantized) -> None:
-    """The model, corpus and protocol, then one result's rows, or the Table-1 layout for several."""
+def _print(results, labels, rows, args, info, corpus, n_ids, gemm, floor, *, head_quantized) -> None:
+    """The model, corpus and protocol, then one result's rows, or the Table-1 layout for several; the bfloat16
+    noise floor beside them where there is one."""
     r0 = results[0]
     head = [
         ("model", f"{info.name} ({info.architecture}, {info.n_params / 1e6:.1f}M params; {info.weights})"),
@@ -173,18 +204,22 @@ def _print(results, labels, rows, args, info, corpus, n_ids, gemm, *, head_quant
         row = rows[0]
         name = r0.dtype if not row.quantized else row.method  # the unquantized model as loaded: bf16 is not fp32
         gemm_row = [("int8 GEMM", gemm)] if gemm else []
-        print_table(
-            head + _result_rows(r0, name + (f" after {row.transform.label}" if row.transform else "")) + gemm_row
-        )
+        label = name + (f" after {row.transform.label}" if row.transform else "")
+        print_table(head + _result_rows(r0, label, floor) + gemm_row)
     else:
         print_table(head)
         print(_method_table(results, labels, args.model, args.threshold, head_quantized=head_quantized))
+        if floor is not None:
+            print(f"bf16 noise floor: {floor.line()}")
         if gemm:
             print(f"int8 GEMM: {gemm}")
 
 
-def _result_rows(r, name: str) -> list[tuple[str, Any]]:
-    """One result as printed by ``outliers eval``: the number, its interval, and its agreement with the reference."""
+def _result_rows(r, name: str, floor=None) -> list[tuple[str, Any]]:
+    """One result as printed by ``outliers eval``: the number, its interval, and its agreement with the reference,
+    the bfloat16 noise floor (``outliers.eval.noise_floor``) below it where there is one."""
+    from outliers.eval.result import agreement_rows
+
     n = f"95 % CI over {r.n_windows} windows"
     method = name + (f" (threshold {r.extra['threshold']})" if r.extra.get("threshold") else "")
     rows: list[tuple[str, Any]] = [
@@ -200,6 +235,9 @@ def _result_rows(r, name: str) -> list[tuple[str, Any]]:
             ("KL vs reference", f"{r.kl_vs_ref:.5f} nats/token {ci(r.kl_vs_ref_ci95, '.5f')}"),
             ("top-1 agreement", f"{100 * r.top1_agreement:.2f} % {ci(r.top1_agreement_ci95, '.2f', 100)}"),
         ]
+        rows += [(label, f"{value} {interval}".rstrip()) for label, value, interval in agreement_rows(r)]
+        if floor is not None:
+            rows.append(("noise floor", floor.line()))
     rows += _speed_rows(r)
     if r.ref_seconds:
         rows.append(("reference s", r.ref_seconds))
@@ -243,12 +281,38 @@ def _method_table(
         delta = "" if r.delta_ppl_pct is None else f"{r.delta_ppl_pct:+.1f} % {ci(r.delta_ppl_pct_ci95, '+.1f')}"
         agree = "" if r.top1_agreement is None else f"{100 * r.top1_agreement:.1f} %"
         kl = "" if r.kl_vs_ref is None else f"{r.kl_vs_ref:.4f}"
+        kld99 = "" if r.kld_percentiles is None else f"{r.kld_percentiles['99']:.4f}"
+        dp_rms = "" if r.delta_p_rms is None else f"{100 * r.delta_p_rms:.2f} %"
         speed = r.steady_tokens_per_s if r.steady_tokens_per_s is not None else r.tokens_per_s
         first = f"{r.warmup_seconds:.2f}" if r.warmup_seconds is not None else ""
         setup = r.extra.get("quantize_seconds", 0.0) + r.extra.get("transform_seconds", 0.0)
-        rows.append((name, f"{r.ppl:.3f} {ci(r.ppl_ci95)}", delta, kl, agree, f"{speed:.0f}", first, f"{setup:.2f}"))
+        rows.append(
+            (
+                name,
+                f"{r.ppl:.3f} {ci(r.ppl_ci95)}",
+                delta,
+                kl,
+                kld99,
+                agree,
+                dp_rms,
+                f"{speed:.0f}",
+                first,
+                f"{setup:.2f}",
+            )
+        )
     base = results[0].dtype  # the unquantized model as loaded: fp32, or bf16
-    head = ("method", model, f"vs {base} (95 % CI)", "KL", "top-1", "tokens/s", "first batch s", "set-up s")
+    head = (
+        "method",
+        model,
+        f"vs {base} (95 % CI)",
+        "KL",
+        "KLD p99",
+        "top-1",
+        "Δp RMS",
+        "tokens/s",
+        "first batch s",
+        "set-up s",
+    )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     lines = ["", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
@@ -257,7 +321,8 @@ def _method_table(
     lines.append(
         f"\nDecomposition threshold {threshold}; lm_head {'quantized' if head_quantized else 'kept in float'}; "
         f"{r0.protocol} windows of {r0.window}; intervals over {r0.n_windows} windows, paired "
-        f"against {base} on the same windows; KL(P_{base} || P_method) in nats/token. tokens/s: steady state "
+        f"against {base} on the same windows; KL(P_{base} || P_method) in nats/token, KLD p99 its 99th percentile "
+        "over tokens; Δp RMS: the RMS change in the next token's probability. tokens/s: steady state "
         f"({steady}); set-up s: transform and quantization; model load {r0.extra.get('load_seconds', 0.0):.2f} s."
     )
     return "\n".join(lines)

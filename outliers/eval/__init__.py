@@ -5,4 +5,6 @@
 ``result``      ``PerplexityResult``: the number, its settings, per-window sums, agreement
 ``lmhead``      final hidden states and logits a few positions at a time
 ``intervals``   bootstrap intervals over windows
+``agreement``   KLD percentiles and Δp as llama.cpp's ``perplexity --kl-divergence`` reports them
+``noise_floor`` the float model cast to bfloat16 against itself: the arithmetic's own noise, cached
 """

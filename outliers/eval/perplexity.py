@@ -9,7 +9,8 @@ model's dtype. Windows of equal length are batched. Given a ``reference``
 model, the same windows are scored by both, and the result adds the paired
 difference in perplexity, the mean KL(P_ref || P_model) per token and the
 top-1 agreement, each with a bootstrap interval over windows
-(``outliers.eval.intervals``).
+(``outliers.eval.intervals``), and KLD's percentiles and the change in the next
+token's probability as llama.cpp reports them (``outliers.eval.agreement``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from outliers.arch.lmhead import SplitLM, positions_per_chunk, split_lm
 from outliers.errors import InvalidArgumentError
+from outliers.eval.agreement import agreement_fields
 from outliers.eval.intervals import delta_ppl_pct_interval, ppl_interval, rate_interval
 from outliers.eval.result import PerplexityResult
 from outliers.eval.windows import PerplexitySettings, Span, batches, spans, window_ids
@@ -88,6 +90,7 @@ class _Sums:
     nll: list[float] = field(default_factory=list)
     token_nll: list[np.ndarray] = field(default_factory=list)
     ref_nll: list[float] = field(default_factory=list)
+    token_ref_nll: list[np.ndarray] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
     token_kl: list[np.ndarray] = field(default_factory=list)
     top1: list[int] = field(default_factory=list)
@@ -108,7 +111,7 @@ def _score_batch(
     step = positions_per_chunk(model.vocab or q_states.shape[-1])
     for row, s in enumerate(batch):
         first = s.score_from - s.begin + prefix  # window-relative index of the first target
-        nll, ref_nll, kl, top1, token_nll, token_kl = 0.0, 0.0, 0.0, 0, [], []
+        nll, ref_nll, kl, top1, token_nll, token_kl, token_ref_nll = 0.0, 0.0, 0.0, 0, [], [], []
         p = first - 1  # the logit at position p predicts the token at p + 1
         while p < length - 1:
             stop = min(p + step, length - 1)
@@ -120,7 +123,9 @@ def _score_batch(
             if ref is not None and r_states is not None:
                 lr = ref.log_probs(r_states[row, p - offset : stop - offset])
                 started = time.perf_counter()  # the agreement arithmetic is the reference's work too
-                ref_nll += float(-lr.gather(-1, targets).double().sum())
+                ref_tok = -lr.gather(-1, targets).squeeze(-1)
+                token_ref_nll.append(ref_tok)
+                ref_nll += float(ref_tok.double().sum())
                 tok_kl = (lr.exp() * (lr - lq)).sum(-1)
                 token_kl.append(tok_kl)
                 kl += float(tok_kl.double().sum())
@@ -131,6 +136,7 @@ def _score_batch(
         sums.token_nll.append(torch.cat(token_nll).cpu().numpy().astype(np.float32))
         if ref is not None:
             sums.ref_nll.append(ref_nll)
+            sums.token_ref_nll.append(torch.cat(token_ref_nll).cpu().numpy().astype(np.float32))
             sums.kl.append(kl)
             sums.token_kl.append(torch.cat(token_kl).cpu().numpy().astype(np.float32))
             sums.top1.append(top1)
@@ -226,9 +232,11 @@ def perplexity(
     seconds = scorer.seconds
     assert first is not None  # spans() returns at least one window
     steady_s, steady_fed = seconds - first[0], n_fed - first[1]
+    token_nll = np.concatenate(sums.token_nll)
     fields: dict[str, Any] = {}
     if ref is not None and reference is not None:
         ref_nll = sum(sums.ref_nll) / n_scored
+        token_kl, token_ref_nll = np.concatenate(sums.token_kl), np.concatenate(sums.token_ref_nll)
         fields = dict(
             ref_dtype=_short_dtype(next(reference.parameters()).dtype),
             ref_ppl=_exp(ref_nll),
@@ -242,7 +250,9 @@ def perplexity(
             window_ref_nll=sums.ref_nll,
             window_kl=sums.kl,
             window_top1=sums.top1,
-            token_kl=np.concatenate(sums.token_kl),
+            token_kl=token_kl,
+            token_ref_nll=token_ref_nll,
+            **agreement_fields(token_kl, token_nll, token_ref_nll, tokens),
         )
     return PerplexityResult(
         ppl=_exp(nll),
@@ -269,7 +279,7 @@ def perplexity(
         ppl_ci95=ppl_interval(sums.nll, tokens),
         window_nll=sums.nll,
         window_tokens=tokens,
-        token_nll=np.concatenate(sums.token_nll),
+        token_nll=token_nll,
         **fields,
     )
 

@@ -4,8 +4,11 @@ The paper's Table 1 (Dettmers et al. 2022, "LLM.int8()", arXiv 2208.07339):
 per (model, corpus) one fp32 baseline and one cell per (method, threshold),
 one per method for methods without decomposition, whose threshold is moot
 (``outliers.quant.methods``). A quantized cell is scored against the float
-model on the same windows (paired delta, KL, top-1 agreement; windows and
-intervals as ``docs/protocols.md`` says); its model shares every unquantized
+model on the same windows (paired delta, KL, top-1 agreement, and KLD's
+percentiles and the change in the next token's probability as llama.cpp
+reports them, ``outliers.eval.agreement``: all in the stored result's JSON,
+none in the cell's key or fingerprint; windows and intervals as
+``docs/protocols.md`` says); its model shares every unquantized
 tensor with the float one (``outliers.quant.model.quantized_copy``), and the
 float model's final hidden states are kept per (model, corpus), so the
 reference runs once per study. Per-token NLLs are stored beside each row.

@@ -49,10 +49,13 @@ def transforms(cfg: StudyConfig) -> list[Transform]:
 
 
 def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The done perplexity rows, with the result's interval and agreement fields as columns."""
+    """The done perplexity rows, with the result's interval and agreement fields as columns; ``kld_p99`` and
+    ``delta_p_rms`` are None for cells stored before they were computed."""
     ppl = df[(df.kind == "perplexity") & (df.status == "done")].copy()
     for col in ("ppl_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95", "kl_vs_ref", "top1_agreement", "n_windows"):
         ppl[col] = ppl.result.map(lambda r, c=col: r.get(c))
+    ppl["kld_p99"] = ppl.result.map(lambda r: (r.get("kld_percentiles") or {}).get("99"))
+    ppl["delta_p_rms"] = ppl.result.map(lambda r: r.get("delta_p_rms"))
     return ppl
 
 
@@ -100,7 +103,8 @@ def perplexity_table(df: pd.DataFrame, threshold: float, listed: tuple[str, ...]
 
 
 def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
-    """KL against the float model and top-1 agreement per quantized cell, each with its interval."""
+    """KL against the float model, KLD's 99th percentile, top-1 agreement and the RMS change in the next token's
+    probability (Δp, in %) per quantized cell, each with its interval (blank for a cell stored before it)."""
     import pandas as pd
 
     def interval(v, ci, scale, fmt):
@@ -114,9 +118,16 @@ def agreement_table(ppl: pd.DataFrame) -> pd.DataFrame:
             "method": row_label(r.method),
             "threshold": f"{r.threshold:g}",
             "KL nats/token": interval(r.result.get("kl_vs_ref"), r.result.get("kl_vs_ref_ci95"), 1, ".4f"),
+            "KLD p99": interval(
+                (r.result.get("kld_percentiles") or {}).get("99"),
+                (r.result.get("kld_percentiles_ci95") or {}).get("99"),
+                1,
+                ".4f",
+            ),
             "top-1 agreement %": interval(
                 r.result.get("top1_agreement"), r.result.get("top1_agreement_ci95"), 100, ".2f"
             ),
+            "Δp RMS %": interval(r.result.get("delta_p_rms"), r.result.get("delta_p_rms_ci95"), 100, ".3f"),
         }
         for r in ppl.itertuples()
     ]
@@ -178,7 +189,9 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
             "ppl",
             "delta_ppl_pct",
             "kl_vs_ref",
+            "kld_p99",
             "top1_agreement",
+            "delta_p_rms",
             "n_tokens",
             "tokens_per_s",
         ]
@@ -189,8 +202,11 @@ def report(df: pd.DataFrame, cfg: StudyConfig) -> list:
         parts += [
             "## Agreement with the float model",
             "",
-            "Mean KL(P_fp32 || P_method) in nats per scored token and the share of scored positions whose "
-            "top-1 token is the same, with 95 % bootstrap intervals over windows.",
+            "Mean KL(P_fp32 || P_method) in nats per scored token, its 99th percentile over scored tokens "
+            "(KLD p99), the share of scored positions whose top-1 token is the same, and the RMS change in "
+            "the probability of the next token (Δp RMS, in percentage points), as llama.cpp's `perplexity "
+            "--kl-divergence` reports them, with 95 % bootstrap intervals over windows. Blank: a cell computed "
+            "before KLD p99 and Δp were recorded.",
             "",
             Table(agreement_table(quantized), "agreement", ".4f"),
             "",
