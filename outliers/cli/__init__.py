@@ -1,7 +1,7 @@
 """``outliers`` command line: a thin front end over the Python API.
 
 One module per command (``models``, ``env``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
-``weights``, ``kvcache``, ``generate``), each with ``register(subparsers)`` and ``run(args)``;
+``weights``, ``kvcache``, ``generate``, ``sensitivity``), each with ``register(subparsers)`` and ``run(args)``;
 a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
 (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
 like argparse's own usage errors.
@@ -18,7 +18,19 @@ from outliers.errors import OutliersError
 
 __all__ = ["main", "dispatch", "build_parser", "COMMANDS"]
 
-COMMANDS = ("models", "env", "eval", "scan", "ablate", "sinks", "superweights", "weights", "kvcache", "generate")
+COMMANDS = (
+    "models",
+    "env",
+    "eval",
+    "scan",
+    "ablate",
+    "sinks",
+    "superweights",
+    "weights",
+    "kvcache",
+    "generate",
+    "sensitivity",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
