@@ -16,5 +16,6 @@
 ``weights``      weight outliers per linear: max |w|, kurtosis, beyond 6σ, int8 reconstruction errors
 ``kvcache``      key and value channels as projected and as cached (after RoPE and key norms); ``kvcache_capture``
                  its hooks and cache reading, ``kvcache_plots`` its figures
+``range``        number-format headroom: max |x| against float16/bfloat16, FP8 underflow, an emulated float16 run
 ``plots``        seaborn figures of the above
 """

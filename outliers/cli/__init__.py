@@ -1,7 +1,7 @@
 """``outliers`` command line: a thin front end over the Python API.
 
 One module per command (``models``, ``env``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
-``weights``, ``kvcache``, ``generate``, ``sensitivity``), each with ``register(subparsers)`` and ``run(args)``;
+``weights``, ``kvcache``, ``generate``, ``sensitivity``, ``range``), each with ``register(subparsers)`` and ``run(args)``;
 a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
 (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
 like argparse's own usage errors.
@@ -30,6 +30,7 @@ COMMANDS = (
     "kvcache",
     "generate",
     "sensitivity",
+    "range",
 )
 
 

@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_transform_args(p)
     p.add_argument("--show", type=int, default=20, help="rows of the outlier tables to print")
     p.add_argument("--out", metavar="DIR", help="write statistics, CSV tables and PNG figures here")
+    p.add_argument(
+        "--range",
+        action="store_true",
+        help="then measure number-format headroom on the same windows and print it as outliers range does",
+    )
     p.add_argument("--quiet", action="store_true")
 
     p.set_defaults(func=run)
@@ -86,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     streamed = {} if transform else place.load_kwargs()  # a transform needs the float model whole first
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=progress, **streamed)
+    if args.range:  # refused before the scan, not after it
+        from outliers.cli.range import check_causal
+
+        check_causal(args.model, info)
     ids = encode_corpus(tokenizer, corpus)
     applied: dict = {}
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
@@ -196,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
                 out / "layers_vs_positions_relative.png",
             )
         print(f"\nwrote statistics, CSV tables and figures to {out}")
+    if args.range:
+        from outliers.cli.range import after_scan
+
+        after_scan(place(model), ids, args, bos_id, run_facts(args.model, info, corpus) | applied)
     return 0
 
 
