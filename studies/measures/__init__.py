@@ -1,6 +1,6 @@
 """The measures a study can take: one frozen record each, in one registry.
 
-A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``,
+A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``, ``range``, ``sensitivity``,
 ``weights``, ``kvcache``) declaring
 
 * its ``settings``: the ``[study]`` keys it accepts, with their types and
@@ -170,6 +170,6 @@ def split_result(measure: Measure, result: dict[str, Any]) -> tuple[dict[str, An
 
 
 # registered on import, in this order: the report's order
-BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache", "range")
+BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache", "range", "sensitivity")
 for _module in BUILTIN:
     import_module(f"{__name__}.{_module}")

@@ -80,9 +80,7 @@ def test_a_planted_sensitive_block_ranks_first_and_keeping_it_helps_most():
     # the input's crest factor sees the planted activation: the block with it is the top by that predictor
     assert max(r.units, key=lambda u: u.predictors["input_crest"]).unit == "block 2"
     d = json.loads(json.dumps(r.to_dict()))
-    assert {"unit", "block", "kl_vs_ref", "kl_vs_ref_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95"} <= set(
-        d["units"][0]
-    )
+    assert {"unit", "block", "kl_vs_ref", "kl_vs_ref_ci95", "delta_ppl_pct", "delta_ppl_pct_ci95"} <= set(d["units"][0])
     assert d["ranking"][0] == "block 2" and "spearman_halves" in d and "spearman_halves_ci95" in d
 
 
