@@ -49,6 +49,18 @@ def test_the_replayed_sweep_is_bit_identical_to_the_naive_one(arch):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_replay_is_exact_after_a_transform_and_a_low_bit_method_keeps_units_at_8_bits():
+    from outliers.quant.transform_spec import Transform
+
+    model = make_model("llama", layers=3)
+    kw = dict(transform=Transform(rotate="hadamard"), progress=False, predictors=False)
+    fast = sensitivity(model, ids(), SETTINGS, "absmax", random_draws=1, **kw)
+    slow = sensitivity(model, ids(), SETTINGS, "absmax", replay=False, mixed=False, **kw)
+    assert np.array_equal(fast.window_kl, slow.window_kl) and fast.transform == "hadamard"
+    low = sensitivity(model, ids(), SETTINGS, "w4a16-g128", progress=False, predictors=False, random_draws=0)
+    assert low.mixed["keep"] == "absmax-vector"
+
+
 def test_a_unit_alone_scores_as_perplexity_scores_that_model():
     from outliers.eval.perplexity import perplexity
     from outliers.quant.model import _set_module
