@@ -190,6 +190,12 @@ def report(r, top: int = 10) -> str:
             f"\nstability: Spearman's ρ between the rankings on even and odd windows {r.spearman_halves:.3f} "
             f"{ci(r.spearman_halves_ci95, '.3f')}; for the whole set (Spearman–Brown) {r.spearman_brown:.3f}"
         )
+        if r.spearman_halves_ci95 and r.spearman_halves > r.spearman_halves_ci95[1]:
+            # near 1 every resample adds window noise to both halves' rates, which can only lower ρ
+            lines.append(
+                "  (the interval lies below ρ: each resample adds window noise to both halves, so its lower end "
+                "is the bound to read)"
+            )
     if r.predictors:
         lines.append("\ncheap predictors on calibration text, Spearman's ρ with the measured KL (95 % CI over units):")
         order = sorted(r.predictors, key=lambda k: -(r.predictors[k]["rho"] or -2))
