@@ -3,7 +3,7 @@
 A Hadamard matrix H of order n has entries ±1 and ``H @ H.T = n I``; orders other
 than 1 and 2 are multiples of 4. A rotation (QuaRot, Ashkboos et al. 2024,
 arXiv 2404.00456; SpinQuant, Liu et al. 2024) multiplies a linear's input by the
-orthogonal ``Q = H diag(s) / sqrt(n)`` (random signs s) and its weight by ``Q.T``:
+orthogonal ``Q = diag(s) H / sqrt(n)`` (random signs s, applied first) and its weight by ``Q.T``:
 ``(x @ Q) @ (Q.T @ W) = x @ W`` in exact arithmetic, and a one-hot outlier ``c e_i``
 becomes ``c Q[i]``, every entry of size ``|c| / sqrt(n)``.
 
@@ -224,11 +224,13 @@ def block_hadamard(n: int, block: int | None = None) -> tuple[torch.Tensor, str]
 
 
 def random_hadamard(n: int, *, seed: int, allow_blocks: bool = True) -> tuple[torch.Tensor, str]:
-    """Return ``(Q, name)``: the (n, n) float64 orthogonal rotation ``H diag(s) / sqrt(n)`` and H's construction.
+    """Return ``(Q, name)``: the (n, n) float64 orthogonal rotation ``diag(s) H / sqrt(n)`` and H's construction.
 
     ``s`` are ±1 signs drawn from a ``torch.Generator`` seeded with ``seed``: the
-    same seed gives the same Q. Rotate row vectors as ``x @ Q`` (x of shape
-    ``(tokens, n)``) and the weight ``W`` of ``x @ W`` as ``Q.T @ W``.
+    same seed gives the same Q. The signs come first (QuaRot): ``H diag(s)`` would only
+    flip the signs of the rotated columns, which no symmetric quantizer sees. Rotate row
+    vectors as ``x @ Q`` (x of shape ``(tokens, n)``) and the weight ``W`` of ``x @ W`` as
+    ``Q.T @ W``.
 
     Args:
         n: the size.
@@ -251,4 +253,4 @@ def random_hadamard(n: int, *, seed: int, allow_blocks: bool = True) -> tuple[to
         norm = n & -n
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
-    return h.to(torch.float64) * (signs / math.sqrt(norm)), name
+    return (signs[:, None] / math.sqrt(norm)) * h.to(torch.float64), name

@@ -14,8 +14,11 @@ the group where the architecture registry says how (``outliers.arch.norms``);
 otherwise a ``ChannelScale`` module divides the input on the fly.
 
 **Rotation** (QuaRot, Ashkboos et al. 2024, arXiv 2404.00456): each
-quantized linear's input is multiplied by Q = H·diag(signs)/√n, an
-orthogonal Hadamard matrix with seeded random signs, and its weight by Q
+quantized linear's input is multiplied by Q = diag(signs)·H/√n, an
+orthogonal Hadamard matrix with seeded random signs applied first (QuaRot's
+order: the seed changes which mixtures an outlier spreads into; with the
+signs after H they would only flip the signs of the rotated columns of x and
+W together, which no symmetric quantizer sees), and its weight by Q
 (W ← W Q, so (x Q)(W Q)ᵀ = x Wᵀ). H = H_m ⊗ H_{2^k} is a true Hadamard
 matrix of the full size (``outliers.quant.hadamard``), applied with its
 Kronecker structure: n·(a + b) multiply-adds per token instead of n²
@@ -136,7 +139,7 @@ class ChannelScale(nn.Module):
 
 
 class Rotation(nn.Module):
-    """x ↦ x Q with Q = (H_a ⊗ H_b)·diag(signs)/√n, applied through the Kronecker structure, never built."""
+    """x ↦ x Q with Q = diag(signs)·(H_a ⊗ H_b)/√n, applied through the Kronecker structure, never built."""
 
     h_a: torch.Tensor
     h_b: torch.Tensor
@@ -158,8 +161,8 @@ class Rotation(nn.Module):
         dt = _at_least_float32(x)
         a, b = self.h_a.shape[0], self.h_b.shape[0]
         h_a, h_b, signs = (t.to(dt) for t in (self.h_a, self.h_b, self.signs))
-        y = h_a.t() @ x.to(dt).reshape(*x.shape[:-1], a, b) @ h_b  # x (H_a ⊗ H_b)
-        return (y.reshape(x.shape) * signs).to(x.dtype)
+        y = h_a.t() @ (x.to(dt) * signs).reshape(*x.shape[:-1], a, b) @ h_b  # (x diag(signs)) (H_a ⊗ H_b)
+        return y.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, H={self.construction}"

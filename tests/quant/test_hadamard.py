@@ -183,8 +183,8 @@ def test_seed_determines_the_signs():
     assert torch.equal(q0, random_hadamard(640, seed=0)[0])
     q1, _ = random_hadamard(640, seed=1)
     assert not torch.equal(q0, q1)
-    ratio = q0 / q1  # the same H with other column signs: each column's ratio is one constant ±1
-    assert torch.equal(ratio, ratio[:1].expand_as(ratio)) and (ratio.abs() == 1).all()
+    ratio = q0 / q1  # the same H with other row signs (signs first): each row's ratio is one constant ±1
+    assert torch.equal(ratio, ratio[:, :1].expand_as(ratio)) and (ratio.abs() == 1).all()
 
 
 @pytest.mark.parametrize("n", [2, 64, 576, 640, 1536, 2048])

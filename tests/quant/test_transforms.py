@@ -358,3 +358,18 @@ def test_eval_checks_room_for_calibration_before_scoring(model_dir, text_file, t
     assert "calibration needs 16 windows" in err and "--max-windows" in err
     assert main([*argv, "--method", "smoothquant", "--calib-corpus", str(text_file)]) == 2  # the same text
     assert "calibration needs" in capsys.readouterr().err
+
+
+def test_the_rotation_seed_changes_what_a_symmetric_quantizer_sees():
+    # signs first (QuaRot): diag(s)·H mixes differently per seed; H·diag(s) would only flip column signs,
+    # which every symmetric quantizer (absmax per row or per tensor) undoes exactly
+    model = make_model("llama")
+    outs = []
+    for seed in (0, 1):
+        out, _ = transformed_copy(model, Transform(rotate="hadamard", seed=seed), CORPUS, window=32, reserved=96)
+        quantize_model(out, "absmax-vector")
+        outs.append(logits(out))
+    assert not torch.equal(outs[0], outs[1])
+    x = torch.randn(5, 32, dtype=torch.float64)
+    a, b = Rotation(32, 0).double(), Rotation(32, 1).double()
+    assert not torch.equal(a(x).abs().sort(-1).values, b(x).abs().sort(-1).values)  # not a sign flip apart
