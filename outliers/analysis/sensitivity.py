@@ -225,7 +225,9 @@ def sensitivity_html(r: SensitivityResult) -> str:
             (
                 "stability",
                 f"ρ {r.spearman_halves:.2f} {fmt_interval(r.spearman_halves_ci95, '.2f')}",
-                f"between halves; {r.spearman_brown:.2f} for the whole set (Spearman–Brown)",
+                "between halves; "
+                + ("n/a" if r.spearman_brown is None else f"{r.spearman_brown:.2f}")
+                + " for the whole set (Spearman–Brown)",
             )
         )
     settings = [
@@ -607,7 +609,7 @@ def sensitivity(
         ranking=[units[i].name for i in order],
         spearman_halves=halves[0],
         spearman_halves_ci95=halves[1],
-        spearman_brown=None if halves[0] is None else 2 * halves[0] / (1 + halves[0]),
+        spearman_brown=_spearman_brown(halves[0]),
         predictors=correlations,
         mixed=curve,
         seconds=dict(setup | {"sweep": sweep_s, "predictors": pred_s, "mixed": mixed_s, "forwards": n_forwards}),
@@ -617,6 +619,11 @@ def sensitivity(
         window_kl=kl,
         window_nll=np.array([[*s.nll] for s in per_unit]),
     )
+
+
+def _spearman_brown(rho: float | None) -> float | None:
+    """The step-up 2ρ / (1 + ρ) from half the windows to all of them; None where ρ is none or −1."""
+    return None if rho is None or rho <= -1 else 2 * rho / (1 + rho)
 
 
 def _with_predictors(u: UnitSensitivity, values: dict[str, float]) -> UnitSensitivity:

@@ -188,7 +188,8 @@ def report(r, top: int = 10) -> str:
     if r.spearman_halves is not None:
         lines.append(
             f"\nstability: Spearman's ρ between the rankings on even and odd windows {r.spearman_halves:.3f} "
-            f"{ci(r.spearman_halves_ci95, '.3f')}; for the whole set (Spearman–Brown) {r.spearman_brown:.3f}"
+            f"{ci(r.spearman_halves_ci95, '.3f')}; for the whole set (Spearman–Brown) "
+            + ("n/a" if r.spearman_brown is None else f"{r.spearman_brown:.3f}")
         )
         if r.spearman_halves_ci95 and r.spearman_halves > r.spearman_halves_ci95[1]:
             # near 1 every resample adds window noise to both halves' rates, which can only lower ρ
