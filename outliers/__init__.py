@@ -35,6 +35,7 @@ _EXPORTS = {
     "register_method": "quant.methods",
     "FP8Linear": "quant.emulated",
     "W4A16Linear": "quant.emulated",
+    "MXLinear": "quant.mx",
     "quantize_linear": "quant.model",
     "quantize_model": "quant.model",
     "Transform": "quant.transforms",

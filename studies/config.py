@@ -9,6 +9,7 @@ methods = ["llm.int8", "absmax-row+decomp"]
 thresholds = [0, 1, 2, 3, 4, 5, 6, 8, 10, 16]
 alphas = [0.5]            # optional: also quantize after SmoothQuant smoothing at each alpha
 rotations = ["hadamard"]  # optional: ... and after each rotation
+seeds = [0, 1, 2]         # optional: ... each rotation with each random-sign seed (default: 0 alone)
 protocol = "chunks"
 window = 512
 max_windows = 8

@@ -17,5 +17,6 @@
 ``kvcache``      key and value channels as projected and as cached (after RoPE and key norms); ``kvcache_capture``
                  its hooks and cache reading, ``kvcache_plots`` its figures
 ``range``        number-format headroom: max |x| against float16/bfloat16, FP8 underflow, an emulated float16 run
+``tokens``       outlier tokens: which tokens carry massive activations, where, in which blocks, how reliably
 ``plots``        seaborn figures of the above
 """

@@ -1,7 +1,7 @@
 """``outliers`` command line: a thin front end over the Python API.
 
 One module per command (``models``, ``env``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
-``weights``, ``kvcache``, ``generate``, ``sensitivity``, ``range``), each with ``register(subparsers)``
+``weights``, ``kvcache``, ``generate``, ``sensitivity``, ``range``, ``tokens``), each with ``register(subparsers)``
 and ``run(args)``; a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
 (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
 like argparse's own usage errors.
@@ -31,6 +31,7 @@ COMMANDS = (
     "generate",
     "sensitivity",
     "range",
+    "tokens",
 )
 
 

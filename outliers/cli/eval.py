@@ -49,8 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="fp32",
         help=f"fp32 (no quantization), one of the methods ({', '.join(method_names())}), smoothquant "
         "(absmax-vector after smoothing, alpha --smooth or 0.5), a row name with its transform "
-        "(llm.int8@hadamard, absmax-vector@smooth=0.5), a comma-separated list of them, or 'all' "
-        "for the Table-1 layout (default: %(default)s)",
+        "(llm.int8@hadamard, absmax-vector@smooth=0.5), static W8A8 with per-tensor activation scales fixed "
+        "offline (static-minmax, static-p99.9, static-p99.99; +prefix: PrefixQuant's outlier-token prefix, "
+        "e.g. static-p99.9+prefix), a comma-separated list of them, or 'all' "
+        "for the Table-1 layout, or 'formats' for the microscaling rows (MX, NVFP4; emulated) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--threshold",
@@ -87,6 +90,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     add_transform_args(p)
+    p.add_argument(
+        "--kv-cache",
+        metavar="SPEC[,SPEC...]",
+        help="quantize the key-value cache inside attention, one row per SPEC: int8, int4 or int2, then token, "
+        "channel (groups of G tokens) or kivi (keys per channel, values per token), then an optional -gG "
+        "(default 32), e.g. int4-kivi,int8-token,int2-channel-g64; the weights are --method's",
+    )
+    p.add_argument("--kv-keep", type=int, default=0, help="keep the first N tokens' keys and values in float (sinks)")
+    p.add_argument(
+        "--kv-rotate", action="store_true", help="Hadamard-rotate the head dim before the cache is quantized"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the result's fields to PATH")
     p.add_argument(
         "--no-noise-floor",
@@ -105,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from outliers.errors import InvalidArgumentError
     from outliers.eval.intervals import few_windows_note
     from outliers.eval.rows import RowEvaluator, calibratable, describe_gemm, parse_rows, row_label
+    from outliers.eval.static_rows import prefix_notes, with_tokenizer  # registers the static-* rows
     from outliers.eval.windows import PerplexitySettings
     from outliers.models.load import load_model
 
@@ -113,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     settings = PerplexitySettings(args.protocol, args.window, args.stride, args.max_windows, args.batch_size, args.bos)
     options = dict(threshold=args.threshold, outlier_weights=args.outlier_weights, round_to=args.round_to)
     rows = parse_rows(args.method, transform_of(args), **options)
+    if args.kv_cache is not None:
+        from outliers.eval.kv_rows import kv_rows
+
+        rows = kv_rows(args.kv_cache, rows, keep=args.kv_keep, rotate=args.kv_rotate)
+    elif args.kv_keep or args.kv_rotate:
+        raise InvalidArgumentError("--kv-keep and --kv-rotate apply to --kv-cache rows; give --kv-cache")
     place = placement_of(args)  # with a map the float model stays on the CPU; each row runs dispatched
     corpus = load_corpus(args.corpus)  # cheap: its errors come before a model load
     calib_corpus = load_corpus(args.calib_corpus) if args.calib_corpus else corpus
@@ -126,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     skip = quantize_skip(model, args.quantize_lm_head)
     ids = encode_corpus(tokenizer, corpus)
     bos = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None
-    floor_wanted = not args.no_noise_floor and any(r.quantized or r.transform for r in rows)
+    floor_wanted = not args.no_noise_floor and any(r.quantized or r.transform or r.kind != "method" for r in rows)
     # a noise floor to score reuses the reference's states; one from the cache needs none kept
     floor_to_score = floor_wanted and _floor_unknown(model, ids, settings, bos, args.model, info)
     evaluator = RowEvaluator(
@@ -142,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model,
         corpus_name=corpus.name,
     )
-    rows, notes = calibratable([replace(r, skip=skip) for r in rows], evaluator, optional=_optional(args))
+    rows = with_tokenizer([replace(r, skip=skip) for r in rows], tokenizer)
+    rows, notes = calibratable(rows, evaluator, optional=_optional(args))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     done = [evaluator.evaluate(row) for row in rows]
@@ -158,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         floor = noise_floor(evaluator, weights=info.weights_sha256)
         evaluator.release()
     _print(results, labels, rows, args, info, corpus, len(ids), gemm, floor, head_quantized=skip is not None)
+    for line in prefix_notes(results, labels, tokenizer):
+        print(line)
     if note := few_windows_note(results[0].n_windows):
         print(f"note: {note}", file=sys.stderr)
     if json_path:
@@ -205,6 +229,7 @@ def _print(results, labels, rows, args, info, corpus, n_ids, gemm, floor, *, hea
         name = r0.dtype if not row.quantized else row.method  # the unquantized model as loaded: bf16 is not fp32
         gemm_row = [("int8 GEMM", gemm)] if gemm else []
         label = name + (f" after {row.transform.label}" if row.transform else "")
+        label = labels[0] if row.kind != "method" else label
         print_table(head + _result_rows(r0, label, floor) + gemm_row)
     else:
         print_table(head)

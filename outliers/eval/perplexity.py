@@ -158,6 +158,7 @@ def perplexity(
     corpus_name: str = "",
     method: str | None = None,
     prefix_ids: torch.Tensor | None = None,
+    reference_prefix_ids: torch.Tensor | None = None,
 ) -> PerplexityResult:
     """Return the perplexity of a causal LM over token ids, with its settings, per-window sums and interval.
 
@@ -176,7 +177,10 @@ def perplexity(
             settings yourself (None: nothing is kept).
         progress: show a progress bar over windows.
         prefix_ids: token ids put before every window for ``model`` only, never scored (1-D; a row that
-            changes the input, ``outliers.eval.rows``); the reference reads the windows as they are.
+            changes the input, ``outliers.eval.rows``); the reference reads the windows as they are...
+        reference_prefix_ids: ...unless given these, put before every window it reads (the same as
+            ``prefix_ids`` compares the two given the same prefix); its states are kept apart in
+            ``reference_states``, keyed by the prefix too.
         model_name, corpus_name, method: labels copied into the result;
             ``method`` defaults to the weights' dtype (``"fp32"``).
 
@@ -185,8 +189,9 @@ def perplexity(
         CorpusError: fewer tokens than one window.
     """
     settings = settings or PerplexitySettings()
-    if prefix_ids is not None and (prefix_ids.dim() != 1 or prefix_ids.dtype.is_floating_point):
-        raise InvalidArgumentError(f"prefix_ids must be a 1-D integer tensor, got shape {tuple(prefix_ids.shape)}")
+    for name, given in (("prefix_ids", prefix_ids), ("reference_prefix_ids", reference_prefix_ids)):
+        if given is not None and (given.dim() != 1 or given.dtype.is_floating_point):
+            raise InvalidArgumentError(f"{name} must be a 1-D integer tensor, got shape {tuple(given.shape)}")
     if ids.dim() != 1 or ids.dtype.is_floating_point:
         raise InvalidArgumentError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
     corpus_ids = window_ids(ids, settings, bos_token_id)
@@ -213,10 +218,14 @@ def perplexity(
         q_states = scorer.states(fed, keep)  # the last `keep` positions: the window's, after any prefix
         r_states = None
         if ref is not None:
-            key = tuple(batch)
+            key: tuple = tuple(batch)
+            ref_fed = x
+            if reference_prefix_ids is not None:  # never the states of the windows read alone
+                key = (key, "prefix", tuple(reference_prefix_ids.tolist()))
+                ref_fed = torch.cat([reference_prefix_ids.to(x).expand(len(x), -1), x], dim=1)
             r_states = reference_states.get(key) if reference_states is not None else None
             if r_states is None:
-                r_states = ref.states(x, keep)
+                r_states = ref.states(ref_fed, keep)
                 if reference_states is not None:
                     reference_states[key] = r_states
         _score_batch(scorer, ref, q_states, r_states, x, batch, settings.prefix, sums)

@@ -53,6 +53,7 @@ __all__ = [
     "RowEvaluator",
     "evaluate_rows",
     "parse_rows",
+    "FORMAT_ROWS",
     "row_label",
     "method_names",
     "describe_gemm",
@@ -94,8 +95,9 @@ class Prepared:
     change, KL, top-1). ``context`` is entered around the scoring and left
     after it, whatever happens. ``facts`` go into the result's ``extra``;
     ``setup`` holds one-time costs in seconds, reported apart from scoring.
-    ``prefix``: token ids the row puts before every window, left unscored (the reference reads the windows
-    as they are).
+    ``prefix``: token ids the row puts before every window, left unscored; the reference reads the windows
+    as they are, or after the same prefix with ``reference_prefix`` (the row is then compared with the
+    float model given the same prefix).
     """
 
     model: nn.Module
@@ -105,15 +107,20 @@ class Prepared:
     facts: dict[str, Any] = field(default_factory=dict)
     setup: dict[str, float] = field(default_factory=dict)
     prefix: torch.Tensor | None = None
+    reference_prefix: bool = False
 
 
 @dataclass(frozen=True)
 class RowKind:
-    """A kind of row: ``prepare(row, evaluator)`` returns what to score."""
+    """A kind of row: ``prepare(row, evaluator)`` returns what to score; ``label(row, dtype)`` its name in a
+    table (None: the method's, as ``row_label`` makes it); ``parse(name, transform, options)`` the row a
+    ``--method`` name stands for when the kind claims it, else None (``parse_rows``)."""
 
     name: str
     prepare: Callable[[Row, RowEvaluator], Prepared]
     doc: str = ""
+    label: Callable[[Row, str], str] | None = None
+    parse: Callable[[str, Transform, dict[str, Any]], Row | None] | None = None
 
 
 _KINDS: dict[str, RowKind] = {}
@@ -300,6 +307,7 @@ class RowEvaluator:
                 corpus_name=self.corpus_name,
                 method=row.method if row.quantized else None,
                 prefix_ids=prepared.prefix,
+                reference_prefix_ids=prepared.prefix if prepared.reference_prefix else None,
             )
         result.extra.update(prepared.facts)
         gemm = None
@@ -375,12 +383,19 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+# ``--method formats``: MX and NVFP4 (``outliers.quant.mx``), W and A, then weight-only; not in ``all``
+FORMAT_ROWS = ("mxfp8", "mxint8", "mxfp6", "mxfp4", "nvfp4", "mxfp4-w", "nvfp4-w")
+
+
 def parse_rows(method: str, transform: Transform | None = None, **options: Any) -> list[Row]:
     """The rows ``outliers eval --method`` names: one, a comma-separated list, or ``all`` (Table 1).
 
     ``all``: the float model, every registered method after ``transform``, and a SmoothQuant row
     (absmax vector-wise after smoothing) unless ``transform`` smooths already. A list without
     ``fp32`` starts from it. ``options`` (threshold, outlier_weights, round_to, skip) apply to every row.
+    ``formats``: the float model and the microscaling rows (``FORMAT_ROWS``) after ``transform``.
+    A name a registered kind claims (``RowKind.parse``: ``static-minmax`` once ``outliers.eval.static_rows``
+    is imported) is that kind's row.
 
     Raises:
         InvalidArgumentError: an unknown method, or a transform given both in a name and by flags.
@@ -389,16 +404,20 @@ def parse_rows(method: str, transform: Transform | None = None, **options: Any) 
 
     transform = Transform() if transform is None else transform  # an empty one is falsy but carries settings
     smoothquant = ("absmax-vector", replace(transform, smooth=0.5 if transform.smooth is None else transform.smooth))
-    pairs: list[tuple[str, Transform]]
-    if method == "all":
-        pairs = [("fp32", Transform()), *((m, transform) for m in METHODS)]
+    pairs: list[Row | tuple[str, Transform]]
+    if method == "all":  # the methods that are in_all: the microscaling rows are "formats"
+        pairs = [("fp32", Transform()), *((m, transform) for m, spec in METHODS.items() if spec.in_all)]
         pairs += [smoothquant] if transform.smooth is None else []
+    elif method == "formats":
+        pairs = [("fp32", Transform()), *((m, transform) for m in FORMAT_ROWS)]
     else:
         names = [n.strip() for n in method.split(",") if n.strip()]
         if transform and any("@" in n for n in names):
             raise InvalidArgumentError("give a transform in the row name (llm.int8@hadamard) or by flags, not both")
         pairs = [
-            smoothquant
+            claimed
+            if (claimed := _claimed(n, transform, options)) is not None
+            else smoothquant
             if n == "smoothquant"
             else parse_row(n, seed=transform.seed, calib_windows=transform.calib_windows)
             if "@" in n
@@ -407,14 +426,22 @@ def parse_rows(method: str, transform: Transform | None = None, **options: Any) 
         ]
         if len(names) > 1 and "fp32" not in names:
             pairs.insert(0, ("fp32", Transform()))  # a table starts from its baseline, the float model as it is
-    for m, _ in pairs:
-        if m != "fp32":
-            get_method(m)
+    for p in pairs:
+        if not isinstance(p, Row) and p[0] != "fp32":
+            get_method(p[0])
     if "threshold" in options:  # checked before any model loads
         from outliers.quant.int8 import check_threshold
 
         check_threshold(options["threshold"])
-    return [Row(m, t, **options) for m, t in pairs]
+    return [p if isinstance(p, Row) else Row(p[0], p[1], **options) for p in pairs]
+
+
+def _claimed(name: str, transform: Transform, options: dict[str, Any]) -> Row | None:
+    """The row a kind other than the built-in one makes of a ``--method`` name (``RowKind.parse``), or None."""
+    for kind in _KINDS.values():
+        if kind.parse is not None and (row := kind.parse(name, transform, options)) is not None:
+            return row
+    return None
 
 
 def calibratable(rows: list[Row], ev: RowEvaluator, *, optional: bool) -> tuple[list[Row], list[str]]:
@@ -447,6 +474,9 @@ def row_label(row: Row, dtype: str = "fp32") -> str:
     the unquantized row names the dtype the model was loaded in."""
     from outliers.quant.methods import label
 
+    own = ROW_KINDS[row.kind].label if row.kind in ROW_KINDS else None
+    if own is not None:
+        return own(row, dtype)
     t = row.transform
     if row.method == "absmax-vector" and t.smooth is not None and not t.rotate:
         return f"SmoothQuant (smooth {t.smooth:g}, absmax vector-wise)"

@@ -188,6 +188,7 @@ class EmulatedLinear(nn.Module):
     """What the FP8 and W4A16 layers share: the method record, checks, float32 compute, the repr."""
 
     FORMAT: Format
+    FORMATS: tuple[Format, ...] = ()  # the formats a class runs when it runs several (MXLinear); else (FORMAT,)
     bias: torch.Tensor | None
 
     def __init__(
@@ -202,9 +203,10 @@ class EmulatedLinear(nn.Module):
     ):
         super().__init__()
         self.spec: Method = get_method(method)
-        if self.spec.format is not self.FORMAT:
+        runs = self.FORMATS or (self.FORMAT,)
+        if self.spec.format not in runs:
             raise InvalidArgumentError(
-                f"{type(self).__name__} runs {self.FORMAT} methods; {method!r} is {self.spec.format}"
+                f"{type(self).__name__} runs {', '.join(runs)} methods; {method!r} is {self.spec.format}"
             )
         if round_to not in ROUND_TO:
             raise InvalidArgumentError(f"round_to must be one of {list(ROUND_TO)}, got {round_to!r}")

@@ -6,7 +6,9 @@ A method says how X (the activations) and W (the weights) are quantized:
 
 * its ``format``: ``int8`` codes (``Int8Linear``, real integer arithmetic),
   ``fp8-e4m3`` (emulated: ``outliers.quant.emulated.FP8Linear``) or ``int4``
-  weights with X left in float (``W4A16Linear``); the format picks the layer;
+  weights with X left in float (``W4A16Linear``), or a microscaling format
+  (``mxfp8-e4m3`` ... ``mxint8``, ``nvfp4``: emulated, ``outliers.quant.mx.MXLinear``,
+  X and W in blocks along the input dimension); the format picks the layer;
 * its ``scheme``: absmax (symmetric; int8 codes in [-127, 127], FP8 scaled so
   that absmax lands on E4M3's 448) or zeropoint (asymmetric; int8 codes in
   [-128, 127], ``outliers.quant.quantizers``; int4 codes in [0, 15]);
@@ -49,6 +51,15 @@ class Format(StrEnum):
     INT8 = "int8"  # X and W in int8, int32 accumulation: Int8Linear
     FP8_E4M3 = "fp8-e4m3"  # X and W rounded through torch.float8_e4m3fn, float32 products: FP8Linear (emulated)
     INT4 = "int4"  # W in int4 groups, X in float: W4A16Linear (weight-only)
+    # microscaling (OCP MX v1.0): elements with one E8M0 scale per block of 32 along K; NVFP4: E2M1 elements,
+    # an E4M3 scale per block of 16 and a float32 one per tensor. All MXLinear (outliers.quant.mx), emulated
+    MXFP8_E4M3 = "mxfp8-e4m3"
+    MXFP8_E5M2 = "mxfp8-e5m2"
+    MXFP6_E2M3 = "mxfp6-e2m3"
+    MXFP6_E3M2 = "mxfp6-e3m2"
+    MXFP4 = "mxfp4-e2m1"
+    MXINT8 = "mxint8"
+    NVFP4 = "nvfp4"
 
 
 class Scheme(StrEnum):
@@ -60,7 +71,7 @@ class Granularity(StrEnum):
     TENSOR = "tensor"  # one statistic for the whole tensor
     ROW = "row"  # one per row of X: per token
     CHANNEL = "channel"  # one per output channel of W (a row of W stored (out, in))
-    GROUP = "group"  # one per group of ``group_size`` input columns of one output channel of W
+    GROUP = "group"  # one per group of ``group_size`` input columns of one output channel of W (of X: of one token)
 
     @property
     def dim(self) -> int | None:
@@ -79,13 +90,15 @@ class _Supports:
     activations: tuple[Granularity | None, ...]
     weights: tuple[Granularity, ...]
     decomposition: bool
+    block: int | None = None  # the block size a block format fixes (group_size must be it)
 
 
+_MX_BLOCKS = {f: 32 for f in Format if f.value.startswith("mx")} | {Format.NVFP4: 16}
 _SUPPORTS = {
     Format.INT8: _Supports((Scheme.ABSMAX, Scheme.ZEROPOINT), (_T, _R), (_T, _C), True),
     Format.FP8_E4M3: _Supports((Scheme.ABSMAX,), (_T, _R), (_T, _C), False),
     Format.INT4: _Supports((Scheme.ZEROPOINT,), (None,), (_G,), False),
-}
+} | {f: _Supports((Scheme.ABSMAX,), (_G, None), (_G,), False, block) for f, block in _MX_BLOCKS.items()}
 
 
 def _shapes(ok: _Supports) -> str:
@@ -101,7 +114,9 @@ class Method:
     """One quantization method. ``label`` is its row name in tables and reports (the paper's wording).
 
     ``activations=None`` leaves X in float (weight-only); ``group_size`` is
-    set exactly when ``weights`` is ``Granularity.GROUP``.
+    set exactly when ``weights`` is ``Granularity.GROUP``. ``in_all=False``
+    keeps a method out of ``--method all`` (the Table-1 layout and its
+    reference rows): the microscaling rows are ``--method formats``.
     """
 
     name: str
@@ -112,6 +127,7 @@ class Method:
     decomposition: bool = False
     format: Format = Format.INT8
     group_size: int | None = None
+    in_all: bool = True
     settings: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +146,8 @@ class Method:
             raise ValueError(
                 f"method {self.name!r}: group_size >= 1 goes with group-wise weights, got {self.group_size}"
             )
+        if ok.block is not None and self.group_size != ok.block:
+            raise ValueError(f"method {self.name!r}: {self.format} has blocks of {ok.block}, got {self.group_size}")
         extra = ("threshold", "outlier_weights") if self.decomposition else ()
         object.__setattr__(self, "settings", ("round_to", *extra))
 
@@ -174,6 +192,21 @@ for _m in [
 ]:
     register_method(_m)
 
+# microscaling and NVFP4 (emulated; outliers.quant.mx): not in ``--method all``, which keeps its rows
+_F = Format
+for _name, _label, _fmt, _x in [
+    ("mxfp8", "MXFP8 E4M3 W8A8 (emulated)", _F.MXFP8_E4M3, _G),
+    ("mxfp8-e5m2", "MXFP8 E5M2 W8A8 (emulated)", _F.MXFP8_E5M2, _G),
+    ("mxfp6", "MXFP6 E2M3 W6A6 (emulated)", _F.MXFP6_E2M3, _G),
+    ("mxfp6-e3m2", "MXFP6 E3M2 W6A6 (emulated)", _F.MXFP6_E3M2, _G),
+    ("mxfp4", "MXFP4 W4A4 (emulated)", _F.MXFP4, _G),
+    ("mxint8", "MXINT8 W8A8 (emulated)", _F.MXINT8, _G),
+    ("nvfp4", "NVFP4 W4A4 (emulated)", _F.NVFP4, _G),
+    ("mxfp4-w", "MXFP4 weight-only (emulated)", _F.MXFP4, None),
+    ("nvfp4-w", "NVFP4 weight-only (emulated)", _F.NVFP4, None),
+]:
+    register_method(Method(_name, _label, _A, _x, _G, format=_fmt, group_size=_MX_BLOCKS[_fmt], in_all=False))
+
 
 def get_method(name: str) -> Method:
     try:
@@ -187,15 +220,33 @@ def label(method: str) -> str:
     return FLOAT_LABEL if method == "fp32" else get_method(method).label
 
 
-_FORMAT_WORDS = {Format.INT8: "int8", Format.FP8_E4M3: "FP8 E4M3, emulated", Format.INT4: "int4 weights, zeropoint"}
+_FORMAT_WORDS = {
+    Format.INT8: "int8",
+    Format.FP8_E4M3: "FP8 E4M3, emulated",
+    Format.INT4: "int4 weights, zeropoint",
+    Format.MXFP8_E4M3: "MXFP8: E4M3, E8M0 scales, emulated",
+    Format.MXFP8_E5M2: "MXFP8: E5M2, E8M0 scales, emulated",
+    Format.MXFP6_E2M3: "MXFP6: E2M3, E8M0 scales, emulated",
+    Format.MXFP6_E3M2: "MXFP6: E3M2, E8M0 scales, emulated",
+    Format.MXFP4: "MXFP4: E2M1, E8M0 scales, emulated",
+    Format.MXINT8: "MXINT8: int8, E8M0 scales, emulated",
+    Format.NVFP4: "NVFP4: E2M1, E4M3 scales + float32 per tensor, emulated",
+}
 _X_WORDS = {Granularity.TENSOR: "tensor", Granularity.ROW: "per token", None: "float (not quantized)"}
 _W_WORDS = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "per output channel"}
 
 
 def _w_words(m: Method) -> str:
     if m.weights is Granularity.GROUP:
-        return f"groups of {m.group_size} inputs per output channel"
+        kind = "blocks" if _SUPPORTS[m.format].block else "groups"
+        return f"{kind} of {m.group_size} inputs per output channel"
     return _W_WORDS[m.weights]
+
+
+def _x_words(m: Method) -> str:
+    if m.activations is Granularity.GROUP:
+        return f"blocks of {m.group_size} inputs per token"
+    return _X_WORDS[m.activations]
 
 
 def method_table() -> str:
@@ -203,7 +254,7 @@ def method_table() -> str:
     rows = ["| method | format | X | W | decomposition |", "|---|---|---|---|---|"]
     for m in METHODS.values():
         rows.append(
-            f"| `{m.name}` | {_FORMAT_WORDS[m.format]} | {_X_WORDS[m.activations]} | {_w_words(m)} "
+            f"| `{m.name}` | {_FORMAT_WORDS[m.format]} | {_x_words(m)} | {_w_words(m)} "
             f"| {'yes' if m.decomposition else 'no'} |"
         )
     return "\n".join(rows)

@@ -27,6 +27,7 @@ from outliers.quant.emulated import LAYERS, EmulatedLinear
 from outliers.quant.int8 import check_threshold
 from outliers.quant.linear import Int8Linear
 from outliers.quant.methods import Format, get_method
+from outliers.quant.mx import MXLinear  # noqa: F401  (registers the microscaling formats' layer in LAYERS)
 
 __all__ = [
     "set_threshold",
@@ -43,7 +44,7 @@ __all__ = [
 # The file layout is the one int8 files always had; FP8 and W4A16 layers only add methods to its
 # module list (a reader that predates them stops at "unknown method").
 FORMAT = "outliers.int8/1"
-QuantizedLinear = Int8Linear | EmulatedLinear  # EmulatedLinear: FP8Linear, W4A16Linear
+QuantizedLinear = Int8Linear | EmulatedLinear  # EmulatedLinear: FP8Linear, W4A16Linear, MXLinear
 
 
 @dataclass(frozen=True)

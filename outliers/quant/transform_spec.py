@@ -62,7 +62,7 @@ def _alpha(a: float) -> str:
     return s if float(s) == a else repr(float(a))
 
 
-def row_name(method: str, transform: Transform) -> str:
+def row_name(method: str, transform: Transform, *, seed: bool = False) -> str:
     """Return the name of a row that quantizes with ``method`` after ``transform``: ``"llm.int8@smooth=0.5"``.
 
     No transform: the method's name alone (``"llm.int8"``), so rows without a
@@ -71,18 +71,22 @@ def row_name(method: str, transform: Transform) -> str:
     joined by ``+``: ``smooth=α`` then the rotation (``"llm.int8@hadamard"``,
     ``"llm.int8@smooth=0.5+hadamard"``). This is the canonical spelling;
     ``seed`` and ``calib_windows`` are settings, not part of the name (a study
-    keeps them in the cell's fingerprint).
+    keeps them in the cell's fingerprint); ``seed=True`` names a rotation's
+    seed other than 0 last (``"llm.int8@hadamard+seed=3"``), as a study that
+    crosses seeds keys its cells (seed 0 keeps the name it always had).
     """
     if "@" in method or not method:
         raise InvalidArgumentError(f"a method name is non-empty and holds no '@', got {method!r}")
     steps = ([f"smooth={_alpha(transform.smooth)}"] if transform.smooth is not None else []) + (
         [transform.rotate] if transform.rotate else []
     )
+    steps += [f"seed={transform.seed}"] if seed and transform.rotate and transform.seed != 0 else []
     return f"{method}@{'+'.join(steps)}" if steps else method
 
 
 def parse_row(name: str, *, seed: int = 0, calib_windows: int = 16) -> tuple[str, Transform]:
-    """Return ``(method, transform)`` of a row name written by ``row_name``; ``seed``/``calib_windows`` fill in.
+    """Return ``(method, transform)`` of a row name written by ``row_name``; ``seed``/``calib_windows`` fill in
+    (a ``seed=N`` step in the name, with a rotation, takes the place of ``seed``).
 
     The method part is not looked up (``"fp32@hadamard"`` is a transformed
     float model); ``row_name(*parse_row(name))`` gives the canonical spelling.
@@ -95,6 +99,7 @@ def parse_row(name: str, *, seed: int = 0, calib_windows: int = 16) -> tuple[str
         raise InvalidArgumentError(f"row name {name!r}: expected METHOD or METHOD@TRANSFORM (e.g. llm.int8@hadamard)")
     smooth: float | None = None
     rotation: str | None = None
+    named_seed: int | None = None
     for step in spec.split("+") if spec else ():
         key, eq, value = step.partition("=")
         if key == "smooth" and eq and smooth is None:
@@ -102,11 +107,19 @@ def parse_row(name: str, *, seed: int = 0, calib_windows: int = 16) -> tuple[str
                 smooth = float(value)
             except ValueError:
                 raise InvalidArgumentError(f"row name {name!r}: smooth={value!r} is not a number") from None
+        elif key == "seed" and eq and named_seed is None:
+            try:
+                named_seed = int(value)
+            except ValueError:
+                raise InvalidArgumentError(f"row name {name!r}: seed={value!r} is not an integer") from None
         elif not eq and key in ROTATIONS and rotation is None:
             rotation = key
         else:
             raise InvalidArgumentError(
-                f"row name {name!r}: unknown or repeated step {step!r}; steps are smooth=ALPHA and one of "
-                f"{', '.join(ROTATIONS)}, joined by '+'"
+                f"row name {name!r}: unknown or repeated step {step!r}; steps are smooth=ALPHA, one of "
+                f"{', '.join(ROTATIONS)} and its seed=N, joined by '+'"
             )
+    if named_seed is not None and rotation is None:
+        raise InvalidArgumentError(f"row name {name!r}: seed=N is the rotation's; name a rotation with it")
+    seed = seed if named_seed is None else named_seed
     return method, Transform(smooth, rotation, seed=seed, calib_windows=calib_windows)

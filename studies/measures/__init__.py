@@ -170,6 +170,6 @@ def split_result(measure: Measure, result: dict[str, Any]) -> tuple[dict[str, An
 
 
 # registered on import, in this order: the report's order
-BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache", "range", "sensitivity")
+BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache", "kv_quant", "range", "sensitivity")
 for _module in BUILTIN:
     import_module(f"{__name__}.{_module}")

@@ -17,7 +17,9 @@ reference runs once per study. Per-token NLLs are stored beside each row.
 float model before quantizing (``outliers.quant.transforms``: SmoothQuant
 smoothing, Hadamard rotation): a transformed cell's method is a row name,
 ``"llm.int8@smooth=0.5"`` (``row_name``), and its reference is still the
-untransformed float model. A worker calibrates each transform once for all
+untransformed float model. ``seeds`` crosses each rotation with its
+random-sign seeds (``"llm.int8@hadamard+seed=3"``; seed 0, the only one
+without ``seeds``, keeps its name and fingerprint). A worker calibrates each transform once for all
 of its cells and holds one transformed copy at a time. Every cell of a
 decomposing method records the share of input columns sent through the
 float matmul (``float_columns_pct``, ``outliers.quant.decomposed``).
@@ -52,6 +54,7 @@ SETTINGS = (
     # None, not (): a study without them writes neither key to study.json, as before they existed
     Setting("alphas", (list,), None, items=(int, float), convert=floats),
     Setting("rotations", (list,), None, items=(str,)),
+    Setting("seeds", (list,), None, items=(int,)),  # the rotations' random signs; None: seed 0 alone
 )
 
 
@@ -74,7 +77,9 @@ def validate(cfg: StudyConfig) -> None:
 
 
 def _validate_transforms(cfg: StudyConfig) -> None:
-    alphas, rotations = cfg.alphas or (), cfg.rotations or ()
+    alphas, rotations, seeds = cfg.alphas or (), cfg.rotations or (), cfg.seeds
+    if seeds is not None and not (seeds and rotations):
+        raise InvalidArgumentError("seeds are the rotations' random signs: give rotations, and at least one seed")
     given = [k for k, v in (("alphas", alphas), ("rotations", rotations)) if v]
     if not given:
         return
@@ -86,7 +91,7 @@ def _validate_transforms(cfg: StudyConfig) -> None:
         raise InvalidArgumentError(f"alphas (smoothing strengths) must be in [0, 1], got {bad}")
     if bad_r := [r for r in rotations if r not in ROTATIONS]:
         raise InvalidArgumentError(f"unknown rotation(s) {bad_r} in rotations; choose from {', '.join(ROTATIONS)}")
-    for key, values in (("alphas", alphas), ("rotations", rotations)):
+    for key, values in (("alphas", alphas), ("rotations", rotations), ("seeds", seeds or ())):
         if twice := sorted({v for v in values if values.count(v) > 1}):
             raise InvalidArgumentError(f"{key} lists {twice} more than once")
     # every registered method takes every transform: both act on the float model before quantize_model, which
@@ -102,7 +107,7 @@ def cells(cfg: StudyConfig) -> list[dict[str, Any]]:
             if own and transform:  # a row named with its own transform is not crossed with others
                 continue
             ts = cfg.thresholds if METHODS[method].decomposition else (0.0,)
-            out += [{"method": row_name(method, own or transform), "threshold": t} for t in ts]
+            out += [{"method": row_name(method, own or transform, seed=True), "threshold": t} for t in ts]
     # a row listed by name and also made by alphas/rotations is one cell, not two
     return list({(c["method"], c["threshold"]): c for c in out}.values())
 

@@ -36,16 +36,24 @@ __all__ = [
     "transform_tables",
     "transform_curves",
     "transform_section",
+    "transform_label",
+    "seed_table",
 ]
 
 
 def transforms(cfg: StudyConfig) -> list[Transform]:
-    """The transforms the grid crosses methods with: none, smoothing at each alpha, each rotation."""
+    """The transforms the grid crosses methods with: none, smoothing at each alpha, each rotation with each
+    of ``seeds`` (None: seed 0 alone)."""
     return [
         Transform(),
         *(Transform(smooth=a) for a in cfg.alphas or ()),
-        *(Transform(rotate=r) for r in cfg.rotations or ()),
+        *(Transform(rotate=r, seed=s) for r in cfg.rotations or () for s in cfg.seeds or (0,)),
     ]
+
+
+def transform_label(t: Transform) -> str:
+    """A transform's label with its rotation's seed where that is not 0 (``"hadamard seed 3"``)."""
+    return t.label + (f" seed {t.seed}" if t.rotate and t.seed else "")
 
 
 def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -62,7 +70,7 @@ def ppl_rows(df: pd.DataFrame) -> pd.DataFrame:
 def _untransformed(ppl: pd.DataFrame, listed: tuple[str, ...] = ()) -> pd.DataFrame:
     """The Table-1 layout's rows: those without a transform (a plain method name, ``row_name``) and those the
     study's ``methods`` name with theirs (``"absmax-vector@smooth=0.5"``)."""
-    canonical = {row_name(*parse_row(m)) for m in listed}  # "smooth=0.50" names the row "smooth=0.5"
+    canonical = {row_name(*parse_row(m), seed=True) for m in listed}  # "smooth=0.50" names the row "smooth=0.5"
     return ppl[~ppl.method.str.contains("@", regex=False) | ppl.method.isin(canonical)]
 
 
@@ -73,7 +81,7 @@ def _base(name: str) -> str:
 def row_label(name: str) -> str:
     """A row's report label: its method's, and the transform before it (``"... after smooth 0.5"``)."""
     method, transform = parse_row(name)
-    return label(method) + (f" after {transform.label}" if transform else "")
+    return label(method) + (f" after {transform_label(transform)}" if transform else "")
 
 
 def perplexity_table(df: pd.DataFrame, threshold: float, listed: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -232,7 +240,7 @@ def _by_transform(ppl: pd.DataFrame) -> pd.DataFrame:
     parsed = rows.method.map(parse_row)
     return rows.assign(
         base=parsed.map(lambda p: p[0]),
-        transform_label=parsed.map(lambda p: p[1].label),
+        transform_label=parsed.map(lambda p: transform_label(p[1])),
         line=rows.method.map(row_label),
         float_columns_pct=rows.result.map(lambda r: r.get("float_columns_pct", math.nan)),
     )
@@ -244,7 +252,7 @@ def transform_tables(ppl: pd.DataFrame, cfg: StudyConfig) -> tuple[pd.DataFrame,
     import pandas as pd
 
     rows = _by_transform(ppl)
-    heads = {t.label: f"after {t.label}" if t else "no transform" for t in transforms(cfg)}
+    heads = {transform_label(t): f"after {transform_label(t)}" if t else "no transform" for t in transforms(cfg)}
     several = len(cfg.corpora) > 1
     delta, share = [], []
     for (model, corpus), at in rows.groupby(["model", "corpus"], sort=False):
@@ -303,7 +311,8 @@ def transform_section(ppl: pd.DataFrame, cfg: StudyConfig) -> list:
         if cfg.alphas
         else []
     )
-    applied += [f"a randomized Hadamard rotation (seed {default.seed})"] if cfg.rotations else []
+    seeds = ", ".join(str(s) for s in cfg.seeds or (default.seed,))
+    applied += [f"a randomized Hadamard rotation (seed{'s' if cfg.seeds else ''} {seeds})"] if cfg.rotations else []
     parts: list = [
         "## Smoothing and rotation vs decomposition",
         "",
@@ -332,7 +341,49 @@ def transform_section(ppl: pd.DataFrame, cfg: StudyConfig) -> list:
             Table(share, "transforms_float_columns", ".2f"),
             "",
         ]
+    if cfg.seeds and len(cfg.seeds) > 1 and len(spread := seed_table(ppl)):
+        parts += [
+            "### Spread over rotation seeds",
+            "",
+            f"Per method and rotation, over its {len(cfg.seeds)} random-sign seeds: the mean KL divergence "
+            "from the fp32 model (nats per token) and the perplexity change (%), with the standard deviation, "
+            "minimum and maximum across seeds and a 95 % t interval for the mean over seeds.",
+            "",
+            Table(spread, "transforms_seeds", ".4f"),
+            "",
+        ]
     rows = _by_transform(ppl)
     if rows[rows.base.map(lambda m: METHODS[m].decomposition)].threshold.nunique() > 1:
         parts += [Image(transform_curves(ppl), "transform_curves.png", "transform curves"), ""]
     return parts
+
+
+def seed_table(ppl: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, corpus, method, threshold, rotation) with more than one seed: KL vs fp32 and the perplexity
+    change over the seeds (n, mean, sd, min, max, and the mean's 95 % t interval)."""
+    import pandas as pd
+    from scipy import stats
+
+    rows = _by_transform(ppl)
+    parsed = rows.method.map(parse_row)
+    rows = rows.assign(
+        rotate=parsed.map(lambda p: p[1].rotate),
+        smooth=parsed.map(lambda p: p[1].smooth),
+        seed=parsed.map(lambda p: p[1].seed),
+    )
+    rows = rows[rows.rotate.notna() & rows.smooth.isna()]
+    out = []
+    for (model, corpus, base, threshold, rotate), g in rows.groupby(
+        ["model", "corpus", "base", "threshold", "rotate"], sort=False
+    ):
+        if g.seed.nunique() < 2:
+            continue
+        row = {"model": model, "corpus": corpus, "method": label(base), "threshold": f"{threshold:g}"}
+        row |= {"rotation": rotate, "seeds": g.seed.nunique()}
+        for col, name in (("kl_vs_ref", "KL"), ("delta_ppl_pct", "Δppl %")):
+            v = g[col].astype(float)
+            half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+            row |= {f"{name} mean": v.mean(), f"{name} sd": v.std(ddof=1), f"{name} min": v.min()}
+            row |= {f"{name} max": v.max(), f"{name} mean 95% t": f"[{v.mean() - half:.4g}, {v.mean() + half:.4g}]"}
+        out.append(row)
+    return pd.DataFrame(out)
