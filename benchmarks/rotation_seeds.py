@@ -18,11 +18,8 @@ columns together, which every symmetric quantizer undoes, and every seed gave th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,6 +28,7 @@ from outliers.threads import configure_threads
 configure_threads()  # before torch loads, as the CLI does
 
 import numpy as np  # noqa: E402
+from results_page import run_and_write  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from outliers.data.corpus import encode_corpus, load_corpus  # noqa: E402
@@ -112,44 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--write", metavar="PATH", help="also write the printed tables to this markdown page")
     args = p.parse_args(argv)
-    if not args.write:
-        return measure(args)
-    buffer, terminal = io.StringIO(), sys.stdout
-
-    class Tee(io.StringIO):
-        def write(self, s: str) -> int:
-            terminal.write(s)
-            return buffer.write(s)
-
-    with contextlib.redirect_stdout(Tee()):
-        code = measure(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/rotation_seeds.py", *(a for a in argv if a not in ("--write", args.write))])
-    lines = [line[2:] if line.startswith("# ") else line for line in buffer.getvalue().splitlines()]
-    page = (
-        "# Rotation seeds, measured\n\n"
-        f"Written by `{command}` at commit {commit or 'unknown'} on {time.strftime('%Y-%m-%d')}. "
+    return run_and_write(
+        measure,
+        args,
+        argv,
+        "rotation_seeds.py",
+        "Rotation seeds, measured",
         "What the seed is and how to cross seeds in a study: [Microscaling and NVFP4](formats.md#rotation-seeds). "
-        "The model is a 4-bit GGUF dequantized to float32.\n\n" + "\n\n".join(_paragraphs(lines)) + "\n"
+        "The model is a 4-bit GGUF dequantized to float32.",
     )
-    from outliers.cache import atomic_write
-
-    atomic_write(args.write, page)
-    return code
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    """Table lines together, every other line its own paragraph."""
-    out: list[str] = []
-    for line in lines:
-        if not line:
-            continue
-        if line.startswith("|") and out and out[-1].startswith("|"):
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ configure_threads()  # before torch loads, as the CLI does
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from results_page import run_and_write  # noqa: E402
 
 from outliers.analysis.sensitivity import sensitivity  # noqa: E402
 from outliers.data.corpus import encode_corpus, load_corpus  # noqa: E402
@@ -156,43 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds, each sweep once, in alternating order")
     p.add_argument("--write", metavar="PATH", help="also write the printed table to this markdown page")
     args = p.parse_args(argv)
-    if not args.write:
-        return measure(args)
-    buffer, terminal = io.StringIO(), sys.stdout
-
-    class Tee(io.StringIO):
-        def write(self, s: str) -> int:
-            terminal.write(s)
-            return buffer.write(s)
-
-    with contextlib.redirect_stdout(Tee()):
-        code = measure(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    command = " ".join(["python benchmarks/sensitivity_sweep.py", *(a for a in (argv or sys.argv[1:]))])
-    lines = [line[2:] if line.startswith("# ") else line for line in buffer.getvalue().splitlines()]
-    page = (
-        "# Sensitivity sweep cost, measured\n\n"
-        f"Written by `{command}` at commit {commit or 'unknown'} on {time.strftime('%Y-%m-%d')}. "
+    return run_and_write(
+        measure,
+        args,
+        argv,
+        "sensitivity_sweep.py",
+        "Sensitivity sweep cost, measured",
         "The model is a 4-bit GGUF dequantized to float32. Timings on a shared machine swing 2-5x; "
-        "the ratio is measured within one run.\n\n" + "\n\n".join(_paragraphs(lines)) + "\n"
+        "the ratio is measured within one run.",
     )
-    from outliers.cache import atomic_write
-
-    atomic_write(args.write, page)
-    return code
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    """Table lines together, every other line its own paragraph."""
-    out: list[str] = []
-    for line in lines:
-        if not line:
-            continue
-        if line.startswith("|") and out and out[-1].startswith("|"):
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
 
 
 if __name__ == "__main__":
