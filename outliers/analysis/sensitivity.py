@@ -316,9 +316,13 @@ def _hidden(split: SplitLM, x: torch.Tensor, keep: int) -> torch.Tensor:
 
 @dataclass
 class _Ref:
-    """The reference's log-probs for one batch, chunk by chunk as ``perplexity`` makes them, and its NLLs."""
+    """The reference's log-probs for one batch, chunk by chunk as ``perplexity`` makes them, and its NLLs.
 
-    chunks: list[list[tuple[int, int, torch.Tensor]]]
+    Each chunk also keeps what every unit would otherwise recompute from it: its probabilities
+    ``exp(log p)`` and its top-1 tokens (twice the log-probs' memory, one exp per chunk instead of one
+    per unit)."""
+
+    chunks: list[list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]]
     nll: list[float]
 
 
@@ -337,7 +341,7 @@ def _reference(split: SplitLM, states: torch.Tensor, x: torch.Tensor, batch: lis
     ref = _Ref([[] for _ in batch], [0.0] * len(batch))
     for row, p, stop in _chunks(batch, length, prefix, _step(split, states)):
         lr = torch.log_softmax(split.logits(states[row, p - offset : stop - offset]), dim=-1)
-        ref.chunks[row].append((p, stop, lr))
+        ref.chunks[row].append((p, stop, lr, lr.exp(), lr.argmax(-1)))
         ref.nll[row] += float(-lr.gather(-1, x[row, p + 1 : stop + 1, None]).double().sum())
     return ref
 
@@ -350,17 +354,26 @@ def _step(split: SplitLM, states: torch.Tensor) -> int:
 def _against(
     split: SplitLM, states: torch.Tensor, ref: _Ref, x: torch.Tensor
 ) -> tuple[list[float], list[float], list[int]]:
-    """Per window: the NLL sum, the KL(P_ref || P) sum and the top-1 matches, with ``perplexity``'s arithmetic."""
+    """Per window: the NLL sum, the KL(P_ref || P) sum and the top-1 matches, with ``perplexity``'s arithmetic.
+
+    The KL is ``(exp(lr) * (lr - lq)).sum(-1)`` element for element as ``perplexity`` computes it, so the
+    sums are bit-identical; it is made in one reused buffer, with the reference's probabilities and top-1
+    stored, because fresh chunk-sized temporaries cost more than the arithmetic."""
     length, keep = x.shape[1], states.shape[1]
     offset = length - keep
     nll, kl, top1 = [], [], []
+    buf: torch.Tensor | None = None
     for row, chunks in enumerate(ref.chunks):
         n, k, t = 0.0, 0.0, 0
-        for p, stop, lr in chunks:
+        for p, stop, lr, pr, top_r in chunks:
             lq = torch.log_softmax(split.logits(states[row, p - offset : stop - offset]), dim=-1)
             n += float(-lq.gather(-1, x[row, p + 1 : stop + 1, None]).double().sum())
-            k += float((lr.exp() * (lr - lq)).sum(-1).double().sum())
-            t += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            if buf is None or buf.numel() < lr.numel():
+                buf = torch.empty(lr.numel(), dtype=lr.dtype)
+            diff = buf[: lr.numel()].view(lr.shape)
+            torch.sub(lr, lq, out=diff)
+            k += float(diff.mul_(pr).sum(-1).double().sum())
+            t += int((top_r == lq.argmax(-1)).sum())
         nll.append(n)
         kl.append(k)
         top1.append(t)
