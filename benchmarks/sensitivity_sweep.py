@@ -53,6 +53,26 @@ def _cpu() -> str:
     return f"{name}; {', '.join(shown) or 'no AVX2'}; {torch.get_num_threads()} torch threads"
 
 
+def flop_floor(model, window: int) -> tuple[float, float] | None:
+    """The least the replayed sweep can cost against each naive one, by counting matmul FLOPs (per block unit).
+
+    Any exact sweep still runs blocks b..L-1 and the output head over the whole vocabulary for the unit that
+    starts at block b; the naive one runs all L blocks per unit, and the per-row one also remakes the
+    reference's logits per unit. Per token a block costs 2 x its linear weights plus 2 x window x hidden for
+    causal attention, the head 2 x vocabulary x hidden; the reference forward made once per batch is counted
+    in every sweep. Returns (against naive, against per-row), or None where the config does not say."""
+    cfg = getattr(model, "config", None)
+    layers, hidden, vocab = (getattr(cfg, k, None) for k in ("num_hidden_layers", "hidden_size", "vocab_size"))
+    if not (layers and hidden and vocab):
+        return None
+    block_w = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n and p.dim() == 2)
+    block, head = 2 * block_w + 2 * window * hidden, 2 * vocab * hidden
+    ref = layers * block + head
+    replay = sum(layers - b for b in range(layers)) * block + layers * head + ref
+    naive = layers * layers * block + layers * head + ref
+    return replay / naive, replay / (naive + layers * head)
+
+
 def per_row_sweep(model, ids, settings, method: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
     """The sweep as ``outliers eval`` scores rows: one ``perplexity`` call per unit, a full forward of the model
     with that unit quantized, against the float model's kept final states (its head and log-softmax then run
@@ -139,6 +159,12 @@ def measure(args: argparse.Namespace) -> int:
         f"sweep that already shares the reference's log-probs {ratios['naive']:.3f} "
         f"({'met' if ratios['naive'] <= TARGET else 'NOT met'})"
     )
+    floor = flop_floor(model, args.window) if args.unit == "block" else None
+    if floor is not None:
+        print(
+            f"# the floor for any exact replay, by matmul FLOPs (the head over the whole vocabulary runs once per "
+            f"unit whatever is replayed): {floor[0]:.3f} of the naive sweep, {floor[1]:.3f} of the per-row one"
+        )
     print(f"# {whole}")
     return 0 if same_naive and same_row else 1
 
