@@ -90,7 +90,8 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"wrote {write_report(args.dir)}")
+    report = write_report(args.dir)
+    print(f"wrote {report} and {report.with_suffix('.html')}")
     return 0
 
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_status)
-    p = sub.add_parser("report", help="tables, figures and report.md for a study folder")
+    p = sub.add_parser("report", help="tables, figures, report.md and report.html for a study folder")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_report)
     return parser

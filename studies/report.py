@@ -1,4 +1,4 @@
-"""Turn a study's store into tables (CSV, Markdown), figures (PNG) and ``report.md``.
+"""Turn a study's store into tables (CSV, Markdown), figures (PNG), ``report.md`` and ``report.html``.
 
 Every table is built from what the study's grid holds, and only from
 *current* rows (the fingerprint the grid asks for now;
@@ -6,7 +6,8 @@ Every table is built from what the study's grid holds, and only from
 is a header (counts, weights' provenance, corpora), then each measure's
 sections in registration order (``studies.measures``: a measure the study
 does not take says so, a layout the grid cannot fill says so), the failed
-cells, and the settings.
+cells, and the settings. ``report.html`` is the same blocks as one self-contained page
+(``outliers.html_page``): the figures embedded, a table of contents, tables that sort.
 """
 
 from __future__ import annotations
@@ -157,17 +158,21 @@ def summary(folder: str | Path) -> StudySummary:
     return StudySummary(cfg, df, counts, tuple(tables), errors[["model", "method", "threshold", "error"]])
 
 
-def _provenance_lines(df: pd.DataFrame) -> list[str]:
-    lines = []
+def _weights(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(model, where its weights came from)`` for each model with a current row."""
+    out = []
     for model, rows in df.groupby("model", sort=False):
         p = rows.provenance.iloc[-1] or {}
         sha = (p.get("weights_sha256") or "")[:12]
-        lines.append(
-            f"- `{model}`: {p.get('weights', 'weights of unknown provenance')}"
-            + (f" (SHA-256 {sha})" if sha else "")
-            + (f", revision {p['revision']}" if p.get("revision") else "")
+        out.append(
+            (
+                str(model),
+                f"{p.get('weights', 'weights of unknown provenance')}"
+                + (f" (SHA-256 {sha})" if sha else "")
+                + (f", revision {p['revision']}" if p.get("revision") else ""),
+            )
         )
-    return lines
+    return out
 
 
 def _render(block, folder: Path) -> str | None:
@@ -189,13 +194,75 @@ def _render(block, folder: Path) -> str | None:
     return block
 
 
+def _page_blocks(blocks: list, folder: Path) -> tuple[list, list]:
+    """The report's blocks as a page's (``outliers.html_page``): ``(summary, sections)``.
+
+    The same blocks as ``report.md``: a ``## `` or ``### `` line opens a section or subsection; ``- `` lines
+    make a list, a fenced block a preformatted one, other lines paragraphs; tables and figures are the
+    ones written beside the report (figures embedded from their PNG). Blocks before the first heading are
+    the summary.
+    """
+    from outliers import html_page as page
+
+    from .measures import Image, Table
+
+    summary: list = []
+    sections: list[tuple[str, int, list]] = []
+    into: list = summary  # the blocks of the section being read
+    bullets: list[str] = []
+    code: list[str] | None = None  # inside a fenced block: its lines
+
+    def flush() -> None:
+        if bullets:
+            into.append(page.Bullets(tuple(bullets)))
+            bullets.clear()
+
+    for block in blocks:
+        if isinstance(block, Table | Image):
+            flush()
+            if isinstance(block, Image):
+                into.append(page.Figure(folder / block.file, block.alt))
+            elif not block.csv_only:
+                into.append(page.Table(block.frame, floatfmt=block.floatfmt))
+            continue
+        for line in str(block).split("\n"):
+            if code is not None:
+                if line.startswith("```"):
+                    into.append(page.Code("\n".join(code)))
+                    code = None
+                else:
+                    code.append(line)
+            elif line.startswith("```"):
+                flush()
+                code = []
+            elif line.startswith(("## ", "### ")):
+                flush()
+                level, title = line.split(" ", 1)
+                sections.append((title, len(level), []))
+                into = sections[-1][2]
+            elif line.startswith("- "):
+                bullets.append(line[2:])
+            else:
+                flush()
+                if line.strip() and not line.startswith("# "):
+                    into.append(line)
+    flush()
+    return summary, [page.Section(title, tuple(body), level=level) for title, level, body in sections]
+
+
 def write_report(folder: str | Path) -> Path:
-    """Write tables (CSV + Markdown), figures and ``report.md`` into ``folder``; return the report path."""
+    """Write tables (CSV + Markdown), figures, ``report.md`` and ``report.html`` into ``folder``.
+
+    Both reports are made from the same blocks: ``report.html`` is one self-contained page
+    (``outliers.html_page``) with a table of contents, sortable tables and the figures embedded.
+    Returns the path of ``report.md``.
+    """
     import torch
     import transformers
 
     import outliers
     from outliers.cache import atomic_write
+    from outliers.html_page import write_page
 
     from .measures import MEASURES
 
@@ -203,7 +270,7 @@ def write_report(folder: str | Path) -> Path:
     cfg, planned, frame = _load(folder)
     df, counts = _current(planned, frame)
     failed = frame[frame.status == "failed"]
-    parts = [
+    head = [
         f"# Study: {cfg.name}",
         "",
         cfg.description,
@@ -213,56 +280,77 @@ def write_report(folder: str | Path) -> Path:
         "",
     ]
     if counts["stale"]:
-        parts += [
+        head += [
             f"{counts['stale']} cell(s) were computed from other inputs (corpus text, weights or settings "
             "changed) and are left out; `studies run` recomputes them.",
             "",
         ]
     if counts["older"]:
-        parts += [
+        head += [
             f"{counts['older']} current cell(s) were computed by another commit of the code "
             "(`studies status -v` lists them; `studies run --recompute-older` redoes them).",
             "",
         ]
+    weights = _weights(df)
+    corpora = ""
     if len(df):
         # the hash each row recorded when it ran (the plan has checked it is still the corpus' hash)
         hashes = {r.corpus: (r.provenance or {}).get("corpus_sha256") or "unknown" for r in df.itertuples()}
         corpora = ", ".join(f"`{c}` (SHA-256 {sha[:12]})" for c, sha in hashes.items())
-        parts += [
-            "Weights (every number below was measured on these):",
-            "",
-            *_provenance_lines(df),
-            "",
-            f"Corpora: {corpora}.",
-            "",
-        ]
+    commits = sorted(
+        {(c or "unknown")[:10] + ("+dirty" if d else "") for c, d in zip(df.commit_sha, df.dirty, strict=True)}
+    )
+    computed = f"outliers {outliers.__version__} (commit {', '.join(commits) or 'unknown'})"
+    reported = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {platform.machine()}"
+    )
 
+    body: list = []
     for measure in MEASURES.values():
         if measure.name in cfg.measure:
-            rendered = (_render(block, folder) for block in measure.report(df, cfg))
-            parts += [text for text in rendered if text is not None]
+            body += measure.report(df, cfg)
         elif measure.absent:
-            parts += [measure.absent, ""]
-
+            body += [measure.absent, ""]
     if len(failed):
-        parts += (
+        body += (
             ["## Failed cells", ""]
             + [f"- {r.model} {r.method} t={r.threshold}: {str(r.error).splitlines()[0]}" for r in failed.itertuples()]
             + [""]
         )
-    commits = sorted(
-        {(c or "unknown")[:10] + ("+dirty" if d else "") for c, d in zip(df.commit_sha, df.dirty, strict=True)}
-    )
-    parts += [
+    body += [
         "## Settings",
         "",
         "```json",
         json.dumps(as_tables(cfg), indent=1),
         "```",
         "",
-        f"Computed by outliers {outliers.__version__} (commit {', '.join(commits) or 'unknown'}); "
-        f"report by torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}.",
+        f"Computed by {computed}; report by {reported}.",
         "",
     ]
-    return atomic_write(folder / "report.md", "\n".join(parts))
+
+    provenance_md = []
+    if len(df):
+        provenance_md = [
+            "Weights (every number below was measured on these):",
+            "",
+            *[f"- `{model}`: {where}" for model, where in weights],
+            "",
+            f"Corpora: {corpora}.",
+            "",
+        ]
+    rendered = (_render(block, folder) for block in body)
+    report = atomic_write(
+        folder / "report.md", "\n".join(head + provenance_md + [t for t in rendered if t is not None])
+    )
+
+    summary, sections = _page_blocks(head + body, folder)
+    provenance = [
+        *[(f"weights of {model}", where) for model, where in weights],
+        ("corpora", corpora),
+        ("computed by", computed),
+        ("report by", reported),
+    ]
+    title = f"Study: {cfg.name}"
+    write_page(folder / "report.html", title, sections, summary=summary, provenance=provenance)
+    return report

