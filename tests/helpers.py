@@ -104,3 +104,70 @@ def planted_model(arch: str, dims=PLANTED, gain: float = 40.0) -> torch.nn.Modul
 def hook_count(model) -> int:
     """Forward and forward pre-hooks left on any module of ``model``: zero once every context manager has exited."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# The planted lifecycle (outliers.analysis.lifecycle): a super weight in block 1's down projection reads hidden unit
+# CHAIN["col"], which only the BOS token opens (through embedding dim CHAIN["gate"]), and writes residual dim
+# CHAIN["row"]: a massive activation on token 0. Head CHAIN["head"] of block 3 has a constant query (its q bias)
+# and a key that reads that dim, on the slowest RoPE pair, so it attends to token 0 whenever the activation is there.
+CHAIN = {"block": 1, "row": 5, "col": 9, "gate": 20, "sink_block": 3, "head": 1, "bos": 0}
+
+
+def planted_chain(seed: int = 0, super_weight: bool = True) -> torch.nn.Module:
+    """A 4-block Llama with the lifecycle planted (``CHAIN``); ``super_weight=False`` puts the massive activation in
+    the BOS embedding itself (no down projection makes it: no super weight, as in Gemma-3-270M)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config("llama", layers=4)
+    config.attention_bias = True
+    m = AutoModelForCausalLM.from_config(config).eval()
+    c, hd = CHAIN, config.hidden_size // config.num_attention_heads
+    layers = m.model.layers
+    with torch.no_grad():
+        for layer in layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, name).bias.zero_()
+        emb = m.model.embed_tokens.weight
+        emb[:, c["gate"]] = 0.0
+        mlp = layers[c["block"]].mlp
+        if super_weight:
+            emb[c["bos"], c["gate"]] = 1.0
+            for b in range(c["block"] + 1):  # nothing but the embedding writes the gate dim before block 1 reads it
+                layers[b].self_attn.o_proj.weight[c["gate"]] = 0.0
+                if b < c["block"]:
+                    layers[b].mlp.down_proj.weight[c["gate"]] = 0.0
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight[c["col"]] = 0.0
+                lin.weight[c["col"], c["gate"]] = 4.0
+            mlp.down_proj.weight[:, c["col"]] = 0.0
+            mlp.down_proj.weight[c["row"], c["col"]] = 50.0
+        else:
+            emb[c["bos"], c["row"]] = 3000.0
+        attn = layers[c["sink_block"]].self_attn
+        q = slice(c["head"] * hd, (c["head"] + 1) * hd)
+        kv = c["head"] // (config.num_attention_heads // config.num_key_value_heads)
+        slow = hd // 2 - 1  # the RoPE pair (slow, slow + hd/2) turns least over the window
+        attn.q_proj.weight[q] = 0.0
+        attn.q_proj.bias[c["head"] * hd + slow] = 10.0
+        attn.k_proj.weight[kv * hd + slow] = 0.0
+        attn.k_proj.weight[kv * hd + slow, c["row"]] = 1.0
+    return m
+
+
+def chain_ids(windows: int = 6, window: int = 48, seed: int = 0) -> torch.Tensor:
+    """Windows of random tokens (not the BOS), each starting with the BOS, as one sequence."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 384, (windows, window), generator=g)
+    x[:, 0] = CHAIN["bos"]
+    return x.reshape(-1)
+
+
+def save_planted_chain(folder, tokenizer) -> None:
+    """Save ``planted_chain()`` with ``tokenizer``, given the BOS that opens the chain (for ``--bos window``)."""
+    import copy
+
+    planted_chain().save_pretrained(folder)
+    tok = copy.deepcopy(tokenizer)
+    tok.bos_token = "<eos>"  # id CHAIN["bos"]
+    tok.save_pretrained(folder)

@@ -12,7 +12,11 @@
 ``ablate``       zeroing dims, and what it does to perplexity and attention
 ``sinks``        attention sinks: each head's mean attention to the first token, first-token norms
 ``superweights`` super weights: down-projection spikes per block, the weights behind them, ``zeroed``
-``superweight_effects``  perplexity with super weights zeroed, their activation restored, a control
+``superweight_effects``  perplexity with super weights zeroed, their activation restored, the controls
+``superweight_controls`` which weights each control zeroes (matched, paper, outside_massive, largest_down)
+``superweight_verdicts`` the controls' perplexities and the effect-based verdict: super_weight or spike
+``lifecycle``    the outlier lifecycle: super weight -> massive activation -> sinks -> key channels -> KL, by
+                 causal edits (``lifecycle_edits``) with paired intervals; ``lifecycle_plots`` its diagram
 ``weights``      weight outliers per linear: max |w|, kurtosis, beyond 6σ, int8 reconstruction errors
 ``kvcache``      key and value channels as projected and as cached (after RoPE and key norms); ``kvcache_capture``
                  its hooks and cache reading, ``kvcache_plots`` its figures

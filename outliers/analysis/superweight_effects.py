@@ -16,30 +16,55 @@ the original ``|output[t, r]|`` is at least ``restore_fraction`` (default
 are recorded during the original model's run, keyed by each window's token
 ids (a pre-hook on the input embeddings), so batching does not matter.
 Every weight edit is a context manager (``outliers.analysis.superweights.zeroed``).
+
+Given ``controls`` (``ControlSettings``), the control is not one but four
+(``outliers.analysis.superweight_controls``: ``matched`` over seeds,
+``paper``, ``outside_massive``, ``largest_down_{k}``), and every candidate
+gets a verdict, ``super_weight`` or ``spike``, from its own effect against
+the matched control (``outliers.analysis.superweight_verdicts``). Without
+them only ``largest_down_{control_k}`` runs, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from outliers.analysis.superweight_controls import ControlSettings, Place, largest_down_coords, zeroed_places
+from outliers.analysis.superweight_verdicts import (
+    FAIR_CONTROL,
+    FAIR_WHY,
+    ControlRun,
+    Verdict,
+    controls_frame,
+    largest_control,
+    run_controls,
+    verdicts,
+    verdicts_frame,
+)
 from outliers.analysis.superweights import Coord, SuperWeight, down_projections, zeroed
-from outliers.arch.linear import weight_of
 from outliers.display import fmt_interval, named, render_html
 from outliers.errors import InvalidArgumentError
 from outliers.eval.perplexity import PerplexityResult, PerplexitySettings, perplexity
 
-__all__ = ["SuperWeightEffects", "super_weight_effects", "control_coords"]
+__all__ = ["SuperWeightEffects", "super_weight_effects", "control_coords", "ControlSettings", "row_hooks"]
+VERDICT_RULE = (
+    "super_weight: zeroing it moves perplexity by >= min_effect and the lower end of that change's paired 95 % "
+    "interval exceeds every matched seed's change; otherwise spike"
+)
 
 
 @dataclass(frozen=True)
 class SuperWeightEffects:
-    """The four perplexities; ``zeroed`` and ``restored`` are None when no super weight was given."""
+    """The perplexities; ``zeroed`` and ``restored`` are None when no super weight was given. ``control`` is
+    ``largest_down_{control_k}``'s, ``controls`` every control run, ``verdicts`` one per candidate (with
+    ``settings`` only), ``seconds`` the wall time of each part and ``n_runs`` the perplexities run."""
 
     original: PerplexityResult
     zeroed: PerplexityResult | None
@@ -48,9 +73,15 @@ class SuperWeightEffects:
     control_k: int
     restore_fraction: float
     restored_positions: int  # (window, row) positions written back, over the windows
+    controls: tuple[ControlRun, ...] = ()
+    verdicts: tuple[Verdict, ...] = ()
+    settings: ControlSettings | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    n_runs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """``ppl``, ``ppl_ci95`` and, per edit, ``ppl_X``, ``ppl_X_ci95``, ``delta_ppl_pct_X`` (+ ``_ci95``)."""
+        """``ppl``, ``ppl_ci95`` and, per edit, ``ppl_X``, ``ppl_X_ci95``, ``delta_ppl_pct_X`` (+ ``_ci95``);
+        ``controls``; with ``settings`` also ``super_weights`` with their ``verdict`` and the rule."""
         d: dict[str, Any] = {
             "ppl": self.original.ppl,
             "ppl_ci95": list(self.original.ppl_ci95),
@@ -63,57 +94,42 @@ class SuperWeightEffects:
             d[f"delta_ppl_pct_{name}"] = r.delta_ppl_pct if r else None
             ci = r.delta_ppl_pct_ci95 if r else None
             d[f"delta_ppl_pct_{name}_ci95"] = list(ci) if ci else None
-        return d | {
+        d |= {
             "control_k": self.control_k,
             "restore_fraction": self.restore_fraction,
             "restored_positions": self.restored_positions,
+            "controls": [c.to_dict() for c in self.controls],
+            "seconds": self.seconds,
+            "n_perplexity_runs": self.n_runs,
         }
+        if self.settings is not None:
+            d |= {
+                "super_weights": [v.to_dict() for v in self.verdicts],
+                "n_super_weights": sum(v.verdict == "super_weight" for v in self.verdicts),
+                "verdict_rule": VERDICT_RULE,
+                "min_effect": self.settings.min_effect,
+                "seeds": self.settings.seeds,
+                "per_weight": self.settings.per_weight,
+                "fair_control": FAIR_CONTROL,
+                "fair_control_why": FAIR_WHY,
+            }
+        return d
 
     def _repr_html_(self) -> str:
         return superweight_effects_html(self)
 
 
 def control_coords(model: nn.Module, exclude: list[Coord], k: int) -> list[Coord]:
-    """The ``k`` largest-|w| weights over every block's down projection, those at ``exclude`` left out.
-
-    Ties (common in weights dequantized from a 4-bit GGUF) go to the earlier (block, row, col). One down
-    projection is read at a time: each gives its candidates, every weight at least as large as its own
-    k-th largest, and the k largest of those are the k largest overall. Concatenating every |w| and
-    taking one top-k held ~3x the down projections' bytes at once (7.7 GB for Qwen2.5-Coder-1.5B).
+    """The ``k`` largest-|w| other down-projection weights (``superweight_controls.largest_down_coords``).
 
     Raises:
         InvalidArgumentError: k < 0 or more than the other weights.
     """
-    downs = down_projections(model)
-    total = sum(weight_of(m).numel() for _, m in downs)
-    if not 0 <= k <= total - len(exclude):
-        raise InvalidArgumentError(f"control_k must be in [0, {total - len(exclude)}], got {k}")
-    if k == 0:
-        return []
-    values, where = [], []  # candidates' |w| and (layer, flat index), in (block, row, col) order
-    for i, (b, m) in enumerate(downs):
-        mag = weight_of(m).detach().abs().float().flatten().cpu()
-        cols = weight_of(m).shape[1]
-        for eb, r, c in exclude:
-            if eb == b:
-                mag[r * cols + c] = -1.0
-        kth = torch.topk(mag, min(k, len(mag))).values[-1]
-        idx = torch.nonzero(mag >= kth).view(-1)  # every tie of the k-th largest: the rule decides among them
-        values.append(mag[idx])
-        where.append(torch.stack([torch.full_like(idx, i), idx], 1))
-        del mag
-    cand, pos = torch.cat(values), torch.cat(where)
-    order = torch.sort(cand, descending=True, stable=True).indices[:k]  # stable: ties keep (block, row, col) order
-    out = []
-    for i, flat in pos[order].tolist():
-        b, m = downs[i]
-        r, c = divmod(flat, weight_of(m).shape[1])
-        out.append((b, r, c))
-    return out
+    return largest_down_coords(model, exclude, k)
 
 
 @contextmanager
-def _row_hooks(model: nn.Module, rows: dict[int, list[int]], store: dict, fraction: float | None) -> Iterator[None]:
+def row_hooks(model: nn.Module, rows: dict[int, list[int]], store: dict, fraction: float | None) -> Iterator[None]:
     """``fraction`` None: record each window's down-projection outputs at ``rows[block]`` into ``store``;
     otherwise write them back where the original |value| >= fraction x the row's max in the window."""
     downs = dict(down_projections(model))
@@ -159,13 +175,16 @@ def super_weight_effects(
     batch_size: int = 4,
     control_k: int = 7000,
     restore_fraction: float = 0.5,
+    controls: ControlSettings | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
 ) -> SuperWeightEffects:
     """Score the original model, the super weights zeroed, zeroed with the super activation restored, and the
     ``control_k`` largest other down-projection weights zeroed, on the first ``max_windows`` chunks of
-    ``window`` tokens. The model is unchanged on return, whatever happens. ``meta`` (``model``, ``corpus``)
-    names the model and corpus in the four results.
+    ``window`` tokens. Given ``controls``, also the matched (one perplexity per seed), paper and
+    outside-massive controls, each candidate zeroed alone where there are several (``per_weight``), and the
+    verdicts; ``controls.largest_k`` then replaces ``control_k``. The model is unchanged on return, whatever
+    happens. ``meta`` (``model``, ``corpus``) names the model and corpus in the results.
 
     Raises:
         InvalidArgumentError: restore_fraction outside (0, 1], a bad control_k, a family without ``down``.
@@ -173,8 +192,10 @@ def super_weight_effects(
     """
     if not 0 < restore_fraction <= 1:
         raise InvalidArgumentError(f"restore_fraction must be in (0, 1], got {restore_fraction!r}")
+    if controls is not None:
+        control_k = controls.largest_k
     coords = [w.coord for w in weights]
-    control = control_coords(model, coords, control_k)
+    largest_down_coords(model, coords, control_k)  # a bad k is refused before any perplexity
     rows: dict[int, list[int]] = {}
     for b, r, _ in coords:
         if r not in rows.setdefault(b, []):
@@ -184,27 +205,58 @@ def super_weight_effects(
     kw |= {"model_name": (meta or {}).get("model"), "corpus_name": (meta or {}).get("corpus", "")}
     states: dict = {}  # the original model's final states per batch: every edit is paired against them
     store: dict = {}
-    with _row_hooks(model, rows, store, None):
-        original = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
+    seconds: dict[str, float] = {}
+    runs = [0]
+
+    def paired(part: str) -> PerplexityResult:
+        start = time.perf_counter()
+        r = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
+        runs[0] += 1
+        return r
+
+    def score(places: Sequence[Place]) -> PerplexityResult:
+        with zeroed_places(model, places):
+            return paired("edits")
+
+    with row_hooks(model, rows, store, None):
+        original = paired("original")  # its own forward and the reference's: the states every edit reuses
     zero = restored = None
     if coords:
         with zeroed(model, coords):
-            zero = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
+            zero = paired("zeroed")
         with ExitStack() as stack:
             stack.enter_context(zeroed(model, coords))
-            stack.enter_context(_row_hooks(model, rows, store, restore_fraction))
-            restored = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
-    with zeroed(model, control):
-        ctrl = perplexity(model, ids, settings, reference=model, reference_states=states, **kw)
+            stack.enter_context(row_hooks(model, rows, store, restore_fraction))
+            restored = paired("restored")
+    judged: tuple[Verdict, ...] = ()
+    if controls is None:
+        runs_of: tuple[ControlRun, ...] = (largest_control(model, weights, control_k, score),)
+    else:
+        runs_of = run_controls(model, weights, controls, score)
+        judged, seconds["candidates_alone"] = verdicts(weights, zero, runs_of[0], controls, score, model)
+    seconds.pop("edits", None)  # told per control instead
+    seconds |= {c.name: c.seconds for c in runs_of}
+    seconds["total"] = sum(seconds.values())
     return SuperWeightEffects(
         original=original,
         zeroed=zero,
         restored=restored,
-        control=ctrl,
+        control=_result(runs_of[-1]),
         control_k=control_k,
         restore_fraction=float(restore_fraction),
         restored_positions=store.get("written", [0])[0],
+        controls=runs_of,
+        verdicts=judged,
+        settings=controls,
+        seconds=seconds,
+        n_runs=runs[0],
     )
+
+
+def _result(run: ControlRun) -> PerplexityResult:
+    assert run.result is not None  # largest_down always runs
+    return run.result
 
 
 def superweight_effects_html(e: SuperWeightEffects) -> str:
@@ -235,6 +287,22 @@ def superweight_effects_html(e: SuperWeightEffects) -> str:
         ("dtype", o.dtype),
         ("restore fraction", f"{e.restore_fraction:g}"),
         ("restored positions", e.restored_positions),
+        ("seeds", e.settings.seeds if e.settings else None),
+        ("min effect", f"{e.settings.min_effect:g} %" if e.settings else None),
     ]
-    note = "perplexity with its 95 % interval; the edits' change paired against the original on the same windows"
-    return render_html(named("Super-weight effects", o.model), rows, settings, notes=[note])
+    notes = ["perplexity with its 95 % interval; the edits' change paired against the original on the same windows"]
+    tables = []
+    if e.settings is not None:
+        tables.append(
+            ("controls, each paired against the original (matched: its median seed)", controls_frame(e.controls))
+        )
+        if e.verdicts:
+            tables.append(("the spike rule's candidates and their verdict", verdicts_frame(e.verdicts)))
+        notes += [FAIR_WHY, VERDICT_RULE, cost_line(e)]
+    return render_html(named("Super-weight effects", o.model), rows, settings, tables=tables, notes=notes)
+
+
+def cost_line(e: SuperWeightEffects) -> str:
+    """``"cost: N perplexity runs, T s (original ..., matched ...)"``, for the report."""
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in e.seconds.items() if k != "total" and v)
+    return f"cost: {e.n_runs} perplexity runs, {e.seconds.get('total', 0.0):.0f} s ({parts})"

@@ -22,6 +22,10 @@ block jumps, a weight repeats (the spike is not that weight's alone) or
 is the *massive* dim when it is also the argmax |h| channel of its block's
 output. ``zeroed`` edits weights in a context manager and always restores
 their exact values.
+
+The spike rule names *candidates*: Yu et al. define a super weight by its
+effect, and ``outliers.analysis.superweight_verdicts`` decides which
+candidates are super weights against magnitude-matched controls.
 """
 
 from __future__ import annotations
@@ -271,7 +275,12 @@ def superweights_html(r: SuperWeightResult) -> str:
     import pandas as pd
 
     rows: list[tuple[Any, ...]] = [
-        ("super weights", len(r.weights) or "none found", f"a block jumps at >= {r.jump:g} x the median output max"),
+        (
+            "candidates",
+            len(r.weights) or "none found",
+            f"the spike rule: a block jumps at >= {r.jump:g} x the median output max; their effect decides which "
+            "are super weights (super_weight_effects with controls)",
+        ),
         ("detection stopped", r.stop),
     ]
     if r.weights:

@@ -1,10 +1,10 @@
 """``outliers`` command line: a thin front end over the Python API.
 
 One module per command (``models``, ``env``, ``eval``, ``scan``, ``ablate``, ``sinks``, ``superweights``,
-``weights``, ``kvcache``, ``generate``, ``sensitivity``, ``range``, ``tokens``), each with ``register(subparsers)``
-and ``run(args)``; a new command is a new module added to ``COMMANDS``. Errors the toolkit raises on purpose
-(``OutliersError``) print one line, ``outliers: error: ...``, and exit 2,
-like argparse's own usage errors.
+``weights``, ``kvcache``, ``generate``, ``sensitivity``, ``range``, ``tokens``, ``trace``), each with
+``register(subparsers)`` and ``run(args)``; a new command is a new module added to ``COMMANDS``. Errors the
+toolkit raises on purpose (``OutliersError``) print one line, ``outliers: error: ...``, and exit 2, like
+argparse's own usage errors.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ COMMANDS = (
     "sensitivity",
     "range",
     "tokens",
+    "trace",
 )
 
 

@@ -1,7 +1,7 @@
 """The measures a study can take: one frozen record each, in one registry.
 
 A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``, ``range``, ``sensitivity``,
-``weights``, ``kvcache``) declaring
+``weights``, ``kvcache``, ``lifecycle``) declaring
 
 * its ``settings``: the ``[study]`` keys it accepts, with their types and
   defaults, and a ``validate`` for their values (``studies.config``);
@@ -170,6 +170,17 @@ def split_result(measure: Measure, result: dict[str, Any]) -> tuple[dict[str, An
 
 
 # registered on import, in this order: the report's order
-BUILTIN = ("perplexity", "outliers", "sinks", "superweights", "weights", "kvcache", "kv_quant", "range", "sensitivity")
+BUILTIN = (
+    "perplexity",
+    "outliers",
+    "sinks",
+    "superweights",
+    "weights",
+    "kvcache",
+    "kv_quant",
+    "range",
+    "sensitivity",
+    "lifecycle",
+)
 for _module in BUILTIN:
     import_module(f"{__name__}.{_module}")

@@ -11,7 +11,9 @@ from helpers import make_model
 
 from outliers.analysis.sinks import attention_sinks
 from outliers.analysis.stats import outlier_stats_html
+from outliers.analysis.superweight_controls import ControlSettings
 from outliers.analysis.superweight_effects import SuperWeightEffects
+from outliers.analysis.superweight_verdicts import ControlRun, Verdict
 from outliers.analysis.superweights import SuperWeight, SuperWeightResult
 from outliers.display import fmt_interval, render_html
 from outliers.eval.result import PerplexityResult
@@ -77,7 +79,7 @@ def ppl_result(**kw) -> PerplexityResult:
 
 
 def with_reference(**kw) -> PerplexityResult:
-    return ppl_result(
+    fields = dict(
         ref_dtype="float32",
         ref_ppl=12.2,
         delta_ppl_pct=1.234,
@@ -87,8 +89,8 @@ def with_reference(**kw) -> PerplexityResult:
         top1_agreement=0.98,
         top1_agreement_ci95=(0.97, 0.99),
         extra={"threshold": 6.0},
-        **kw,
     )
+    return ppl_result(**(fields | kw))
 
 
 def test_perplexity_shows_its_intervals_as_the_cli_prints_them():
@@ -170,6 +172,40 @@ def test_super_weight_effects_show_four_perplexities_paired():
     well_formed(html)
     assert "250.0000" in html and "[200.000, 300.000]" in html and "+1925.00 % [+1800.00, +2100.00] paired" in html
     assert "7000 others zeroed" in html and "+1.23 %" in html and "<script>" not in html
+
+
+def test_super_weight_effects_show_the_controls_the_fair_one_and_the_verdicts():
+    zero = ppl_result(ppl=250.0, ppl_ci95=(200.0, 300.0), delta_ppl_pct=1925.0, delta_ppl_pct_ci95=(1800.0, 2100.0))
+    seeds = tuple(with_reference(delta_ppl_pct=d) for d in (0.5, 1.234, 3.0))
+    controls = (
+        ControlRun("matched", 1, seeds[1], seeds, 0, f"band widened {EVIL}", 3.0),
+        ControlRun("paper", 210, with_reference(delta_ppl_pct=55.5), (), 12, "", 1.0),
+        ControlRun("outside_massive", 0, None, note="no massive dim"),
+        ControlRun("largest_down_7000", 7000, with_reference(), (), 300, "", 1.0),
+    )
+    verdict = Verdict(_weight(), zero, True, 3.0, 100.0, "super_weight", "Δppl +1925.0 % >= 100 %")
+    effects = SuperWeightEffects(
+        ppl_result(),
+        zero,
+        None,
+        controls[-1].result,
+        7000,
+        0.5,
+        3,
+        controls,
+        (verdict,),
+        ControlSettings(seeds=3),
+        {"original": 2.0, "matched": 3.0, "total": 5.0},
+        7,
+    )
+    html = effects._repr_html_()
+    well_formed(html)
+    assert "matched (fair)" in html and "+0.50 .. +3.00" in html and "+55.50" in html and "super_weight" in html
+    assert "matched is the fair control" in html and "cost: 7 perplexity runs, 5 s" in html and "<script>" not in html
+    d = effects.to_dict()
+    assert [c["name"] for c in d["controls"]] == ["matched", "paper", "outside_massive", "largest_down_7000"]
+    assert d["controls"][0]["spread"]["max"] == 3.0 and d["controls"][2]["ppl"] is None
+    assert d["super_weights"][0]["verdict"] == "super_weight" and d["n_super_weights"] == 1
 
 
 def test_outlier_stats_summary():

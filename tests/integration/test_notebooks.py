@@ -22,6 +22,7 @@ def test_the_notebooks_exist_without_outputs():
         "05_beyond_llm_int8",
         "06_where_it_breaks",
         "07_formats_tokens_cache",
+        "08_lifecycle",
     ]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
