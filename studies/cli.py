@@ -1,4 +1,4 @@
-"""``studies`` command line: run, list, status and report studies.
+"""``studies`` command line: run, list, status and report studies, and profile a model (``outliers profile``).
 
 An entry point: it sets the process's environment (thread pools,
 ``outliers.threads``; Ray's authentication mode for a private local
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, figures, report.md and report.html for a study folder")
     p.add_argument("dir")
     p.set_defaults(func=_cmd_report)
+    from .profile_cli import register
+
+    register(sub)  # `studies profile`, the same command as `outliers profile`
     return parser
 
 

@@ -9,9 +9,9 @@ once and each corpus is tokenized once per model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -30,6 +30,9 @@ from .planning import (
 )
 from .store import Store
 
+if TYPE_CHECKING:
+    from .worker import Worker
+
 __all__ = ["cells", "cell_key", "run_study", "expand_models", "Fingerprints", "plan", "PlannedCell", "STATES"]
 
 
@@ -42,6 +45,9 @@ def run_study(
     address: str | None = None,
     recompute_older: bool = False,
     on_cell: Callable[[dict, str], None] | None = None,
+    kinds: Collection[str] | None = None,
+    worker: Worker | None = None,
+    desc: str | None = None,
 ) -> dict[str, int]:
     """Run every cell that is not done; return counts of ``done``, ``failed``, ``skipped`` and ``stale`` cells.
 
@@ -54,6 +60,11 @@ def run_study(
     way only this process writes to SQLite, one transaction per cell. A cell
     that raises (a model that will not load, NaN perplexity, out of memory) is
     stored as ``failed`` with its error, and the study goes on.
+
+    ``kinds``: run only the cells of these measures (the rest of the grid is left as it stands; the counts
+    are of these cells). ``worker``: compute with this ``Worker`` (local backend), which keeps its loaded
+    model across calls (``studies.profile`` runs one section at a time). ``desc``: the progress bar's label
+    (default: the study's name); the bar shows only when there is a cell to compute.
     """
     from .measures import MEASURES, split_result
 
@@ -67,6 +78,8 @@ def run_study(
     commit = code_commit()
     fingerprints = Fingerprints(cfg)
     planned = plan(cfg, store, fingerprints, commit)
+    if kinds is not None:
+        planned = [p for p in planned if p.cell["kind"] in kinds]
     skip = {"done", "older"} if not recompute_older else {"done"}
     todo = [p for p in planned if p.state not in skip]
     counts = {
@@ -75,15 +88,15 @@ def run_study(
         "skipped": len(planned) - len(todo),
         "stale": sum(p.state == "stale" for p in todo),
     }
-    bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc or cfg.name, unit="cell", disable=not progress or not todo)
     pairs = [(p.cell, p.key) for p in todo]
     fps = {p.key: p.fingerprint for p in todo}
     results: Iterator[tuple[dict[str, Any], str, tuple[str, dict[str, Any] | None, str | None]]]
     if backend == "local":
         from .worker import Worker
 
-        worker = Worker(cfg, progress=progress)
-        results = ((cell, key, worker.run(cell)) for cell, key in pairs)
+        local = worker or Worker(cfg, progress=progress)
+        results = ((cell, key, local.run(cell)) for cell, key in pairs)
     else:
         from .ray_backend import ray_results
 

@@ -1,7 +1,7 @@
 """The measures a study can take: one frozen record each, in one registry.
 
 A measure is one module (``perplexity``, ``outliers``, ``sinks``, ``superweights``, ``range``, ``sensitivity``,
-``weights``, ``kvcache``, ``lifecycle``) declaring
+``weights``, ``kvcache``, ``lifecycle``; ``profile`` registers the cells of ``outliers profile``) declaring
 
 * its ``settings``: the ``[study]`` keys it accepts, with their types and
   defaults, and a ``validate`` for their values (``studies.config``);
@@ -181,6 +181,7 @@ BUILTIN = (
     "range",
     "sensitivity",
     "lifecycle",
+    "profile",
 )
 for _module in BUILTIN:
     import_module(f"{__name__}.{_module}")
