@@ -185,9 +185,9 @@ def matched_draw(
     drawn: list[Coord] = []
     for w, pool in zip(weights, pools, strict=True):
         cols = weight_of(downs[w.block]).shape[1]
-        taken = {r * cols + c for b, r, c in drawn if b == w.block}
-        left = [int(i) for i in pool.tolist() if int(i) not in taken]
-        flat = left[int(torch.randint(len(left), (1,), generator=g))]
+        taken = torch.tensor([r * cols + c for b, r, c in drawn if b == w.block], dtype=pool.dtype)
+        left = pool[~torch.isin(pool, taken)] if len(taken) else pool
+        flat = int(left[int(torch.randint(len(left), (1,), generator=g))])
         drawn.append((w.block, *divmod(flat, cols)))
     return drawn
 
