@@ -67,6 +67,7 @@ from outliers.analysis.kvcache_capture import kv_hooks, kv_layout
 from outliers.analysis.lifecycle_edits import EDITS, RESTORE_FRACTION, Edit, plan_edits, recording
 from outliers.analysis.scan import cut_windows
 from outliers.analysis.sinks import eager_attention, local_layers
+from outliers.analysis.superweight_controls import ControlSettings
 from outliers.analysis.superweights import SuperWeightResult, down_projections, super_weights
 from outliers.arch.registry import architecture_of, blocks
 from outliers.display import fmt_interval, named, provenance, render_html
@@ -845,13 +846,27 @@ def _run_edit(
     return p
 
 
+MIN_EFFECT_PCT = ControlSettings().min_effect  # the Δppl (%) `outliers superweights` asks of a super weight
+
+
 def _chain_note(chain: dict[str, Any], edits: list[dict[str, Any]]) -> str:
     """The chain in words: what feeds what, and what the edits show."""
     parts = []
     sws, massive = chain["super_weights"], chain["massive"]
     if sws:
         sw = sws[0]
-        parts.append(f"super weight W[{sw['row']}, {sw['col']}] in block {sw['block']}'s down projection")
+        where = f"W[{sw['row']}, {sw['col']}] in block {sw['block']}'s down projection"
+        zero = next((e for e in edits if e["edit"] == "zero_super_weights" and e.get("applicable")), None)
+        effect = zero.get("delta_ppl_pct") if zero else None
+        if effect is None:
+            parts.append(f"super-weight candidate {where} (spike rule)")
+        elif effect >= MIN_EFFECT_PCT:
+            parts.append(f"super weight {where} (zeroed: perplexity {effect:+.0f} %)")
+        else:  # Yu et al. define a super weight by its effect: the spike alone does not make one
+            parts.append(
+                f"spike-rule candidate {where}, a spike rather than a super weight by its effect (zeroed: perplexity "
+                f"{effect:+.1f} %, under {MIN_EFFECT_PCT:.0f} %; `outliers superweights` tests it against controls)"
+            )
     else:
         parts.append("no super weight by the spike rule")
     if massive:
