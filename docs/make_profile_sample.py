@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Worked example: the profile of {args.model} ({kind})",
         "",
-        f"Written by `python docs/make_profile_sample.py {' '.join(argv or sys.argv[1:])}`".rstrip() + " "
+        f"Written by `{' '.join(['python docs/make_profile_sample.py', *(argv or sys.argv[1:])])}` "
         f"at commit {_commit()} on {date.today().isoformat()}, on {_cpu()} "
         f"(machines of one kind differ; timings on a shared machine swing 2-5x). The command was `{shown}`; "
         f"it took {wall:.0f} s of wall time, cold, from the command line. The packaged weights are 4-bit GGUFs "
