@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = DOCS / "samples"
     samples.mkdir(exist_ok=True)
     name = f"profile-{args.model}-{kind}"
+    commit = _commit()  # before this script writes its own files into the tree
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["outliers", "profile", "--model", args.model, "--out", tmp, *([] if args.default else ["--quick"])]
         started = time.perf_counter()
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Worked example: the profile of {args.model} ({kind})",
         "",
         f"Written by `{' '.join(['python docs/make_profile_sample.py', *(argv or sys.argv[1:])])}` "
-        f"at commit {_commit()} on {date.today().isoformat()}, on {_cpu()} "
+        f"at commit {commit} on {date.today().isoformat()}, on {_cpu()} "
         f"(machines of one kind differ; timings on a shared machine swing 2-5x). The command was `{shown}`; "
         f"it took {wall:.0f} s of wall time, cold, from the command line. The packaged weights are 4-bit GGUFs "
         "dequantized to float32, so weight statistics carry that rounding. CI does not rebuild this page.",
