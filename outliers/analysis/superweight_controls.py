@@ -34,14 +34,13 @@ activation lands in). Ties in |w| go to the earlier linear and flat index.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from outliers.analysis.superweights import Coord, SuperWeight, down_projections
+from outliers.analysis.superweights import Coord, Place, SuperWeight, down_places, down_projections, zeroed_places
 from outliers.arch.linear import in_features, is_linear, out_features, weight_of
 from outliers.arch.registry import architecture_of, blocks
 from outliers.errors import InvalidArgumentError
@@ -61,8 +60,6 @@ __all__ = [
     "touching",
     "largest_down_coords",
 ]
-
-Place = tuple[str, int, int]  # (a linear's module name, row, col) of its weight in (out, in) layout
 
 
 @dataclass(frozen=True)
@@ -113,32 +110,6 @@ def block_linears(model: nn.Module) -> list[tuple[int, str, str, nn.Module]]:
     for b, path, block in blocks(model, architecture_of(model)):
         out += [(b, f"{path}.{name}", name, m) for name, m in block.named_modules() if name and is_linear(m)]
     return out
-
-
-def down_places(model: nn.Module, coords: Iterable[Coord]) -> list[Place]:
-    """The down-projection ``(block, row, col)`` coordinates as ``Place``\\ s."""
-    arch = architecture_of(model)
-    paths = {b: f"{path}.{arch.down}" for b, path, _ in blocks(model, arch)}
-    return [(paths[b], r, c) for b, r, c in coords]
-
-
-@contextmanager
-def zeroed_places(model: nn.Module, places: Sequence[Place]) -> Iterator[None]:
-    """Zero the weights at ``places`` while the model runs; their exact values come back on exit, always."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for name in dict.fromkeys(p[0] for p in places):
-                w = weight_of(model.get_submodule(name))  # (out, in); a view of Conv1D's (in, out) storage
-                rows = torch.tensor([p[1] for p in places if p[0] == name], device=w.device)
-                cols = torch.tensor([p[2] for p in places if p[0] == name], device=w.device)
-                saved.append((w, rows, cols, w[rows, cols].clone()))
-                w[rows, cols] = 0
-        yield
-    finally:
-        with torch.no_grad():
-            for w, rows, cols, values in reversed(saved):
-                w[rows, cols] = values
 
 
 def _magnitudes(m: nn.Module) -> torch.Tensor:

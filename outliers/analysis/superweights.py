@@ -30,7 +30,7 @@ candidates are super weights against magnitude-matched controls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,8 +47,18 @@ from outliers.display import named, provenance, render_html
 from outliers.errors import InvalidArgumentError
 from outliers.models.dispatch import input_device
 
-__all__ = ["SuperWeight", "SuperWeightResult", "super_weights", "down_projections", "spike_table", "zeroed"]
+__all__ = [
+    "SuperWeight",
+    "SuperWeightResult",
+    "super_weights",
+    "down_projections",
+    "down_places",
+    "spike_table",
+    "zeroed",
+    "zeroed_places",
+]
 
+Place = tuple[str, int, int]  # (a linear's module name, row, col) of its weight in (out, in) layout
 Coord = tuple[int, int, int]  # (block, row, col) of a down projection's weight in (out, in) layout
 SPIKE_COLUMNS = ["block", "in_max", "in_channel", "out_max", "out_channel", "resid_max", "resid_channel", "ratio"]
 
@@ -125,17 +135,25 @@ def down_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, block.get_submodule(arch.down)) for i, _, block in blocks(model, arch)]
 
 
+def down_places(model: nn.Module, coords: Iterable[Coord]) -> list[Place]:
+    """The down-projection ``(block, row, col)`` coordinates as ``Place``\\ s."""
+    arch = architecture_of(model)
+    if arch.down is None:
+        down_projections(model)  # raises, naming the family
+    paths = {b: f"{path}.{arch.down}" for b, path, _ in blocks(model, arch)}
+    return [(paths[b], r, c) for b, r, c in coords]
+
+
 @contextmanager
-def zeroed(model: nn.Module, coords: list[Coord]) -> Iterator[None]:
-    """Zero the down-projection weights at ``coords`` while the block runs; their exact values come back on exit."""
-    downs = dict(down_projections(model))
+def zeroed_places(model: nn.Module, places: Sequence[Place]) -> Iterator[None]:
+    """Zero the weights at ``places`` while the model runs; their exact values come back on exit, always."""
     saved = []
     try:
         with torch.no_grad():
-            for b in sorted({c[0] for c in coords}):
-                w = weight_of(downs[b])  # (out, in); a view of Conv1D's (in, out) storage
-                rows = torch.tensor([c[1] for c in coords if c[0] == b], device=w.device)
-                cols = torch.tensor([c[2] for c in coords if c[0] == b], device=w.device)
+            for name in dict.fromkeys(p[0] for p in places):
+                w = weight_of(model.get_submodule(name))  # (out, in); a view of Conv1D's (in, out) storage
+                rows = torch.tensor([p[1] for p in places if p[0] == name], device=w.device)
+                cols = torch.tensor([p[2] for p in places if p[0] == name], device=w.device)
                 saved.append((w, rows, cols, w[rows, cols].clone()))
                 w[rows, cols] = 0
         yield
@@ -143,6 +161,13 @@ def zeroed(model: nn.Module, coords: list[Coord]) -> Iterator[None]:
         with torch.no_grad():
             for w, rows, cols, values in reversed(saved):
                 w[rows, cols] = values
+
+
+@contextmanager
+def zeroed(model: nn.Module, coords: list[Coord]) -> Iterator[None]:
+    """Zero the down-projection weights at ``coords`` while the block runs; their exact values come back on exit."""
+    with zeroed_places(model, down_places(model, coords)):
+        yield
 
 
 def _merge(best: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
