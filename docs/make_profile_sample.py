@@ -6,7 +6,8 @@ that links both with what made them. Run by hand (CI does not rebuild it) and co
 
 Writes ``docs/samples/profile-<model>-<quick|default>.html`` (the page as `outliers profile` wrote it),
 ``docs/samples/profile-<model>-<quick|default>-top.png`` (its first screen at a laptop's width, taken in headless
-Chromium where Selenium and chromium-driver are installed) and ``docs/profile_sample_<model>.md``: the header
+Chromium where Selenium and chromium-driver are installed) and ``docs/profile_sample_<model>.md`` (the quick page)
+or ``docs/profile_sample_<model>_default.md`` (the default one, so one run never replaces the other): the header
 (commit, machine, date, the command and its wall time), the page's summary sentences, the screenshot and a link.
 """
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if shot:
         lines += [f"![The top of the page at 1280 px]({'samples/' + name + '-top.png'})", ""]
-    (DOCS / f"profile_sample_{args.model}.md").write_text("\n".join(lines))
+    md = f"profile_sample_{args.model}{'_default' if args.default else ''}.md"
+    (DOCS / md).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
