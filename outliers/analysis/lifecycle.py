@@ -45,6 +45,10 @@ Every change against ``none`` comes with a paired 95 % percentile interval, wind
 
 The chain also reports the share of each row's KL that falls on the massive tokens (the KL of the prediction
 made at that position), against their share of the tokens, with intervals.
+
+Where the parts live: the edits in ``lifecycle_edits``, the detection and one pass's hooks in
+``lifecycle_record``, the fields and intervals in ``lifecycle_stats``, the diagram in ``lifecycle_plots``; this
+module runs the passes and writes the result.
 """
 
 from __future__ import annotations
@@ -52,8 +56,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,48 +66,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from outliers.analysis.kvcache_capture import kv_hooks, kv_layout
 from outliers.analysis.lifecycle_edits import EDITS, RESTORE_FRACTION, Edit, plan_edits, recording
+from outliers.analysis.lifecycle_record import Detection, Pass, Recorder, counted_heads, detect
+from outliers.analysis.lifecycle_stats import FIELDS, edit_stats, interval, kl_share, resamples, row_field
 from outliers.analysis.scan import cut_windows
 from outliers.analysis.sinks import eager_attention, local_layers
 from outliers.analysis.superweight_controls import ControlSettings
-from outliers.analysis.superweights import SuperWeightResult, down_projections, super_weights
-from outliers.arch.registry import architecture_of, blocks
+from outliers.analysis.superweights import SuperWeightResult, super_weights
 from outliers.display import fmt_interval, named, provenance, render_html
 from outliers.errors import InvalidArgumentError
-from outliers.eval.intervals import (
-    CONFIDENCE,
-    N_RESAMPLES,
-    SEED,
-    delta_ppl_pct_interval,
-    few_windows_note,
-    rate_interval,
-)
+from outliers.eval.intervals import delta_ppl_pct_interval, few_windows_note
 from outliers.eval.perplexity import perplexity
 from outliers.eval.rows import Row, RowEvaluator
 from outliers.eval.windows import PerplexitySettings
 from outliers.quant.methods import get_method
-from outliers.quant.prefix import outlier_flags
 
 __all__ = ["TraceSettings", "TraceResult", "trace", "FIELDS", "row_field"]
-
-# the per-edit fields with a change against `none`; kl_vs_ref_<row> are added per quantized row
-FIELDS = (
-    "massive_activation",
-    "massive_at_birth",
-    "massive_dim_max",
-    "max_activation",
-    "sink_rate",
-    "first_token_attention",
-    "massive_token_attention",
-    "key_concentration",
-    "ppl",
-)
-
-
-def row_field(method: str) -> str:
-    """The JSON field of a quantized row's KL: ``kl_vs_ref_llm_int8`` for ``llm.int8``."""
-    return "kl_vs_ref_" + "".join(c if c.isalnum() else "_" for c in method)
 
 
 @dataclass(frozen=True)
@@ -146,305 +123,6 @@ class TraceSettings:
                 raise InvalidArgumentError("rows are quantization methods; the float model is scored anyway")
             get_method(method)
         plan_edits([], [], 1, names=self.edits)  # unknown edit names fail here
-
-
-# ---------------------------------------------------------------------------------------------------- detection
-
-
-@dataclass(frozen=True)
-class Massive:
-    """A massive dim: born at ``birth_block``, at most ``peak`` in ``|h|`` (at ``peak_block``), on ``tokens``."""
-
-    dim: int
-    birth_block: int
-    last_block: int
-    peak: float
-    peak_block: int
-    flagged: int  # (window, position, block) flags with this dim, token-specific blocks
-
-
-@dataclass
-class Detection:
-    """What the unedited model's forward over the windows shows: massive dims, their tokens, per-block counts."""
-
-    massive: list[Massive]
-    positions: torch.Tensor  # (windows, seq) bool: the massive tokens
-    flagged_share: list[float]  # per block: share of positions Sun's criterion flags
-    specific: list[bool]  # per block: token-specific
-    widespread: list[dict[str, Any]]  # dims large on most tokens in the other blocks
-    prefixquant_blocks: list[int]  # blocks where PrefixQuant's criterion (down_in) flags a position
-    seconds: float = 0.0
-
-
-@torch.no_grad()
-def _detect(model: nn.Module, windows: torch.Tensor, settings: TraceSettings, progress: bool) -> Detection:
-    """Flag massive tokens on the unedited model: ``outlier_flags`` per batch with per-block argmax hooks beside."""
-    start = time.perf_counter()
-    found = blocks(model, architecture_of(model))
-    n, s, nb = windows.shape[0], windows.shape[1], len(found)
-    sun = torch.zeros(n, s, nb, dtype=torch.bool)
-    pq = torch.zeros(nb, dtype=torch.long)
-    dims = torch.zeros(n, s, nb, dtype=torch.int32)
-    top = torch.zeros(n, s, nb)
-    rows = slice(0, 0)
-
-    def on_block(j: int, out: Any) -> None:
-        h = (out[0] if isinstance(out, tuple) else out).detach().float().abs()
-        value, arg = h.max(-1)
-        top[rows, :, j], dims[rows, :, j] = value.cpu(), arg.to(torch.int32).cpu()
-
-    handles = [m.register_forward_hook(lambda mod, a, o, j=j: on_block(j, o)) for j, (_, _, m) in enumerate(found)]
-    try:
-        for b in tqdm(range(0, n, settings.batch_size), desc="trace: detect", disable=not progress, leave=False):
-            rows = slice(b, min(b + settings.batch_size, n))
-            flags = outlier_flags(model, windows[rows])
-            sun[rows] = flags.sun
-            pq += flags.prefixquant.sum((0, 1))
-    finally:
-        for h in handles:
-            h.remove()
-    share = sun.float().mean((0, 1))
-    specific = [bool(0 < x <= settings.max_token_share) for x in share.tolist()]
-    per_dim: dict[int, list[tuple[int, int, int]]] = {}  # dim -> (window, position, block) flags
-    for w, p, b in sun.nonzero().tolist():
-        if specific[b]:
-            per_dim.setdefault(int(dims[w, p, b]), []).append((w, p, b))
-    massive, positions = [], torch.zeros(n, s, dtype=torch.bool)
-    for d, where in sorted(per_dim.items(), key=lambda kv: -len(kv[1])):
-        birth = min(b for _, _, b in where)
-        peak_at = max(where, key=lambda t: float(top[t]))
-        massive.append(Massive(d, birth, max(b for _, _, b in where), float(top[peak_at]), peak_at[2], len(where)))
-        for w, p, _ in where:
-            positions[w, p] = True
-    widespread = []
-    for b in range(nb):
-        if share[b] > 0 and not specific[b]:
-            counts = Counter(int(x) for x in dims[:, :, b][sun[:, :, b]].tolist())
-            d, c = counts.most_common(1)[0]
-            widespread.append(
-                {"block": b, "dim": d, "share": float(share[b]), "dim_share": c / int(sun[:, :, b].sum())}
-            )
-    return Detection(
-        massive=massive,
-        positions=positions,
-        flagged_share=[float(x) for x in share],
-        specific=specific,
-        widespread=widespread,
-        prefixquant_blocks=[b for b in range(nb) if pq[b] > 0],
-        seconds=time.perf_counter() - start,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- one pass
-
-
-class _Recorder:
-    """Per-window reductions of one edit's pass, filled by hooks on the float model (``hooks``).
-
-    ``windows`` are the pass' windows in order; a pre-hook on the input embeddings tells the other hooks which
-    windows each forward holds. Every array is ``(windows, ...)``, so memory grows with the windows only.
-    """
-
-    def __init__(self, model: nn.Module, det: Detection, n: int, down_blocks: Sequence[int]):
-        self.model, self.det, self.n = model, det, n
-        self.arch = architecture_of(model)
-        self.found = blocks(model, self.arch)
-        nb = len(self.found)
-        self.dims = [m.dim for m in det.massive]
-        self.resid_peak = np.zeros((n, nb, max(len(self.dims), 1)), dtype=np.float32)
-        self.resid_on_tokens = np.zeros((n, nb, max(len(self.dims), 1)), dtype=np.float32)
-        self.resid_max = np.zeros((n, nb), dtype=np.float32)
-        self.attn_first: dict[int, np.ndarray] = {}
-        self.attn_massive: dict[int, np.ndarray] = {}
-        self.keys: dict[str, dict[int, np.ndarray]] = {"all": {}, "massive": {}, "other": {}}
-        self.down_blocks = list(down_blocks)
-        self.down: dict[str, dict[int, np.ndarray]] = {"massive": {}, "other": {}}
-        self.next = 0
-        self.rows = slice(0, 0)
-        try:  # a family whose keys the registry does not locate is traced without the key link
-            kv_layout(model)
-            self.has_keys = True
-        except InvalidArgumentError:
-            self.has_keys = False
-
-    def _mask(self, device: torch.device) -> torch.Tensor:
-        return self.det.positions[self.rows].to(device)
-
-    def _put(self, table: dict[int, np.ndarray], key: int, value: torch.Tensor) -> None:
-        if key not in table:
-            table[key] = np.zeros((self.n, *value.shape[1:]), dtype=np.float32)
-        table[key][self.rows] = value.detach().float().cpu().numpy()
-
-    def on_ids(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = args[0] if args else kwargs["input_ids"]
-        self.rows = slice(self.next, self.next + ids.shape[0])
-        self.next += ids.shape[0]
-        if self.next > self.n or ids.shape[1] != self.det.positions.shape[1]:
-            raise RuntimeError(f"the float model ran more windows or other lengths than the trace's {self.n}")
-
-    def on_block(self, j: int, out: Any) -> None:
-        h = (out[0] if isinstance(out, tuple) else out).detach().float().abs()
-        self.resid_max[self.rows, j] = h.amax((1, 2)).cpu().numpy()
-        if self.dims:
-            x = h[..., self.dims]  # (batch, seq, massive dims)
-            self.resid_peak[self.rows, j] = x.amax(1).cpu().numpy()
-            self.resid_on_tokens[self.rows, j] = (x * self._mask(x.device)[..., None]).amax(1).cpu().numpy()
-
-    def on_attention(self, layer: int, out: Any) -> None:
-        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-        if not isinstance(w, torch.Tensor) or w.dim() != 4:
-            raise InvalidArgumentError(
-                "the attention returned no probabilities; load the model with attn_implementation='eager'"
-            )
-        w = w.detach().float()  # (batch, heads, queries, keys)
-        mask = self._mask(w.device).float()  # (batch, keys)
-        self._put(self.attn_first, layer, w[..., 0].mean(-1))
-        self._put(self.attn_massive, layer, (w * mask[:, None, None, :]).sum(-1).mean(-1))
-
-    def on_keys(self, kind: str, layer: int, x: torch.Tensor) -> None:
-        if kind != "keys":
-            return
-        a = x.detach().float().abs()  # (batch, seq, channels)
-        m = self._mask(a.device)[..., None].float()
-        self._put(self.keys["all"], layer, a.amax(1))
-        self._put(self.keys["massive"], layer, (a * m).amax(1))
-        self._put(self.keys["other"], layer, (a * (1 - m)).amax(1))
-
-    def on_down(self, b: int, args: tuple) -> None:
-        a = args[0].detach().float().abs()  # (batch, seq, intermediate)
-        m = self._mask(a.device)[..., None].float()
-        self._put(self.down["massive"], b, (a * m).amax(1))
-        self._put(self.down["other"], b, (a * (1 - m)).amax(1))
-
-    @contextmanager
-    def hooks(self) -> Iterator[None]:
-        handles = [
-            self.model.get_input_embeddings().register_forward_pre_hook(self.on_ids, with_kwargs=True)  # type: ignore[operator]
-        ]
-        downs = dict(down_projections(self.model)) if self.down_blocks else {}
-        try:
-            for j, (layer, _, block) in enumerate(self.found):
-                handles.append(block.register_forward_hook(lambda m, a, o, j=j: self.on_block(j, o)))
-                if self.arch.attention is not None:
-                    attn = block.get_submodule(self.arch.attention)
-                    handles.append(attn.register_forward_hook(lambda m, a, o, i=layer: self.on_attention(i, o)))
-            for b in self.down_blocks:
-                handles.append(downs[b].register_forward_pre_hook(lambda m, a, b=b: self.on_down(b, a)))
-            with kv_hooks(self.model, self.on_keys) if self.has_keys else nullcontext():
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-
-
-@dataclass
-class _Pass:
-    """One edit's per-window arrays and the results of its rows."""
-
-    edit: Edit
-    rec: _Recorder | None = None
-    nll: np.ndarray | None = None  # (windows,) the float model's NLL sums
-    tokens: np.ndarray | None = None
-    kl: dict[str, np.ndarray] = field(default_factory=dict)  # row -> (windows,) KL sums
-    token_kl: dict[str, np.ndarray] = field(default_factory=dict)  # row -> (windows, seq - 1)
-    float_columns_pct: dict[str, float | None] = field(default_factory=dict)
-    clamped_tokens: int = 0
-    seconds: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-
-
-def _resamples(n: int) -> np.ndarray:
-    """``(N_RESAMPLES, n)``: how many times each resample draws each window, seeded as ``outliers.eval.intervals``."""
-    draws = np.random.default_rng(SEED).integers(0, n, size=(N_RESAMPLES, n))
-    return np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
-
-
-def _mean(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Weighted mean over windows: ``(R, ...)`` from ``weights (R, n)`` and ``x (n, ...)``."""
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    return (weights @ flat / weights.sum(1, keepdims=True)).reshape(len(weights), *x.shape[1:])
-
-
-def _max(weights: np.ndarray, x: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Max over the drawn windows (x >= 0): ``(R, ...)``."""
-    out = []
-    for start in range(0, len(weights), chunk):
-        drawn = (weights[start : start + chunk] > 0).reshape(-1, len(x), *([1] * (x.ndim - 1)))
-        out.append((drawn * x[None]).max(1))
-    return np.concatenate(out)
-
-
-def _stats(
-    p: _Pass, weights: np.ndarray, counted: np.ndarray, epsilon: float, span: tuple[int, int]
-) -> dict[str, np.ndarray]:
-    """Every per-edit field as ``(R,)`` under resample ``weights`` (a row of ones: the point estimate); ``span``:
-    the first and last block where the unedited model carries the massive activation."""
-    birth, last = span
-    out: dict[str, np.ndarray] = {}
-    rec = p.rec
-    if rec is not None:
-        if rec.dims:
-            # per block the largest |h| on its tokens, mean over the blocks that carry it: one late block that
-            # writes the dim (SmolLM2's and Qwen's cancel it) does not stand for the whole span
-            out["massive_activation"] = _mean(weights, rec.resid_on_tokens[:, birth : last + 1].max(2).mean(1))
-            out["massive_at_birth"] = _mean(weights, rec.resid_on_tokens[:, birth].max(-1))
-            out["massive_dim_max"] = _mean(weights, rec.resid_peak[:, birth : last + 1].max((1, 2)))
-        out["max_activation"] = _mean(weights, rec.resid_max[:, birth : last + 1].max(1))
-        if rec.attn_first:
-            first = np.stack([rec.attn_first[i] for i in sorted(rec.attn_first)], 1)  # (n, layers, heads)
-            massive = np.stack([rec.attn_massive[i] for i in sorted(rec.attn_massive)], 1)
-            scores = _mean(weights, first).reshape(len(weights), -1)[:, counted]  # (R, counted heads)
-            out["sink_rate"] = (scores > epsilon).mean(-1)
-            out["first_token_attention"] = scores.mean(-1)
-            out["massive_token_attention"] = _mean(weights, massive).reshape(len(weights), -1)[:, counted].mean(-1)
-        if rec.keys["all"]:
-            keys = np.stack([rec.keys["all"][i] for i in sorted(rec.keys["all"])], 1)  # (n, layers, channels)
-            top = _max(weights, keys)  # (R, layers, channels)
-            med = np.median(top, -1)
-            conc = np.where(med > 0, top.max(-1) / np.where(med > 0, med, 1), np.nan)
-            out["key_concentration"] = np.nanmedian(conc, -1)
-    if p.nll is not None and p.tokens is not None:
-        nll = weights @ p.nll / (weights @ p.tokens)
-        out["ppl"] = np.exp(np.minimum(nll, 700))
-        for row, kl in p.kl.items():
-            out[row_field(row)] = weights @ kl / (weights @ p.tokens)
-    return out
-
-
-def _interval(x: np.ndarray) -> list[float] | None:
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        return None
-    tail = 100 * (1 - CONFIDENCE) / 2
-    lo, hi = np.percentile(x, [tail, 100 - tail])
-    return [float(lo), float(hi)]
-
-
-def _kl_share(token_kl: np.ndarray, positions: torch.Tensor, weights: np.ndarray) -> dict[str, Any]:
-    """The share of a row's KL that falls on the massive tokens, against their share of the scored tokens."""
-    mask = positions[:, : token_kl.shape[1]].numpy()
-    kl_m, kl_all = (token_kl * mask).sum(1), token_kl.sum(1)
-    n_m, n_all = mask.sum(1).astype(np.float64), np.full(len(mask), float(mask.shape[1]))
-    if n_m.sum() == 0:
-        return {"kl_share": None, "token_share": 0.0, "per_token_ratio": None}
-    one = np.ones((1, len(mask)))
-
-    def ratio(w: np.ndarray) -> np.ndarray:
-        inside = (w @ kl_m) / np.maximum(w @ n_m, 1e-12)
-        outside = (w @ (kl_all - kl_m)) / np.maximum(w @ (n_all - n_m), 1e-12)
-        return np.where((w @ n_m) > 0, inside / np.maximum(outside, 1e-30), np.nan)
-
-    return {
-        "kl_share": float(kl_m.sum() / kl_all.sum()) if kl_all.sum() > 0 else None,
-        "kl_share_ci95": list(rate_interval(kl_m, kl_all)) if len(mask) > 1 else None,
-        "token_share": float(n_m.sum() / n_all.sum()),
-        "kl_per_token_massive": float(kl_m.sum() / n_m.sum()),
-        "kl_per_token_other": float((kl_all - kl_m).sum() / (n_all - n_m).sum()),
-        "per_token_ratio": float(ratio(one)[0]),
-        "per_token_ratio_ci95": _interval(ratio(weights)) if len(mask) > 1 else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------- result
@@ -519,7 +197,7 @@ def _num(v: float, sign: bool = False) -> str:
 def _chain(
     sw: SuperWeightResult,
     det: Detection,
-    p: _Pass,
+    p: Pass,
     windows: torch.Tensor,
     settings: TraceSettings,
     local: set[int],
@@ -590,7 +268,7 @@ def _chain(
             }
         )
     kf = pd.DataFrame(keys)
-    kl = {row: _kl_share(p.token_kl[row], det.positions, weights) for row in p.token_kl}
+    kl = {row: kl_share(p.token_kl[row], det.positions, weights) for row in p.token_kl}
     first_birth = min(births) if births else None
     return {
         "super_weights": [asdict(w) for w in sw.weights],
@@ -622,7 +300,7 @@ def _chain(
 
 
 def _edit_dicts(
-    passes: dict[str, _Pass],
+    passes: dict[str, Pass],
     settings: TraceSettings,
     counted: np.ndarray,
     span: tuple[int, int],
@@ -630,9 +308,9 @@ def _edit_dicts(
     fields: list[str],
 ) -> list[dict[str, Any]]:
     one = np.ones((1, n))
-    weights = _resamples(n)
+    weights = resamples(n)
     base = passes["none"]
-    base_point, base_res = _stats(base, one, counted, settings.epsilon, span), None
+    base_point, base_res = edit_stats(base, one, counted, settings.epsilon, span), None
     out = []
     for name in settings.edits if settings.edits else EDITS:
         if name not in passes:
@@ -644,10 +322,10 @@ def _edit_dicts(
             d |= {f"{f}_delta": None for f in fields} | {f"{f}_delta_ci95": None for f in fields}
             out.append(d)
             continue
-        point = _stats(p, one, counted, settings.epsilon, span)
-        res = _stats(p, weights, counted, settings.epsilon, span) if n > 1 else {}
+        point = edit_stats(p, one, counted, settings.epsilon, span)
+        res = edit_stats(p, weights, counted, settings.epsilon, span) if n > 1 else {}
         if base_res is None and n > 1:
-            base_res = _stats(base, weights, counted, settings.epsilon, span)
+            base_res = edit_stats(base, weights, counted, settings.epsilon, span)
         for f in fields:
             if f not in point:
                 d[f] = d[f"{f}_ci95"] = None
@@ -655,10 +333,10 @@ def _edit_dicts(
                     d[f"{f}_delta"] = d[f"{f}_delta_ci95"] = None
                 continue
             d[f] = float(point[f][0])
-            d[f"{f}_ci95"] = _interval(res[f]) if res else None
+            d[f"{f}_ci95"] = interval(res[f]) if res else None
             if name != "none":
                 d[f"{f}_delta"] = float(point[f][0] - base_point[f][0])
-                d[f"{f}_delta_ci95"] = _interval(res[f] - base_res[f]) if res and base_res else None
+                d[f"{f}_delta_ci95"] = interval(res[f] - base_res[f]) if res and base_res else None
         if p.nll is not None and p.tokens is not None and name != "none" and base.nll is not None:
             d["delta_ppl_pct"] = 100.0 * math.expm1((p.nll.sum() - base.nll.sum()) / p.tokens.sum())
             tokens = [int(t) for t in p.tokens]
@@ -712,7 +390,7 @@ def trace(
         batch_size=settings.batch_size,
     )
     sw_seconds = time.perf_counter() - started
-    det = _detect(model, windows, settings, progress)
+    det = detect(model, windows, settings.batch_size, settings.max_token_share, progress)
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
@@ -734,7 +412,7 @@ def trace(
         bos="corpus" if bos_token_id is None else "window",
     )
     store: dict = {}
-    passes: dict[str, _Pass] = {}
+    passes: dict[str, Pass] = {}
     # the order shares quantized copies: the unedited weights' first, then the zeroed ones'; `none` records first
     order = sorted(edits, key=lambda e: (e.name != "none", bool(e.coords), EDITS.index(e.name)))
     ev = RowEvaluator(
@@ -745,7 +423,7 @@ def trace(
     try:
         for e in order:
             if not e.applicable:
-                passes[e.name] = _Pass(e)
+                passes[e.name] = Pass(e)
                 bar.update()
                 continue
             bar.set_postfix_str(e.name)
@@ -763,10 +441,10 @@ def trace(
     finally:
         bar.close()
         ev.release()
-    counted = _counted(passes["none"].rec, local)
+    counted = counted_heads(passes["none"].rec, local)
     fields = [*FIELDS, *(row_field(r) for r in settings.rows)]
     edit_dicts = _edit_dicts(passes, settings, counted, span, n, fields)
-    chain = _chain(sw, det, passes["none"], windows, settings, local, _resamples(n), tokenizer)
+    chain = _chain(sw, det, passes["none"], windows, settings, local, resamples(n), tokenizer)
     chain["note"] = _chain_note(chain, edit_dicts)
     total = time.perf_counter() - started
     forwards = n * (1 + sum(1 + len(settings.rows) for p in passes.values() if p.edit.applicable))
@@ -784,13 +462,6 @@ def trace(
     return TraceResult(chain, edit_dicts, settings, n, bos, cost, dict(meta or {}))
 
 
-def _counted(rec: _Recorder | None, local: set[int]) -> np.ndarray:
-    """``(layers * heads,)``: the heads the sink rate counts, in the recorder's (layer, head) order."""
-    if rec is None:
-        return np.zeros(0, dtype=bool)
-    return np.array([i not in local for i in sorted(rec.attn_first) for _ in range(rec.attn_first[i].shape[1])])
-
-
 def _run_edit(
     model: nn.Module,
     ids: torch.Tensor,
@@ -803,14 +474,14 @@ def _run_edit(
     coords: list,
     settings: TraceSettings,
     progress: bool,
-) -> _Pass:
+) -> Pass:
     """One pass: the float model as edited, measured by hooks, scored with each quantized row against it.
 
     Each row's quantized copy is made while the float model carries no hook (a copy would inherit them); the
     float model runs with the first row only, its final states kept for the others (``RowEvaluator``).
     """
-    rec = _Recorder(model, det, n, down_blocks)
-    p = _Pass(e, rec)
+    rec = Recorder(model, det, n, down_blocks)
+    p = Pass(e, rec)
     rows: list[Row | None] = [Row(m) for m in settings.rows] or [None]
     for i, row in enumerate(rows):
         q = ev.prepare(row).model if row is not None else None
