@@ -96,6 +96,9 @@ class Section:
 _RESERVED = {"top", "summary", "provenance", "contents"}  # the page's own ids
 _ANCHOR = re.compile(r"[A-Za-z][\w-]*")
 
+# in print a page is about 7.5 in wide: a DataFrame's twenty columns would be cut at its edge (Chromium's PDF
+# of SmolLM2's profile lost the weights' and the super weights' last columns), so tables take small type and
+# their headers may break inside a word
 _CSS = """
 :root{color-scheme:light}
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f;background:#fff;
@@ -125,7 +128,8 @@ figcaption{font-size:.85rem;color:#555}
 @media print{body{max-width:none;padding:0;font-size:11pt}nav.toc{break-after:page}
  .scroll{overflow:visible}h2,h3{break-after:avoid}figure,tr{break-inside:avoid}
  table.sortable thead th::after{content:none}table.sortable td.num{white-space:normal}
- a{color:inherit;text-decoration:none}}
+ a{color:inherit;text-decoration:none}
+ table{font-size:7pt}th,td{padding:1px 3px!important}th{overflow-wrap:anywhere}}
 """
 
 # every table with one header row (a DataFrame's, a ``_repr_html_``'s too) sorts by the header clicked (or

@@ -14,6 +14,7 @@ to fail instead of skipping where they are absent.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shutil
@@ -143,10 +144,12 @@ def check_page(
     but data URIs and anchors; every image loaded (natural width > 0); every contents link lands on an
     element; each of ``headings`` is the text of an h1/h2/h3; each sortable table with two different
     values in a column sorts by a click on its header (``_check_sort``); the screenshot (the window as
-    tall as the document, ``WIDTH`` wide) is over ``min_screenshot_bytes`` and not blank.
+    tall as the document, ``WIDTH`` wide) is over ``min_screenshot_bytes`` and not blank; the page prints to
+    a PDF (saved beside the screenshot).
 
     Returns ``{"headings": [(tag, id, text)], "images": n, "tables": n, "sorted": [per table],
-    "screenshot": Path, "screenshot_bytes": n, "size": (w, h), "grey_std": float, "page_bytes": n}``.
+    "screenshot": Path, "screenshot_bytes": n, "size": (w, h), "grey_std": float, "page_bytes": n,
+    "pdf": Path}``.
     """
     page, screenshot = Path(page).resolve(), Path(screenshot)
     driver.set_window_size(WIDTH, 900)
@@ -175,6 +178,10 @@ def check_page(
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     assert driver.save_screenshot(str(screenshot)), f"no screenshot of {page.name}"
     driver.set_window_size(WIDTH, 900)
+    pdf = screenshot.with_suffix(".pdf")
+    pdf.write_bytes(base64.b64decode(driver.print_page()))  # as a reader's "print to PDF" makes it
+    pdf_bytes = pdf.read_bytes()
+    assert pdf_bytes.startswith(b"%PDF") and len(pdf_bytes) > 10_000, f"{page.name} printed to {len(pdf_bytes)} bytes"
     size = screenshot.stat().st_size
     width, tall, std = _pixels(screenshot)
     assert size > min_screenshot_bytes, f"screenshot {screenshot} is {size} bytes: blank?"
@@ -189,4 +196,5 @@ def check_page(
         "size": (width, tall),
         "grey_std": std,
         "page_bytes": page.stat().st_size,
+        "pdf": pdf,
     }
