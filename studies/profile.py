@@ -85,10 +85,11 @@ PAPER_ROWS = (
     "zeropoint-llm.int8",
 )
 
-# Study settings of a page ([study] keys of studies.config and the measures), sized to about 15 minutes for
-# SmolLM2 on 2 cores: Table 1 on 16 windows of 512 tokens; the sensitivity on 8 (its sweep runs every block once
-# per window: 16 would double its 6-7 minutes) without the random-k baseline; the lifecycle on 4; the super
-# weights on 4 with the measure's 10 matched seeds; the other measures' defaults.
+# Study settings of a page ([study] keys of studies.config and the measures), sized to at most 15 minutes for
+# SmolLM2 on 2 cores (measured: 10 min 16 s with both cores free, 1,111 CPU s; docs/profile.md): Table 1 on
+# 16 windows of 512 tokens; the sensitivity on 8 (its sweep runs every block once per window: 16 would double
+# its 3-4 minutes) without the random-k baseline; the lifecycle on 4; the super weights on 4 with the
+# measure's 10 matched seeds; the other measures' defaults.
 DEFAULT: dict[str, Any] = {
     "window": 512,
     "batch_size": 4,
