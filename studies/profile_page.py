@@ -326,8 +326,8 @@ def _kurtosis(cells: ProfileCells) -> Rendered:
         "Bondarenko et al. 2023 (arXiv 2306.12929): per block output, each sequence's ∞-norm (largest |x|) and "
         "the kurtosis of all its values (Pearson's: a normal distribution has 3), averaged over sequences. Token "
         "kurtosis: per token across dims, at the inputs the quantizer sees.",
-        f"Largest ∞-norm {num(q.get('max_inf_norm'))} at block {q.get('max_inf_norm_layer')}; mean kurtosis of the "
-        f"block outputs {num(q.get('avg_kurtosis'))}; mean token kurtosis: {token}.",
+        f"Largest mean ∞-norm {num(q.get('max_inf_norm'))} at block {q.get('max_inf_norm_layer')}; mean kurtosis "
+        f"of the block outputs {num(q.get('avg_kurtosis'))}; mean token kurtosis: {token}.",
         page.Table(layers, caption="Per block", floatfmt=".1f"),
     ]
     blocks += _figures(r, "kurtosis")
@@ -583,8 +583,9 @@ def summary_sentences(cells: ProfileCells) -> list[str]:
         q = d["quantizability"]
         if q.get("max_inf_norm") is not None:
             out.append(
-                f"Block outputs: largest ∞-norm {num(q['max_inf_norm'])} at block {q['max_inf_norm_layer']}, mean "
-                f"kurtosis {num(q['avg_kurtosis'])} (a normal distribution has 3), on {tokens} tokens."
+                f"Block outputs (per sequence, averaged over sequences, as Bondarenko et al. 2023): largest ∞-norm "
+                f"{num(q['max_inf_norm'])} at block {q['max_inf_norm_layer']}, mean kurtosis "
+                f"{num(q['avg_kurtosis'])} (a normal distribution has 3), on {tokens} tokens."
             )
     if sw and not scan:
         out.append("Super weights: " + _origin(sw, None).lstrip(", ") + ".")
