@@ -87,6 +87,40 @@ def _page_only(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
     return {"page": PAGE}
 
 
+def _on_page(fingerprint: Any) -> Any:
+    """A study measure's fingerprint with ``PAGE`` beside it: the same settings, and what the page keeps."""
+    return lambda cell, cfg: {"page": PAGE, **fingerprint(cell, cfg)}
+
+
+def _windowed(
+    ctx: Context,
+    res: Any,
+    figures: list[dict[str, str]],
+    *,
+    tokens: int | None = None,
+    bos: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The cell of an analysis measured on windows (``res``: its result, with ``window``, ``n_windows``, ``bos``
+    and ``n_tokens``, ``to_dict`` and ``_repr_html_``): its numbers, its page and what they were measured on;
+    ``extra``: more of the result the page shows."""
+    tokens = res.n_tokens if tokens is None else tokens
+    return {
+        "n_params": ctx.info.n_params,
+        "n_tokens": tokens,
+        "measured_on": {
+            "tokens": tokens,
+            "window": res.window,
+            "windows": res.n_windows,
+            "bos": res.bos if bos is None else bos,
+        },
+        "data": res.to_dict(),
+        **extra,
+        "html": res._repr_html_(),
+        "figures": figures,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- facts
 
 
@@ -218,22 +252,11 @@ def _sinks(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
         progress=ctx.progress,
         meta=_meta(cell, ctx),
     )
-    return {
-        "n_params": ctx.info.n_params,
-        "n_tokens": res.n_windows * res.window,
-        "measured_on": {
-            "tokens": res.n_windows * res.window,
-            "window": res.window,
-            "windows": res.n_windows,
-            "bos": res.bos,
-        },
-        "data": res.to_dict(),
-        "html": res._repr_html_(),
-        "figures": [
-            figure_png(sink_heatmap(res), "attention sinks: head map"),
-            figure_png(sink_norms(res), "first-token and other-token hidden-state norms"),
-        ],
-    }
+    figures = [
+        figure_png(sink_heatmap(res), "attention sinks: head map"),
+        figure_png(sink_norms(res), "first-token and other-token hidden-state norms"),
+    ]
+    return _windowed(ctx, res, figures, tokens=res.n_windows * res.window)
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -283,14 +306,7 @@ def _kvcache(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     if "keys_cached" in kinds:
         figures.append(figure_png(kv_heatmap(res, "keys_cached"), "key channels as cached, post-RoPE"))
     figures.append(figure_png(kv_concentration(res), "channel concentration of keys and values per layer"))
-    return {
-        "n_params": ctx.info.n_params,
-        "n_tokens": res.n_tokens,
-        "measured_on": {"tokens": res.n_tokens, "window": res.window, "windows": res.n_windows, "bos": res.bos},
-        "data": res.to_dict(),
-        "html": res._repr_html_(),
-        "figures": figures,
-    }
+    return _windowed(ctx, res, figures)
 
 
 # ---------------------------------------------------------------------------------------------------- range
@@ -305,15 +321,7 @@ def _range(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
     res = format_headroom(
         ctx.model, ctx.ids, settings, bos_token_id=ctx.bos_token_id, progress=ctx.progress, meta=_meta(cell, ctx)
     )
-    return {
-        "n_params": ctx.info.n_params,
-        "n_tokens": res.n_tokens,
-        "measured_on": {"tokens": res.n_tokens, "window": res.window, "windows": res.n_windows, "bos": res.bos},
-        "data": res.to_dict(),
-        "blocks": _records(res.block_table()),
-        "html": res._repr_html_(),
-        "figures": [],
-    }
+    return _windowed(ctx, res, [], blocks=_records(res.block_table()))
 
 
 # ---------------------------------------------------------------------------------------------------- sensitivity
@@ -338,19 +346,8 @@ def _sensitivity(cell: dict[str, Any], ctx: Context) -> dict[str, Any]:
         model_name=cell["model"],
         corpus_name=cell["corpus"],
     )
-    return {
-        "n_params": ctx.info.n_params,
-        "n_tokens": res.n_tokens,
-        "measured_on": {"tokens": res.n_tokens, "window": res.window, "windows": res.n_windows, "bos": _bos(ctx)},
-        "data": res.to_dict(),
-        "units": _records(res.table()),
-        "html": res._repr_html_(),
-        "figures": [figure_png(sensitivity_figure(res), f"KL of each {res.unit} quantized alone")],
-    }
-
-
-def _sensitivity_fingerprint(cell: dict[str, Any], cfg: StudyConfig) -> dict[str, Any]:
-    return {"page": PAGE, **sens_measure.fingerprint(cell, cfg)}
+    figures = [figure_png(sensitivity_figure(res), f"KL of each {res.unit} quantized alone")]
+    return _windowed(ctx, res, figures, bos=_bos(ctx), units=_records(res.table()))
 
 
 PROFILE_MEASURES = tuple(
@@ -367,27 +364,27 @@ PROFILE_MEASURES = tuple(
         Measure(
             name="profile_sinks",
             compute=_sinks,
-            fingerprint=lambda cell, cfg: {"page": PAGE, **sink_measure.fingerprint(cell, cfg)},
+            fingerprint=_on_page(sink_measure.fingerprint),
             columns={"n_tokens": "INTEGER"},
         ),
         Measure(name="profile_weights", compute=_weights, fingerprint=_page_only),
         Measure(
             name="profile_kvcache",
             compute=_kvcache,
-            fingerprint=lambda cell, cfg: {"page": PAGE, **kv_measure.fingerprint(cell, cfg)},
+            fingerprint=_on_page(kv_measure.fingerprint),
             columns={"n_tokens": "INTEGER"},
         ),
         Measure(
             name="profile_range",
             compute=_range,
-            fingerprint=lambda cell, cfg: {"page": PAGE, **range_measure.fingerprint(cell, cfg)},
+            fingerprint=_on_page(range_measure.fingerprint),
             columns={"n_tokens": "INTEGER"},
         ),
         Measure(
             name="profile_sensitivity",
             compute=_sensitivity,
             cells=sens_measure.cells,
-            fingerprint=_sensitivity_fingerprint,
+            fingerprint=_on_page(sens_measure.fingerprint),
             columns={"n_tokens": "INTEGER"},
         ),
     )
