@@ -14,6 +14,7 @@ from outliers.errors import InvalidArgumentError, OutputPathError
 __all__ = [
     "check_writable",
     "check_out_dir",
+    "require_causal",
     "print_table",
     "ci",
     "run_facts",
@@ -25,6 +26,12 @@ __all__ = [
     "add_int8_gemm_arg",
     "apply_int8_gemm",
 ]
+
+
+def require_causal(model: str, info: Any, why: str) -> None:
+    """Refuse an encoder before any analysis runs: ``why`` says what the command needs a causal LM for."""
+    if info.kind != "causal":
+        raise InvalidArgumentError(f"model '{model}' is an encoder ({info.architecture}); {why}")
 
 
 def check_writable(path: str) -> Path:

@@ -17,6 +17,7 @@ from outliers.cli.common import (
     ci,
     placement_of,
     print_table,
+    require_causal,
     transform_of,
     write_json,
 )
@@ -140,10 +141,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
     load_s = time.perf_counter() - started
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM"
-        )
+    require_causal(args.model, info, "perplexity needs a causal LM")
     skip = quantize_skip(model, args.quantize_lm_head)
     ids = encode_corpus(tokenizer, corpus)
     bos = bos_token_id(tokenizer, args.model) if settings.bos == "window" else None

@@ -8,7 +8,7 @@ import json
 import shutil
 import textwrap
 
-from outliers.cli.common import add_int8_gemm_arg, check_writable, run_facts
+from outliers.cli.common import add_int8_gemm_arg, check_writable, require_causal, run_facts
 from outliers.errors import InvalidArgumentError
 
 # The built-in corpus is Python's pydoc topics: a line in their voice, which the packaged models continue.
@@ -65,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--prompt is empty: give the text both models continue")
     json_path = check_writable(args.json) if args.json else None
     model, tokenizer, info = load_model(args.model, progress=not args.quiet)
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); generation needs a causal LM"
-        )
+    require_causal(args.model, info, "generation needs a causal LM")
     quantized, report = quantized_copy(model, args.method, args.threshold)
     res = side_by_side(model, quantized, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, method=args.method)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from outliers.cli.common import check_out_dir, check_writable, run_facts
+from outliers.cli.common import check_out_dir, check_writable, require_causal, run_facts
 from outliers.errors import InvalidArgumentError
 
 SHORT = {"keys": "key", "keys_normed": "normed", "keys_cached": "cached", "values": "value"}
@@ -68,10 +68,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress)
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); it keeps no key-value cache"
-        )
+    require_causal(args.model, info, "it keeps no key-value cache")
     res = kv_channels(
         model,
         encode_corpus(tokenizer, corpus),

@@ -6,8 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from outliers.cli.common import check_writable, print_table, run_facts, write_json
-from outliers.errors import InvalidArgumentError
+from outliers.cli.common import check_writable, print_table, require_causal, run_facts, write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_causal(model: str, info: Any) -> None:
     """The analysis scores its windows (the emulated run's perplexity): an encoder is refused before it runs."""
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{model}' is an encoder ({info.architecture}); outliers range scores windows and needs a causal LM"
-        )
+    require_causal(model, info, "outliers range scores windows and needs a causal LM")
 
 
 def after_scan(model: Any, ids: Any, args: argparse.Namespace, bos_id: int | None, meta: dict) -> None:

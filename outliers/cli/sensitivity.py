@@ -13,6 +13,7 @@ from outliers.cli.common import (
     check_writable,
     ci,
     print_table,
+    require_causal,
     transform_of,
     write_json,
 )
@@ -112,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     calib_corpus = load_corpus(args.calib_corpus) if args.calib_corpus else corpus
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
-    if info.kind != "causal":
-        raise InvalidArgumentError(f"model '{args.model}' is an encoder ({info.architecture}); this needs a causal LM")
+    require_causal(args.model, info, "this needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
     result = sensitivity(
         model,

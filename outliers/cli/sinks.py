@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from outliers.cli.common import check_out_dir, check_writable, run_facts
+from outliers.cli.common import check_out_dir, check_writable, require_causal, run_facts
 from outliers.errors import InvalidArgumentError
 
 
@@ -48,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress, attn_implementation="eager")
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); attention sinks are measured on causal LMs"
-        )
+    require_causal(args.model, info, "attention sinks are measured on causal LMs")
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     res = attention_sinks(

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from outliers.cli.common import check_writable, ci, run_facts
+from outliers.cli.common import check_writable, ci, require_causal, run_facts
 from outliers.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -86,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress)
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); perplexity needs a causal LM"
-        )
+    require_causal(args.model, info, "perplexity needs a causal LM")
     ids = encode_corpus(tokenizer, corpus)
     found = super_weights(
         model,

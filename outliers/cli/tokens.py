@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from outliers.cli.common import check_writable, run_facts, write_json
+from outliers.cli.common import check_writable, require_causal, run_facts, write_json
 from outliers.errors import InvalidArgumentError
 
 
@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = check_writable(args.json) if args.json else None
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); outlier tokens need a causal LM"
-        )
+    require_causal(args.model, info, "outlier tokens need a causal LM")
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     report = outlier_tokens(

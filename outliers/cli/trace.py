@@ -7,8 +7,7 @@ import argparse
 import time
 from typing import Any
 
-from outliers.cli.common import check_out_dir, check_writable, ci, run_facts, write_json
-from outliers.errors import InvalidArgumentError
+from outliers.cli.common import check_out_dir, check_writable, ci, require_causal, run_facts, write_json
 
 EDITS = ("none", "zero_super_weights", "restore_super_activation", "clamp_massive", "clamp_control")
 LABELS = {
@@ -199,10 +198,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     corpus = load_corpus(args.corpus)
     model, tokenizer, info = load_model(args.model, progress=progress, attn_implementation="eager")
-    if info.kind != "causal":
-        raise InvalidArgumentError(
-            f"model '{args.model}' is an encoder ({info.architecture}); the lifecycle is traced on causal LMs"
-        )
+    require_causal(args.model, info, "the lifecycle is traced on causal LMs")
     ids = encode_corpus(tokenizer, corpus)
     bos_id = bos_token_id(tokenizer, args.model) if args.bos == "window" else None
     res = trace(
